@@ -1,0 +1,77 @@
+"""``sparse-parallel pattern show``: draw a pattern and print its description."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from ..patterns import Pattern, component_from_dict
+
+
+def parse_component(spec: str):
+    """``window:left=1024`` / ``strided:stride=64,span=4096`` / ``global:first=128,queries=false``."""
+    kind, _, rest = spec.partition(":")
+    d: dict = {"type": kind.strip()}
+    for item in filter(None, (s.strip() for s in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"component spec {spec!r}: expected key=value, got {item!r}")
+        d[key.strip()] = yaml.safe_load(value)
+    return component_from_dict(d)
+
+
+def load_pattern(file: str | None, specs: list[str], causal: bool) -> Pattern:
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise FileNotFoundError(f"pattern file {file} does not exist")
+        data = yaml.safe_load(path.read_text())
+        data = data.get("pattern", data) if isinstance(data, dict) else data
+        return Pattern.from_dict(data)
+    if not specs:
+        raise ValueError("give component specs (e.g. window:left=64 strided:stride=16) or --file")
+    return Pattern(tuple(parse_component(s) for s in specs), causal=causal)
+
+
+def draw(pattern: Pattern, n: int, out: str, heads: int | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mask = pattern.mask(n, heads=heads)[0]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    ax.imshow(mask.numpy(), cmap="Blues", interpolation="nearest")
+    ax.set_xlabel("key position j")
+    ax.set_ylabel("query position i")
+    ax.set_title("\n".join(repr(c) for c in pattern.components), fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def run(args) -> int:
+    pattern = load_pattern(args.file, args.components, not args.non_causal)
+    heads = args.heads if pattern.per_head else None
+    if args.out:
+        draw(pattern, min(args.n, args.draw_n), args.out, heads)
+        print(f"wrote {args.out}")
+    desc = pattern.describe(args.n, heads=args.heads, dim=args.dim)
+    print(json.dumps({"pattern": pattern.to_dict(), "describe": desc}, indent=2))
+    return 0
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("pattern", help="inspect attention patterns")
+    psub = p.add_subparsers(dest="pattern_command", required=True)
+    show = psub.add_parser("show", help="draw a pattern as a PNG and print its description")
+    show.add_argument("components", nargs="*", help="component specs, e.g. window:left=64 strided:stride=16")
+    show.add_argument("--file", help="YAML/JSON file holding a pattern dict (or a config with a 'pattern' key)")
+    show.add_argument("--non-causal", action="store_true", help="a bidirectional pattern")
+    show.add_argument("--n", type=int, default=256, help="sequence length to describe")
+    show.add_argument("--draw-n", type=int, default=256, help="sequence length to draw (<= 8192)")
+    show.add_argument("--heads", type=int, default=1)
+    show.add_argument("--dim", type=int, default=128, help="head dim for the FLOP count")
+    show.add_argument("--out", help="PNG file to write")
+    show.set_defaults(func=run)

@@ -1,0 +1,4 @@
+"""Sequence parallelism: the context sharded over a process group."""
+from .context import SequenceParallel, shard
+
+__all__ = ["SequenceParallel", "shard"]

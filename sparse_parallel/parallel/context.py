@@ -1,0 +1,62 @@
+"""``SequenceParallel``: the explicit process-group context of sharded attention.
+
+Shards are contiguous and as even as possible: with N tokens over P ranks, the
+first N % P ranks hold one token more.  Any N >= P works without padding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+class SequenceParallel:
+    """Process group, rank, world size and the shard rule of a sequence-parallel run.
+
+    ``group=None`` means the default process group; without an initialised
+    process group the context is a single rank (world size 1).
+    """
+
+    def __init__(self, group=None):
+        self.group = group
+        if dist.is_available() and dist.is_initialized():
+            self.rank = dist.get_rank(group)
+            self.world_size = dist.get_world_size(group)
+            self.global_ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
+        else:
+            if group is not None:
+                raise ValueError("SequenceParallel got a group but torch.distributed is not initialised")
+            self.rank, self.world_size, self.global_ranks = 0, 1, (0,)
+
+    def __repr__(self) -> str:
+        return f"SequenceParallel(rank={self.rank}, world_size={self.world_size})"
+
+    def shard_sizes(self, n: int) -> list[int]:
+        if n < self.world_size:
+            raise ValueError(f"sequence length {n} is shorter than the sequence-parallel size {self.world_size}")
+        base, extra = divmod(n, self.world_size)
+        return [base + (r < extra) for r in range(self.world_size)]
+
+    def shard_range(self, n: int, rank: int | None = None) -> tuple[int, int]:
+        """Global [start, end) of ``rank``'s shard (default: this rank)."""
+        rank = self.rank if rank is None else rank
+        base, extra = divmod(n, self.world_size)
+        if n < self.world_size:
+            raise ValueError(f"sequence length {n} is shorter than the sequence-parallel size {self.world_size}")
+        start = rank * base + min(rank, extra)
+        return start, start + base + (rank < extra)
+
+    def global_length(self, n_local: int) -> int:
+        """Total N from this rank's shard length (needs one all-reduce when P > 1)."""
+        if self.world_size == 1:
+            return n_local
+        t = torch.tensor([n_local], dtype=torch.long)
+        if dist.get_backend(self.group) == "nccl":
+            t = t.cuda()
+        dist.all_reduce(t, group=self.group)
+        return int(t.item())
+
+
+def shard(x: torch.Tensor, ctx: SequenceParallel, dim: int = 1) -> torch.Tensor:
+    """This rank's contiguous shard of a full tensor along ``dim``."""
+    start, end = ctx.shard_range(x.shape[dim])
+    return x.narrow(dim, start, end - start)

@@ -1,0 +1,300 @@
+"""Pattern components: small immutable descriptions of which keys a query may see.
+
+Every component answers one question, ``allows(i, j, h)``, for global query
+positions ``i``, key positions ``j`` and query heads ``h``.  Structured
+components (``Window``, ``Strided``, ``Global``) answer it arithmetically; the
+block-list components (``RandomBlocks``, ``BlockLayout``, ``TopKBlocks``) answer
+it through a per-query-block table of key blocks that is built in O(N/block)
+(see ``blocks.py``).  Components never hold an N x N structure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Sequence
+
+import torch
+
+
+def _check_int(name: str, value, low: int, allowed: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer ({allowed}), got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be {allowed}, got {value}")
+    return value
+
+
+def _check_block(name: str, block) -> int:
+    _check_int(name, block, 16, "a power of two >= 16")
+    if block & (block - 1):
+        raise ValueError(f"{name} must be a power of two >= 16, got {block}")
+    return block
+
+
+class Component:
+    """Base of all pattern components; subclasses are frozen dataclasses."""
+
+    kind: ClassVar[str]
+    #: True when ``allows`` needs a block table (see ``blocks.build_table``).
+    block_based: ClassVar[bool] = False
+    #: True when the component differs between heads.
+    per_head: bool = False
+
+    def to_dict(self) -> dict:
+        out = {"type": self.kind}
+        for name, f in self.__dataclass_fields__.items():
+            if not f.init:
+                continue
+            value = getattr(self, name)
+            out[name] = [list(v) for v in value] if name in ("indptr", "indices") else (
+                list(value) if isinstance(value, tuple) else value)
+        return out
+
+    def __or__(self, other):
+        from .pattern import Pattern
+
+        return Pattern((self,)) | other
+
+    def expand(self) -> tuple["Component", ...]:
+        return (self,)
+
+
+@dataclass(frozen=True)
+class Window(Component):
+    """Keys ``j`` with ``i - left <= j <= i + right`` (a sliding window)."""
+
+    left: int
+    right: int = 0
+    kind: ClassVar[str] = "window"
+
+    def __post_init__(self):
+        _check_int("Window.left", self.left, 0, ">= 0")
+        _check_int("Window.right", self.right, 0, ">= 0")
+
+    def allows(self, i, j, h=None):
+        d = i - j
+        return (d <= self.left) & (d >= -self.right)
+
+
+@dataclass(frozen=True)
+class Strided(Component):
+    """Keys with ``j % stride == offset``, and ``|i - j| < span`` when span is set."""
+
+    stride: int
+    offset: int = 0
+    span: int | None = None
+    kind: ClassVar[str] = "strided"
+
+    def __post_init__(self):
+        _check_int("Strided.stride", self.stride, 1, ">= 1")
+        _check_int("Strided.offset", self.offset, 0, f"in [0, stride={self.stride})")
+        if self.offset >= self.stride:
+            raise ValueError(f"Strided.offset must be in [0, stride={self.stride}), got {self.offset}")
+        if self.span is not None:
+            _check_int("Strided.span", self.span, 1, ">= 1 or None")
+
+    def allows(self, i, j, h=None):
+        ok = torch.remainder(j, self.stride) == self.offset
+        if self.span is not None:
+            ok = ok & ((i - j).abs() < self.span)
+        return ok
+
+
+@dataclass(frozen=True)
+class Dilated(Component):
+    """``Window(window)`` plus ``Strided(growth**k, span=window*growth**k)`` for k = 1..levels.
+
+    A convenience: ``expand()`` returns exactly those components, and a
+    ``Pattern`` holds the expanded components, never the ``Dilated`` itself.
+    """
+
+    window: int
+    levels: int
+    growth: int = 2
+    kind: ClassVar[str] = "dilated"
+
+    def __post_init__(self):
+        _check_int("Dilated.window", self.window, 1, ">= 1")
+        _check_int("Dilated.levels", self.levels, 0, ">= 0")
+        _check_int("Dilated.growth", self.growth, 2, ">= 2")
+
+    def expand(self) -> tuple[Component, ...]:
+        levels = tuple(
+            Strided(stride=self.growth**k, span=self.window * self.growth**k)
+            for k in range(1, self.levels + 1)
+        )
+        return (Window(self.window),) + levels
+
+    def allows(self, i, j, h=None):
+        raise TypeError("Dilated is expanded by Pattern; call allows on its components")
+
+
+@dataclass(frozen=True)
+class Global(Component):
+    """Global tokens: the first ``first`` positions plus ``positions``.
+
+    Every query may attend to the global keys; with ``queries=True`` the global
+    positions also attend, as queries, to every key (symmetric global attention).
+    """
+
+    first: int = 0
+    positions: tuple[int, ...] = ()
+    queries: bool = True
+    kind: ClassVar[str] = "global"
+
+    def __post_init__(self):
+        _check_int("Global.first", self.first, 0, ">= 0")
+        try:
+            pos = tuple(sorted(set(int(p) for p in self.positions)))
+        except TypeError:
+            raise ValueError(f"Global.positions must be a sequence of integers >= 0, got {self.positions!r}")
+        if pos and pos[0] < 0:
+            raise ValueError(f"Global.positions must be integers >= 0, got {pos[0]}")
+        if not isinstance(self.queries, bool):
+            raise ValueError(f"Global.queries must be True or False, got {self.queries!r}")
+        if self.first == 0 and not pos:
+            raise ValueError("Global needs first > 0 or at least one entry in positions")
+        object.__setattr__(self, "positions", pos)
+
+    def positions_tensor(self, device=None) -> torch.Tensor:
+        """The explicit positions, beyond ``first``, as a sorted int64 tensor."""
+        return torch.tensor([p for p in self.positions if p >= self.first], dtype=torch.long, device=device)
+
+    def is_global(self, x):
+        ok = x < self.first
+        for p in self.positions:
+            if p >= self.first:
+                ok = ok | (x == p)
+        return ok
+
+    def allows(self, i, j, h=None):
+        ok = self.is_global(j)
+        if self.queries:
+            ok = ok | self.is_global(i)
+        return ok
+
+
+@dataclass(frozen=True)
+class RandomBlocks(Component):
+    """BigBird random attention: ``per_query_block`` key blocks per query block.
+
+    The draw for a query block depends only on (seed, query block[, head]) and
+    the number of allowed blocks, so any process computes any block's choice alone.
+    """
+
+    block: int
+    per_query_block: int
+    seed: int = 0
+    per_head: bool = False
+    kind: ClassVar[str] = "random_blocks"
+    block_based: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _check_block("RandomBlocks.block", self.block)
+        _check_int("RandomBlocks.per_query_block", self.per_query_block, 1, ">= 1")
+        _check_int("RandomBlocks.seed", self.seed, 0, ">= 0")
+        if not isinstance(self.per_head, bool):
+            raise ValueError(f"RandomBlocks.per_head must be True or False, got {self.per_head!r}")
+
+
+@dataclass(frozen=True)
+class BlockLayout(Component):
+    """An explicit block-sparse layout in compressed rows (CSR).
+
+    ``indptr[g]`` / ``indices[g]`` hold, for layout ``g``, the sorted key blocks of
+    every query block: query block ``r`` sees ``indices[g][indptr[g][r]:indptr[g][r+1]]``.
+    One layout is shared by all heads; one per query head makes it per-head.
+    Query blocks past the last row see no keys through this component.
+    Build it with ``BlockLayout.from_rows(block, rows)``.
+    """
+
+    block: int
+    indptr: tuple[tuple[int, ...], ...]
+    indices: tuple[tuple[int, ...], ...]
+    kind: ClassVar[str] = "block_layout"
+    block_based: ClassVar[bool] = True
+
+    def __post_init__(self):
+        _check_block("BlockLayout.block", self.block)
+        indptr = tuple(tuple(int(x) for x in p) for p in self.indptr)
+        indices = tuple(tuple(int(x) for x in c) for c in self.indices)
+        if not indptr or len(indptr) != len(indices):
+            raise ValueError("BlockLayout.indptr and BlockLayout.indices must hold one entry per layout "
+                             f"(got {len(indptr)} and {len(indices)})")
+        for g, (p, c) in enumerate(zip(indptr, indices)):
+            if not p or p[0] != 0 or p[-1] != len(c) or any(b < a for a, b in zip(p, p[1:])):
+                raise ValueError(f"BlockLayout.indptr[{g}] must start at 0, never decrease and end at "
+                                 f"len(indices[{g}])={len(c)}")
+            for r in range(len(p) - 1):
+                row = c[p[r]:p[r + 1]]
+                if any(x < 0 for x in row) or any(b <= a for a, b in zip(row, row[1:])):
+                    raise ValueError(f"BlockLayout.indices[{g}] row {r} must be sorted, unique key "
+                                     f"blocks >= 0, got {list(row)}")
+        object.__setattr__(self, "indptr", indptr)
+        object.__setattr__(self, "indices", indices)
+
+    @classmethod
+    def from_rows(cls, block: int, rows: Sequence) -> "BlockLayout":
+        """``rows[r]`` = key blocks of query block r, or ``rows[h][r]`` per head."""
+        per_head = bool(rows) and bool(rows[0]) and not isinstance(rows[0][0], int)
+        layouts = rows if per_head else [rows]
+        indptr, indices = [], []
+        for layout in layouts:
+            ptr, idx = [0], []
+            for row in layout:
+                idx.extend(int(x) for x in row)
+                ptr.append(len(idx))
+            indptr.append(tuple(ptr))
+            indices.append(tuple(idx))
+        return cls(block, tuple(indptr), tuple(indices))
+
+    @property
+    def per_head(self) -> bool:  # type: ignore[override]
+        return len(self.indptr) > 1
+
+
+@dataclass(frozen=True)
+class TopKBlocks(Component):
+    """Learned selection (MoBA style), computed from q and k at run time.
+
+    For each query block and KV head, every allowed (causal: not-later) key block
+    is scored by mean-pooled q of the block (summed over the group's query heads)
+    dotted with the mean-pooled k of the key block.  The query's own block is
+    always kept and counts towards ``k``; the other ``k - 1`` are the best scores,
+    ties going to the lower block index.  The selection is not differentiated.
+    """
+
+    block: int
+    k: int
+    kind: ClassVar[str] = "topk_blocks"
+    block_based: ClassVar[bool] = True
+    per_head: bool = field(default=True, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        _check_block("TopKBlocks.block", self.block)
+        _check_int("TopKBlocks.k", self.k, 1, ">= 1")
+
+
+COMPONENT_TYPES: dict[str, type[Component]] = {
+    cls.kind: cls for cls in (Window, Strided, Dilated, Global, RandomBlocks, BlockLayout, TopKBlocks)
+}
+
+
+def component_from_dict(d: dict) -> Component:
+    if not isinstance(d, dict) or "type" not in d:
+        raise ValueError(f"a component must be a dict with a 'type' key, one of {sorted(COMPONENT_TYPES)}; got {d!r}")
+    kind = d["type"]
+    if kind not in COMPONENT_TYPES:
+        raise ValueError(f"unknown component type {kind!r}; allowed: {sorted(COMPONENT_TYPES)}")
+    cls = COMPONENT_TYPES[kind]
+    fields = {name for name, f in cls.__dataclass_fields__.items() if f.init}
+    unknown = set(d) - fields - {"type"}
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} for component {kind!r}; allowed: {sorted(fields)}")
+    kwargs = {k: v for k, v in d.items() if k != "type"}
+    for key in ("positions", "indptr", "indices"):
+        if key in kwargs and isinstance(kwargs[key], list):
+            kwargs[key] = tuple(tuple(x) if isinstance(x, list) else x for x in kwargs[key])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"component {kind!r}: {e}") from None

@@ -1,0 +1,217 @@
+"""``Pattern``: a union of components plus a causal flag, and its bound form.
+
+A (query i, key j, head h) pair is allowed iff (not causal or j <= i) and at
+least one component allows it; each allowed pair counts once in the softmax.
+``Pattern`` is immutable, hashable and serialisable.  ``Pattern.bind`` fixes the
+sequence length and head count (and, for ``TopKBlocks``, the data) and gives a
+``BoundPattern`` that answers ``allows`` on index tensors and lists the candidate
+keys of a range of queries: what the eager reference and the planners use.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Iterable
+
+import torch
+
+from .blocks import build_table
+from .components import Component, Global, Strided, TopKBlocks, Window, component_from_dict
+
+#: ``Pattern.mask`` refuses sequences longer than this (an n x n bool per head).
+MAX_MASK_N = 8192
+
+
+@dataclass(frozen=True)
+class Pattern:
+    components: tuple[Component, ...]
+    causal: bool = True
+
+    def __post_init__(self):
+        comps = self.components
+        if isinstance(comps, list):
+            comps = tuple(comps)
+        if isinstance(comps, Component):
+            comps = (comps,)
+        if isinstance(comps, Pattern):
+            comps = comps.components
+        flat: list[Component] = []
+        for c in comps:
+            if isinstance(c, Pattern):
+                flat.extend(c.components)
+            elif isinstance(c, Component):
+                flat.extend(c.expand())
+            else:
+                raise ValueError(f"Pattern components must be pattern components, got {c!r}")
+        if not flat:
+            raise ValueError("Pattern needs at least one component")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"Pattern.causal must be True or False, got {self.causal!r}")
+        object.__setattr__(self, "components", tuple(dict.fromkeys(flat)))
+
+    def __or__(self, other) -> "Pattern":
+        if isinstance(other, Pattern):
+            if other.causal != self.causal:
+                raise ValueError("cannot join a causal and a non-causal Pattern; set causal= on the result "
+                                 "with Pattern(a | b, causal=...) or .with_causal()")
+            return Pattern(self.components + other.components, self.causal)
+        if isinstance(other, Component):
+            return Pattern(self.components + (other,), self.causal)
+        return NotImplemented
+
+    __ror__ = __or__
+
+    def with_causal(self, causal: bool) -> "Pattern":
+        return replace(self, causal=causal)
+
+    # -- inspection -------------------------------------------------------
+    def of_type(self, cls) -> tuple:
+        return tuple(c for c in self.components if isinstance(c, cls))
+
+    @property
+    def per_head(self) -> bool:
+        return any(c.per_head for c in self.components)
+
+    @property
+    def data_dependent(self) -> bool:
+        return bool(self.of_type(TopKBlocks))
+
+    @property
+    def block_components(self) -> tuple[Component, ...]:
+        return tuple(c for c in self.components if c.block_based)
+
+    @property
+    def global_queries(self) -> tuple[Global, ...]:
+        return tuple(g for g in self.of_type(Global) if g.queries)
+
+    # -- serialisation ----------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"causal": self.causal, "components": [c.to_dict() for c in self.components]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Pattern":
+        if not isinstance(d, dict):
+            raise ValueError(f"a pattern must be a dict with keys 'components' and 'causal', got {d!r}")
+        unknown = set(d) - {"components", "causal"}
+        if unknown:
+            raise ValueError(f"unknown pattern key(s) {sorted(unknown)}; allowed: ['causal', 'components']")
+        if "components" not in d or not isinstance(d["components"], list):
+            raise ValueError("pattern.components must be a list of component dicts")
+        return cls(tuple(component_from_dict(c) for c in d["components"]), d.get("causal", True))
+
+    # -- binding ----------------------------------------------------------
+    def bind(self, n: int, heads: int = 1, q=None, k=None, device=None) -> "BoundPattern":
+        """Fix sequence length ``n`` and query-head count; build the block tables."""
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"sequence length n must be an integer >= 1, got {n!r}")
+        if device is None and q is not None:
+            device = q.device
+        tables = tuple(build_table(c, n, self.causal, heads, q=q, k=k, device=device)
+                       for c in self.block_components)
+        return BoundPattern(self, n, heads, tables, device)
+
+    def mask(self, n: int, heads: int | None = None, q=None, k=None) -> torch.Tensor:
+        """Dense bool mask ``[H or 1, n, n]`` for small n (tests, plots)."""
+        if n > MAX_MASK_N:
+            raise ValueError(f"Pattern.mask is for n <= {MAX_MASK_N} (an n x n tensor); got n={n}. "
+                             "Use Pattern.describe for long sequences.")
+        if self.per_head and heads is None:
+            raise ValueError("this pattern differs between heads: pass heads= to Pattern.mask")
+        bound = self.bind(n, heads or 1, q=q, k=k)
+        i = torch.arange(n)
+        m = bound.allows(i, i)
+        if m.shape[0] != 1:
+            raise ValueError("Pattern.mask is per batch element for TopKBlocks with batch > 1; pass one sample")
+        return m[0].expand(heads or 1, n, n).clone() if m.shape[1] == 1 else m[0]
+
+    def describe(self, n: int, heads: int = 1, dim: int = 128, q=None, k=None) -> dict:
+        """Keys per query (min/mean/max), density and useful FLOPs, without a mask."""
+        from .counting import describe
+
+        return describe(self, n, heads, dim, q=q, k=k)
+
+    def __str__(self) -> str:
+        inner = " | ".join(repr(c) for c in self.components)
+        return f"Pattern({inner}, causal={self.causal})"
+
+
+@dataclass(frozen=True)
+class BoundPattern:
+    """A pattern at a fixed length and head count, with its block tables built."""
+
+    pattern: Pattern
+    n: int
+    heads: int
+    tables: tuple[torch.Tensor, ...] = field(repr=False)
+    device: object = None
+
+    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Allowed pairs for query positions ``i [C]`` and keys ``j [K]`` -> bool ``[Bt, Ht, C, K]``."""
+        ii, jj = i[:, None], j[None, :]
+        ok = torch.zeros(len(i), len(j), dtype=torch.bool, device=i.device)
+        for c in self.pattern.components:
+            if not c.block_based:
+                ok = ok | c.allows(ii, jj)
+        ok = ok[None, None]
+        for comp, table in zip(self.pattern.block_components, self.tables):
+            ok = ok | _table_allows(table, comp.block, i, j)
+        if self.pattern.causal:
+            ok = ok & (jj <= ii)
+        return ok & (jj < self.n) & (jj >= 0)
+
+    def candidates(self, start: int, end: int) -> torch.Tensor:
+        """Sorted key positions that queries in ``[start, end)`` may see (a superset)."""
+        n, dev = self.n, self.device
+        hi_causal = end if self.pattern.causal else n
+        if any(g.is_global(torch.arange(start, end)).any() for g in self.pattern.global_queries):
+            return torch.arange(0, hi_causal, device=dev)
+        parts = []
+        for c in self.pattern.components:
+            if isinstance(c, Window):
+                parts.append(torch.arange(max(0, start - c.left), min(hi_causal, end + c.right), device=dev))
+            elif isinstance(c, Strided):
+                lo = 0 if c.span is None else max(0, start - c.span + 1)
+                hi = hi_causal if c.span is None else min(hi_causal, end + c.span - 1)
+                first = lo + (c.offset - lo) % c.stride
+                parts.append(torch.arange(first, hi, c.stride, device=dev))
+            elif isinstance(c, Global):
+                parts.append(torch.arange(0, min(c.first, hi_causal), device=dev))
+                pos = c.positions_tensor(dev)
+                parts.append(pos[pos < hi_causal])
+        for comp, table in zip(self.pattern.block_components, self.tables):
+            qb = torch.arange(start // comp.block, (end - 1) // comp.block + 1, device=table.device)
+            kb = table[:, :, qb].unique()
+            kb = kb[kb >= 0].to(dev)
+            keys = (kb[:, None] * comp.block + torch.arange(comp.block, device=dev)).flatten()
+            parts.append(keys[keys < hi_causal])
+        if not parts:
+            return torch.zeros(0, dtype=torch.long, device=dev)
+        return torch.cat(parts).unique()
+
+
+def _table_allows(table: torch.Tensor, block: int, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """Membership of key blocks of ``j`` in the rows of the query blocks of ``i``."""
+    qb, kb = i // block, j // block
+    q0 = int(qb.min())
+    rows = table[:, :, q0:int(qb.max()) + 1].to(i.device)  # [Bt, Ht, nq, w]
+    member = (rows[..., None] == kb).any(dim=-2)  # [Bt, Ht, nq, K]
+    return member[:, :, qb - q0]
+
+
+def as_pattern(p) -> Pattern:
+    if isinstance(p, Pattern):
+        return p
+    if isinstance(p, Component):
+        return Pattern((p,))
+    if isinstance(p, dict):
+        return Pattern.from_dict(p)
+    raise ValueError(f"expected a Pattern, a component or a pattern dict, got {type(p).__name__}")
+
+
+def n_blocks(n: int, block: int) -> int:
+    return math.ceil(n / block)
+
+
+def iter_chunks(n: int, size: int) -> Iterable[tuple[int, int]]:
+    for s in range(0, n, size):
+        yield s, min(n, s + size)
