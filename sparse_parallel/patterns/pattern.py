@@ -147,17 +147,40 @@ class BoundPattern:
 
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
         """Allowed pairs for query positions ``i [C]`` and keys ``j [K]`` -> bool ``[Bt, Ht, C, K]``."""
+        ok = torch.zeros(1, 1, len(i), len(j), dtype=torch.bool, device=i.device)
+        for index in range(len(self.pattern.components)):
+            ok = ok | self.component_allows(index, i, j, bounds=False)
+        return ok & self._bounds(i, j)
+
+    def component_allows(self, index: int, i: torch.Tensor, j: torch.Tensor, bounds: bool = True) -> torch.Tensor:
+        """Pairs allowed by component ``index`` alone (causality included) -> ``[Bt, Ht, C, K]``."""
+        comp = self.pattern.components[index]
+        if comp.block_based:
+            table = self.tables[self.pattern.block_components.index(comp)]
+            ok = _table_allows(table, comp.block, i, j)
+        else:
+            ok = comp.allows(i[:, None], j[None, :])[None, None]
+        return ok & self._bounds(i, j) if bounds else ok
+
+    def owned_by(self, components, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+        """Allowed pairs whose first allowing component (in pattern order) is in ``components``.
+
+        Splitting the components of a pattern over several key sets this way counts
+        every allowed pair exactly once, however many components allow it.
+        """
+        seen = torch.zeros(1, 1, len(i), len(j), dtype=torch.bool, device=i.device)
+        ok = seen
+        for index in range(len(self.pattern.components)):
+            a = self.component_allows(index, i, j, bounds=False)
+            if index in components:
+                ok = ok | (a & ~seen)
+            seen = seen | a
+        return ok & self._bounds(i, j)
+
+    def _bounds(self, i, j):
         ii, jj = i[:, None], j[None, :]
-        ok = torch.zeros(len(i), len(j), dtype=torch.bool, device=i.device)
-        for c in self.pattern.components:
-            if not c.block_based:
-                ok = ok | c.allows(ii, jj)
-        ok = ok[None, None]
-        for comp, table in zip(self.pattern.block_components, self.tables):
-            ok = ok | _table_allows(table, comp.block, i, j)
-        if self.pattern.causal:
-            ok = ok & (jj <= ii)
-        return ok & (jj < self.n) & (jj >= 0)
+        ok = (jj < self.n) & (jj >= 0)
+        return ok & (jj <= ii) if self.pattern.causal else ok
 
     def candidates(self, start: int, end: int) -> torch.Tensor:
         """Sorted key positions that queries in ``[start, end)`` may see (a superset)."""
