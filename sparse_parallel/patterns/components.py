@@ -9,6 +9,7 @@ it through a per-query-block table of key blocks that is built in O(N/block)
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
 
@@ -41,9 +42,10 @@ class Component:
 
     def to_dict(self) -> dict:
         out = {"type": self.kind}
-        for name, f in self.__dataclass_fields__.items():
+        for f in dataclasses.fields(self):
             if not f.init:
                 continue
+            name = f.name
             value = getattr(self, name)
             out[name] = [list(v) for v in value] if name in ("indptr", "indices") else (
                 list(value) if isinstance(value, tuple) else value)
@@ -286,7 +288,7 @@ def component_from_dict(d: dict) -> Component:
     if kind not in COMPONENT_TYPES:
         raise ValueError(f"unknown component type {kind!r}; allowed: {sorted(COMPONENT_TYPES)}")
     cls = COMPONENT_TYPES[kind]
-    fields = {name for name, f in cls.__dataclass_fields__.items() if f.init}
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = set(d) - fields - {"type"}
     if unknown:
         raise ValueError(f"unknown key(s) {sorted(unknown)} for component {kind!r}; allowed: {sorted(fields)}")

@@ -10,6 +10,7 @@ them.  Global query rows see every (not later) key.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -72,8 +73,8 @@ class _Terms:
         """|union of terms| per query, optionally within keys [lo, hi]."""
         total = torch.zeros_like(self.top)
         for combo, m, r, sign in self.subsets:
-            a = torch.stack([self.terms[t][0] for t in combo]).amax(0)
-            b = torch.stack([self.terms[t][1] for t in combo]).amin(0)
+            a = functools.reduce(torch.maximum, [self.terms[t][0] for t in combo])
+            b = functools.reduce(torch.minimum, [self.terms[t][1] for t in combo])
             if lo is not None:
                 a, b = torch.maximum(a, lo), torch.minimum(b, hi)
             total = total + sign * _ap_count(a, b, m, r)

@@ -1,0 +1,140 @@
+"""The eager reference against a dense float64 softmax built from ``Pattern.mask``."""
+import math
+
+import pytest
+import torch
+
+import sparse_parallel as sp
+from sparse_parallel import kernels
+from sparse_parallel.patterns import Pattern
+
+
+def dense_attention(q, k, v, mask, scale=None):
+    """Textbook masked softmax over the full n x n scores, float64, GQA by repeating k/v."""
+    b, n, hq, d = q.shape
+    g = hq // k.shape[2]
+    scale = 1 / math.sqrt(d) if scale is None else scale
+    kk = k.repeat_interleave(g, dim=2)
+    vv = v.repeat_interleave(g, dim=2)
+    s = torch.einsum("bihd,bjhd->bhij", q, kk) * scale
+    s = s.masked_fill(~mask, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    p = torch.where(mask, torch.exp(s - torch.where(torch.isinf(lse), 0, lse)[..., None]), 0.0)
+    return torch.einsum("bhij,bjhd->bihd", p, vv), lse
+
+
+PATTERNS = {
+    "window": Pattern(sp.Window(7, 2)),
+    "window_strided_global": sp.Window(5) | sp.Strided(8, 3) | sp.Global(first=4, positions=(50,), queries=False),
+    "dilated_global_queries": sp.Dilated(window=4, levels=3) | sp.Global(first=2, positions=(33,)),
+    "bigbird": sp.Window(3) | sp.Global(first=3) | sp.RandomBlocks(16, 2, seed=3, per_head=True),
+    "layout_noncausal": Pattern((sp.BlockLayout.from_rows(16, [[1], [0, 2], [], [3, 5]]), sp.Window(2, 2)),
+                                causal=False),
+    "strided_span": Pattern(sp.Strided(5, 1, span=23)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PATTERNS))
+@pytest.mark.parametrize("n, hq, hkv", [(97, 4, 2), (33, 2, 2)])
+def test_reference_matches_dense(name, n, hq, hkv):
+    pattern = PATTERNS[name]
+    q = torch.randn(2, n, hq, 16, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, n, hkv, 16, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, n, hkv, 16, dtype=torch.float64, requires_grad=True)
+    mask = pattern.mask(n, heads=hq)[None]
+    out, lse = sp.sparse_attention(q, k, v, pattern, backend="reference", return_lse=True)
+    ref, ref_lse = dense_attention(q, k, v, mask)
+    # Both are float64 over the same pairs; only summation order differs.
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12)
+    assert lse.dtype == torch.float64
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad((out * do).sum() + lse.nan_to_num(neginf=0).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * do).sum() + ref_lse.nan_to_num(neginf=0).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11)
+
+
+def test_topk_through_reference_matches_dense():
+    torch.manual_seed(1)
+    n, hq, hkv = 80, 4, 2
+    q = torch.randn(1, n, hq, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, n, hkv, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, n, hkv, 8, dtype=torch.float64, requires_grad=True)
+    pattern = sp.TopKBlocks(16, 2) | sp.Window(3)
+    mask = pattern.mask(n, heads=hq, q=q.detach(), k=k.detach())[None]
+    out = sp.sparse_attention(q, k, v, pattern, backend="reference")
+    ref, _ = dense_attention(q, k, v, mask)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    g = torch.autograd.grad(out.sum(), (q, k, v))
+    g_ref = torch.autograd.grad(ref.sum(), (q, k, v))
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-11, atol=1e-11)
+
+
+def test_fully_masked_rows_give_zero_and_no_nan():
+    # Strided(8, offset=5), causal: queries 0..4 see no key at all.
+    pattern = Pattern(sp.Strided(8, 5))
+    q = torch.randn(1, 20, 2, 8, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 20, 2, 8, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(1, 20, 2, 8, dtype=torch.float64, requires_grad=True)
+    out, lse = sp.sparse_attention(q, k, v, pattern, backend="reference", return_lse=True)
+    assert torch.all(out[:, :5] == 0) and torch.all(torch.isneginf(lse[..., :5]))
+    assert torch.isfinite(lse[..., 5:]).all()
+    (out.sum() + lse[..., 5:].sum()).backward()
+    for t in (q, k, v):
+        assert torch.isfinite(t.grad).all()
+    assert torch.all(q.grad[:, :5] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_reference_close_to_float64(dtype):
+    pattern = sp.Window(16) | sp.Strided(4)
+    q, k, v = (torch.randn(1, 64, 2, 32, dtype=torch.float64) for _ in range(3))
+    ref = sp.sparse_attention(q, k, v, pattern, backend="reference")
+    out, lse = sp.sparse_attention(q.to(dtype), k.to(dtype), v.to(dtype), pattern, backend="reference",
+                                   return_lse=True)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    rel = (out.double() - ref).norm() / ref.norm()
+    # float32 arithmetic lands far under 1e-5 here; bf16 inputs carry ~4e-3 rounding each.
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_reference_at_long_length_keeps_memory_bounded():
+    """8k tokens with global query rows: the chunks never hold an n x n tile (TILE_BUDGET)."""
+    n = 8192
+    pattern = sp.Window(64) | sp.Strided(128) | sp.Global(first=16)
+    q, k, v = (torch.randn(1, n, 2, 16) for _ in range(3))
+    out = sp.sparse_attention(q, k, v, pattern, backend="reference")
+    assert out.shape == (1, n, 2, 16) and torch.isfinite(out).all()
+    # Spot-check a few rows, global ones included, against the dense formula on just those rows.
+    rows = torch.tensor([0, 15, 16, 5000, n - 1])
+    bound = pattern.bind(n, 2)
+    allowed = bound.allows(rows, torch.arange(n))[0]
+    s = torch.einsum("rhd,jhd->hrj", q[0, rows].double(), k[0].double()) / 4
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), -1)
+    want = torch.einsum("hrj,jhd->rhd", p, v[0].double())
+    torch.testing.assert_close(out[0, rows].double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_backend_selection_is_explicit(monkeypatch):
+    q = k = v = torch.randn(1, 8, 1, 4)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        sp.sparse_attention(q, k, v, sp.Window(2), backend="flash")
+    monkeypatch.setattr(kernels, "available", lambda device=None: (False, "no GPU"))
+    with pytest.raises(RuntimeError, match="no GPU"):
+        sp.sparse_attention(q, k, v, sp.Window(2), backend="triton")
+    # auto on CPU is the reference, never an error.
+    assert sp.sparse_attention(q, k, v, sp.Window(2)).shape == q.shape
+
+
+@pytest.mark.parametrize("shapes, match", [
+    (((1, 8, 3, 4), (1, 8, 2, 4), (1, 8, 2, 4)), "multiple"),
+    (((1, 8, 2, 4), (1, 9, 2, 4), (1, 9, 2, 4)), "agree"),
+    (((1, 8, 2, 4), (1, 8, 2, 4), (1, 8, 1, 4)), "same shape"),
+    (((8, 2, 4), (1, 8, 2, 4), (1, 8, 2, 4)), "4-D"),
+])
+def test_bad_shapes(shapes, match):
+    q, k, v = (torch.randn(*s) for s in shapes)
+    with pytest.raises(ValueError, match=match):
+        sp.sparse_attention(q, k, v, sp.Window(2))
