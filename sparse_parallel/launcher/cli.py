@@ -11,6 +11,10 @@ import sys
 
 COMMANDS = (
     "sparse_parallel.launcher.pattern_cmd",
+    "sparse_parallel.launcher.train_cmd",
+    "sparse_parallel.launcher.launch",
+    "sparse_parallel.launcher.submit",
+    "sparse_parallel.launcher.tokenizer_cmd",
 )
 
 

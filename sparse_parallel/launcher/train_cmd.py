@@ -1,0 +1,47 @@
+"""``sparse-parallel train``: one rank's training process.
+
+This is what torchrun, srun or mpirun start on every rank: discover the rank (see :mod:`.discovery`),
+export the standard variables, hand over to ``sparse_parallel.training.run``.  The exit code is the
+trainer's: 0 when done, ``REQUEUE_EXIT_CODE`` after a checkpoint on preemption.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from .discovery import SOURCES, discover, export_env
+
+
+def run(args) -> int:
+    info = discover(args.launcher)
+    if args.dry_run:
+        from ..training.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        derived = dataclasses.asdict(cfg.derived(info.world_size))
+        print(json.dumps({"rank": dataclasses.asdict(info), "derived": derived}), flush=True)
+        return 0
+    export_env(info)
+    from .. import training
+
+    return int(training.run(args.config, list(args.overrides), resume=args.resume))
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("train", help="one rank's training process (what torchrun, srun or mpirun start)",
+                       description="Train on this rank.  The rank, world size and rank 0's address come "
+                                   "from torchrun's variables, a Slurm task's or MPI (mpi4py).")
+    p.add_argument("config", help="YAML training config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
+    p.add_argument("--resume", default="auto",
+                   help="'auto' (latest complete checkpoint in the run directory, if any), 'none', or a "
+                        "checkpoint path")
+    p.add_argument("--launcher", default="auto", choices=SOURCES,
+                   help="where the rank comes from; auto: torchrun variables, then MPI, then a Slurm task, "
+                        "else a single process")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print this rank's discovered place and the config's derived sizes as JSON; "
+                        "train nothing")
+    p.set_defaults(func=run)
+
