@@ -26,6 +26,8 @@ class SequenceParallel:
             if group is not None:
                 raise ValueError("SequenceParallel got a group but torch.distributed is not initialised")
             self.rank, self.world_size, self.global_ranks = 0, 1, (0,)
+        #: Bytes this rank has put on the wire in sequence-parallel exchanges, by direction.
+        self.bytes_sent = {"forward": 0, "backward": 0}
 
     def __repr__(self) -> str:
         return f"SequenceParallel(rank={self.rank}, world_size={self.world_size})"

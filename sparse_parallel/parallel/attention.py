@@ -1,0 +1,308 @@
+"""Sequence-parallel sparse attention: each rank holds a contiguous shard; only what the pattern needs moves.
+
+Two exchanges (see ``plan.py`` for what is needed and ``exchange.py`` for how
+it moves, forward and backward):
+
+- ``"pattern"``: every rank gets the key sets its shard's queries can reach
+  (window halos, strided levels, global keys, static block lists) by planned
+  point-to-point transfers.  Queries attend to their own shard (window part)
+  while the transfers are in flight, then to the received key spaces; the two
+  partial results are merged exactly by log-sum-exp.  Global query rows
+  (``Global(queries=True)``) are fetched by every rank that holds keys they can
+  see, computed against those local keys, sent back to their owner and merged
+  there by log-sum-exp.
+- ``"ulysses"``: all-to-all from sequence-sharded to head-sharded, whole-
+  sequence attention on P-th of the heads, and back.  Needed for TopKBlocks
+  (its blocks depend on all of q and k), and the anchor the pattern exchange
+  is measured against.
+
+Every rank must call this with the same pattern, and every rank must run
+backward through it (the backward exchanges are collective).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..patterns.blocks import build_table
+from ..patterns.pattern import BoundPattern, Pattern, as_pattern
+from ..reference import lse_dtype
+from ..spaces import KeySpace, merge_partials, reference_space_attention
+from .exchange import Spec, start_exchange
+from .plan import choose_exchange, owned_slice, rank_plan, shard_bounds
+
+
+def space_attention_fn(backend: str, device):
+    """The space-attention implementation of ``backend`` (an explicit request never falls back)."""
+    from ..api import resolve_backend
+
+    backend = resolve_backend(backend, device)
+    if backend == "reference":
+        return reference_space_attention
+    try:
+        from ..kernels import space_attention
+    except ImportError as e:
+        raise RuntimeError(f"backend='triton' has no space_attention in this build: {e}") from None
+    return space_attention
+
+
+def _attend(fn, q, q_pos, spaces, bound, scale):
+    """fn over the non-empty spaces; rows with no keys (or no spaces) give 0 / -inf."""
+    spaces = [sp for sp in spaces if sp.size]
+    b, nq, hq, d = q.shape
+    if not spaces or nq == 0:
+        out = torch.zeros_like(q)
+        lse = torch.full((b, hq, nq), float("-inf"), dtype=lse_dtype(q.dtype), device=q.device)
+        return out, lse
+    return fn(q, q_pos, spaces, bound, scale)
+
+
+def _anchor(*tensors):
+    """A tensor of the graph that ties the first exchange in (one that needs grad if any does)."""
+    return next((t for t in tensors if t.requires_grad), tensors[0])
+
+
+def _check_shards(q, k, v, ctx, n):
+    n_local = q.shape[1]
+    s, e = ctx.shard_range(n)
+    if e - s != n_local:
+        raise ValueError(f"rank {ctx.rank} holds {n_local} tokens but the shard rule gives [{s}, {e}) of "
+                         f"N={n} (contiguous shards, the first N % P ranks one token more)")
+
+
+def sequence_parallel_attention(q_shard, k_shard, v_shard, pattern, ctx, backend: str = "auto",
+                                scale: float | None = None, exchange: str = "auto"):
+    """Sparse attention on this rank's shards -> (out_shard ``[B, n, Hq, D]``, lse_shard ``[B, Hq, n]``).
+
+    q_shard ``[B, n, Hq, D]``, k_shard/v_shard ``[B, n, Hkv, D]``: this rank's
+    contiguous shard (``ctx.shard_range(N)``) of the sequence; positions are global.
+    ``exchange``: "pattern" (send only what the pattern needs), "ulysses"
+    (all-to-all to head sharding; key/value heads must be divisible by P), or
+    "auto" (ulysses for TopKBlocks, for static block lists whichever moves fewer
+    bytes, pattern otherwise).
+    """
+    from ..api import check_qkv
+
+    check_qkv(q_shard, k_shard, v_shard)
+    pattern = as_pattern(pattern)
+    n = ctx.global_length(q_shard.shape[1])
+    _check_shards(q_shard, k_shard, v_shard, ctx, n)
+    fn = space_attention_fn(backend, q_shard.device)
+    hq, hkv = q_shard.shape[2], k_shard.shape[2]
+    bound = pattern.bind(n, hq, device=q_shard.device) if not pattern.data_dependent else None
+    method = choose_exchange(pattern, n, ctx.world_size, hq, hkv, exchange, bound)
+    if ctx.world_size == 1:
+        pos = torch.arange(n, device=q_shard.device)
+        if bound is None:
+            bound = pattern.bind(n, hq, q=q_shard, k=k_shard)
+        return _attend(fn, q_shard, pos, [KeySpace(k_shard, v_shard, tuple(range(len(pattern.components))))],
+                       bound, scale)
+    if method == "ulysses":
+        return _ulysses(q_shard, k_shard, v_shard, pattern, ctx, n, fn, scale)
+    return _pattern_exchange(q_shard, k_shard, v_shard, pattern, ctx, n, bound, fn, scale)
+
+
+def _pattern_exchange(q, k, v, pattern: Pattern, ctx, n: int, bound: BoundPattern, fn, scale):
+    rank, world, dev = ctx.rank, ctx.world_size, q.device
+    b, n_local, hq, d = q.shape
+    hkv = k.shape[2]
+    bounds = shard_bounds(n, world)
+    plans = [rank_plan(pattern, n, bounds, r, bound) for r in range(world)]
+    me = plans[rank]
+    s, e = bounds[rank]
+    all_comps = tuple(range(len(pattern.components)))
+
+    # Round 1: keys/values of every request, and the global queries that can see local keys.
+    sends, recvs = [], []
+    for r, plan in enumerate(plans):
+        if r == rank:
+            continue
+        for req in plan.requests:
+            sl = owned_slice(req.positions, s, e)
+            if sl.stop > sl.start:
+                idx = (req.positions[sl] - s).to(dev)
+                sends += [(r, k[:, idx]), (r, v[:, idx])]
+        sl = owned_slice(plan.global_q, s, e)
+        if sl.stop > sl.start:
+            sends.append((r, q[:, (plan.global_q[sl] - s).to(dev)]))
+    for o, (so, eo) in enumerate(bounds):
+        if o == rank:
+            continue
+        for req in me.requests:
+            m = _len(owned_slice(req.positions, so, eo))
+            if m:
+                recvs += [(o, Spec((b, m, hkv, d), k.dtype))] * 2
+        m = _len(owned_slice(me.global_q, so, eo))
+        if m:
+            recvs.append((o, Spec((b, m, hq, d), q.dtype)))
+    round1 = start_exchange(ctx, sends, recvs, dev, _anchor(q, k, v))
+
+    # Queries of this shard that are not global rows; overlap: their window part on local keys.
+    rows = torch.arange(s, e)
+    is_global = torch.isin(rows, me.global_rows)
+    ng_pos = rows[~is_global]
+    q_ng = q if not is_global.any() else q[:, (ng_pos - s).to(dev)]
+    ng_pos = ng_pos.to(dev)
+    local = None
+    if me.window_components:
+        local = _attend(fn, q_ng, ng_pos, [KeySpace(k, v, me.window_components, pos0=s)], bound, scale)
+
+    received = round1.wait()
+
+    def assemble(pos: torch.Tensor, local_x: torch.Tensor, per_row: int):
+        """Rows at sorted global ``pos`` in owner order: local ones indexed, remote ones received."""
+        parts = []
+        for o, (so, eo) in enumerate(bounds):
+            sl = owned_slice(pos, so, eo)
+            if sl.stop == sl.start:
+                continue
+            if o == rank:
+                parts.append(local_x[:, (pos[sl] - s).to(dev)])
+            else:
+                parts.append(received[cursor_of[o]])
+                cursor_of[o] += per_row
+        return torch.cat(parts, dim=1) if parts else local_x[:, :0]
+
+    # Received tensors arrive grouped by owner in request order: build per-owner cursors.
+    cursor_of, offset = {}, 0
+    for o in range(world):
+        if o == rank:
+            continue
+        cursor_of[o] = offset
+        offset += sum(2 for req in me.requests if _len(owned_slice(req.positions, *bounds[o])))
+        offset += 1 if _len(owned_slice(me.global_q, *bounds[o])) else 0
+
+    spaces = []
+    for req in me.requests:
+        parts_k, parts_v = [], []
+        for o, (so, eo) in enumerate(bounds):
+            sl = owned_slice(req.positions, so, eo)
+            if sl.stop == sl.start:
+                continue
+            if o == rank:
+                idx = (req.positions[sl] - s).to(dev)
+                parts_k.append(k[:, idx])
+                parts_v.append(v[:, idx])
+            else:
+                parts_k.append(received[cursor_of[o]])
+                parts_v.append(received[cursor_of[o] + 1])
+                cursor_of[o] += 2
+        if not parts_k:
+            continue
+        kk, vv = torch.cat(parts_k, 1), torch.cat(parts_v, 1)
+        if req.pos0 is not None:
+            spaces.append(KeySpace(kk, vv, req.components, pos0=req.pos0, stride=req.stride))
+        else:
+            spaces.append(KeySpace(kk, vv, req.components, positions=req.positions.to(dev)))
+
+    token = round1.token
+    if len(me.global_q) or any(len(p.global_q) for p in plans):
+        q_g = assemble(me.global_q, q, 1)
+        part_out, part_lse = _attend(fn, q_g, me.global_q.to(dev), [KeySpace(k, v, all_comps, pos0=s)],
+                                     bound, scale)
+        # Round 2: partial results of global rows go back to their owners (overlaps the remote part).
+        sends, recvs = [], []
+        for o, (so, eo) in enumerate(bounds):
+            sl = owned_slice(me.global_q, so, eo)
+            if o != rank and _len(sl):
+                sends += [(o, part_out[:, sl]), (o, part_lse[:, :, sl])]
+        for r, plan in enumerate(plans):
+            m = _len(owned_slice(plan.global_q, s, e))
+            if r != rank and m:
+                recvs += [(r, Spec((b, m, hq, d), q.dtype)), (r, Spec((b, hq, m), part_lse.dtype))]
+        round2 = start_exchange(ctx, sends, recvs, dev, token)
+    else:
+        round2 = None
+
+    out_ng, lse_ng = _attend(fn, q_ng, ng_pos, spaces, bound, scale)
+    if local is not None:
+        out_ng, lse_ng = merge_partials([local[0], out_ng], [local[1], lse_ng])
+
+    if round2 is None:
+        out, lse = out_ng, lse_ng
+    else:
+        got = round2.wait()
+        token = round2.token
+        own = owned_slice(me.global_q, s, e)
+        outs, lses = [part_out[:, own]], [part_lse[:, :, own]]
+        for i in range(0, len(got), 2):
+            if got[i].shape[1] != len(me.global_rows):
+                raise RuntimeError("partial results of global rows must cover all of the owner's global rows")
+            outs.append(got[i])
+            lses.append(got[i + 1])
+        out_g, lse_g = merge_partials(outs, lses)
+        # Back to shard order: non-global rows then global rows, permuted into place.
+        order = torch.cat([torch.nonzero(~is_global).flatten(), torch.nonzero(is_global).flatten()])
+        inverse = torch.argsort(order).to(dev)
+        out = torch.cat([out_ng, out_g], 1)[:, inverse]
+        lse = torch.cat([lse_ng, lse_g], 2)[:, :, inverse]
+    return out + token.to(out.dtype), lse + token.to(lse.dtype)
+
+
+def _len(sl: slice) -> int:
+    return sl.stop - sl.start
+
+
+def bind_heads(pattern: Pattern, n: int, heads: int, h0: int, h1: int, q_local, k_local, device) -> BoundPattern:
+    """The pattern bound for query heads [h0, h1) of ``heads``; q_local/k_local hold those heads."""
+    tables = []
+    for comp in pattern.block_components:
+        if pattern.data_dependent and comp.kind == "topk_blocks":
+            # Computed per key/value head from that head's own query group: head-local.
+            tables.append(build_table(comp, n, pattern.causal, h1 - h0, q=q_local, k=k_local, device=device))
+        else:
+            t = build_table(comp, n, pattern.causal, heads, device=device)
+            tables.append(t[:, h0:h1] if t.shape[1] > 1 else t)
+    return BoundPattern(pattern, n, h1 - h0, tuple(tables), device)
+
+
+def _ulysses(q, k, v, pattern: Pattern, ctx, n: int, fn, scale):
+    rank, world, dev = ctx.rank, ctx.world_size, q.device
+    b, n_local, hq, d = q.shape
+    hkv = k.shape[2]
+    hl, kl = hq // world, hkv // world
+    bounds = shard_bounds(n, world)
+    s, e = bounds[rank]
+    sends, recvs = [], []
+    for p, (sp_, ep) in enumerate(bounds):
+        if p == rank:
+            continue
+        sends += [(p, q[:, :, p * hl:(p + 1) * hl]), (p, k[:, :, p * kl:(p + 1) * kl]),
+                  (p, v[:, :, p * kl:(p + 1) * kl])]
+        recvs += [(p, Spec((b, ep - sp_, hl, d), q.dtype)), (p, Spec((b, ep - sp_, kl, d), k.dtype)),
+                  (p, Spec((b, ep - sp_, kl, d), k.dtype))]
+    pending = start_exchange(ctx, sends, recvs, dev, _anchor(q, k, v))
+    got = pending.wait()
+    qs, ks, vs, i = [], [], [], 0
+    for p in range(world):
+        if p == rank:
+            qs.append(q[:, :, p * hl:(p + 1) * hl])
+            ks.append(k[:, :, p * kl:(p + 1) * kl])
+            vs.append(v[:, :, p * kl:(p + 1) * kl])
+        else:
+            qs.append(got[i])
+            ks.append(got[i + 1])
+            vs.append(got[i + 2])
+            i += 3
+    q_h, k_h, v_h = torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1)
+    bound = bind_heads(pattern, n, hq, rank * hl, (rank + 1) * hl, q_h, k_h, dev)
+    out_h, lse_h = _attend(fn, q_h, torch.arange(n, device=dev),
+                           [KeySpace(k_h, v_h, tuple(range(len(pattern.components))))], bound, scale)
+    sends, recvs = [], []
+    for p, (sp_, ep) in enumerate(bounds):
+        if p == rank:
+            continue
+        sends += [(p, out_h[:, sp_:ep]), (p, lse_h[:, :, sp_:ep])]
+        recvs += [(p, Spec((b, e - s, hl, d), q.dtype)), (p, Spec((b, hl, e - s), lse_h.dtype))]
+    back = start_exchange(ctx, sends, recvs, dev, pending.token)
+    got = back.wait()
+    outs, lses, i = [], [], 0
+    for p in range(world):
+        if p == rank:
+            outs.append(out_h[:, s:e])
+            lses.append(lse_h[:, :, s:e])
+        else:
+            outs.append(got[i])
+            lses.append(got[i + 1])
+            i += 2
+    out, lse = torch.cat(outs, 2), torch.cat(lses, 1)
+    return out + back.token.to(out.dtype), lse + back.token.to(lse.dtype)

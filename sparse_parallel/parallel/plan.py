@@ -1,0 +1,233 @@
+"""What every rank needs from every other rank, from the pattern and the shard rule alone.
+
+Each rank computes the plan of *every* rank (cheap: position lists, no data),
+so a sender knows what its peers will ask for without a handshake.  A rank's
+plan lists the key sets it needs beyond its own shard's window part:
+
+- ``halo_left`` / ``halo_right``: the last ``max left`` keys before the shard
+  and the first ``max right`` after it (Window components); any length, so a
+  halo may span several ranks, and its size does not depend on N;
+- one strided set per ``Strided`` component: ``offset + stride * t`` within the
+  level's span of the shard (all of it without a span), never past the shard's
+  end when causal;
+- the global keys (every ``Global`` component), never past the shard's end when causal;
+- for static block-list components (``RandomBlocks``, ``BlockLayout``), the key
+  blocks that the shard's query blocks list ("fetch only the needed blocks").
+
+and the global query rows (``Global(queries=True)``) it computes partial
+results for against its own keys: all of them when not causal, else those at
+or after its shard start (earlier ones cannot see its keys).
+
+``comm_volume`` adds up the bytes each rank sends, forward and backward, for
+this plan or for the all-to-all (head-sharded) plan.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..patterns.components import Global, Strided, TopKBlocks, Window
+from ..patterns.pattern import BoundPattern, Pattern, as_pattern
+from ..reference import lse_dtype
+
+EXCHANGES = ("auto", "pattern", "ulysses")
+
+
+@dataclass
+class KeyRequest:
+    """A sorted set of global key positions needed by one rank, and the components it serves."""
+
+    name: str
+    positions: torch.Tensor
+    components: tuple[int, ...]
+    pos0: int | None = None  # set for arithmetic progressions (pos0 + stride * t)
+    stride: int = 1
+
+
+@dataclass
+class RankPlan:
+    rank: int
+    start: int
+    end: int
+    requests: list[KeyRequest]
+    window_components: tuple[int, ...]
+    global_rows: torch.Tensor  # global query positions in this shard
+    global_q: torch.Tensor  # global query positions this rank computes partials for
+
+
+def _arange(a: int, b: int, step: int = 1) -> torch.Tensor:
+    return torch.arange(a, max(a, b), step, dtype=torch.long)
+
+
+def global_query_positions(pattern: Pattern, n: int) -> torch.Tensor:
+    parts = [torch.cat([_arange(0, min(g.first, n)), g.positions_tensor()]) for g in pattern.global_queries]
+    if not parts:
+        return torch.zeros(0, dtype=torch.long)
+    pos = torch.cat(parts).unique()
+    return pos[pos < n]
+
+
+def global_key_positions(pattern: Pattern, n: int) -> torch.Tensor:
+    parts = [torch.cat([_arange(0, min(g.first, n)), g.positions_tensor()]) for g in pattern.of_type(Global)]
+    if not parts:
+        return torch.zeros(0, dtype=torch.long)
+    pos = torch.cat(parts).unique()
+    return pos[pos < n]
+
+
+def _block_keys(bound: BoundPattern, index: int, start: int, end: int, hi: int) -> torch.Tensor:
+    comp = bound.pattern.components[index]
+    table = bound.tables[bound.pattern.block_components.index(comp)]
+    qb = torch.arange(start // comp.block, (end - 1) // comp.block + 1, device=table.device)
+    kb = table[:, :, qb].unique().cpu()
+    kb = kb[kb >= 0]
+    keys = (kb[:, None] * comp.block + torch.arange(comp.block)).flatten()
+    return keys[keys < hi]
+
+
+def rank_plan(pattern: Pattern, n: int, bounds: list[tuple[int, int]], rank: int,
+              bound: BoundPattern | None = None) -> RankPlan:
+    """The key sets and global query rows of ``rank`` (see module docstring)."""
+    s, e = bounds[rank]
+    comps = pattern.components
+    hi = e if pattern.causal else n  # keys at or past hi are never allowed for this shard
+    windows = [i for i, c in enumerate(comps) if isinstance(c, Window)]
+    reqs: list[KeyRequest] = []
+    if windows:
+        left = max(comps[i].left for i in windows)
+        right = 0 if pattern.causal else max(comps[i].right for i in windows)
+        a, b = max(0, s - left), min(n, e + right)
+        reqs.append(KeyRequest("halo_left", _arange(a, s), tuple(windows), pos0=a))
+        reqs.append(KeyRequest("halo_right", _arange(e, b), tuple(windows), pos0=e))
+    for i, c in enumerate(comps):
+        if isinstance(c, Strided):
+            lo = 0 if c.span is None else max(0, s - c.span + 1)
+            top = hi if c.span is None else min(hi, e + c.span - 1)
+            first = lo + (c.offset - lo) % c.stride
+            reqs.append(KeyRequest(f"strided{i}", _arange(first, top, c.stride), (i,), pos0=first,
+                                   stride=c.stride))
+    globals_ = tuple(i for i, c in enumerate(comps) if isinstance(c, Global))
+    if globals_:
+        g = global_key_positions(pattern, n)
+        reqs.append(KeyRequest("global", g[g < hi], globals_))
+    blocks = tuple(i for i, c in enumerate(comps) if c.block_based)
+    if blocks:
+        if bound is None or any(isinstance(comps[i], TopKBlocks) for i in blocks):
+            raise ValueError("block-list keys can be fetched only for static layouts (RandomBlocks, "
+                             "BlockLayout) with a bound pattern; TopKBlocks needs exchange='ulysses'")
+        keys = torch.cat([_block_keys(bound, i, s, e, hi) for i in blocks]).unique()
+        reqs.append(KeyRequest("blocks", keys, blocks))
+    gq = global_query_positions(pattern, n)
+    own = gq[(gq >= s) & (gq < e)]
+    needed = gq[gq >= s] if pattern.causal else gq
+    return RankPlan(rank, s, e, reqs, tuple(windows), own, needed)
+
+
+def owned_slice(pos: torch.Tensor, lo: int, hi: int) -> slice:
+    """The slice of sorted ``pos`` that lies in [lo, hi)."""
+    a = int(torch.searchsorted(pos, lo))
+    b = int(torch.searchsorted(pos, hi))
+    return slice(a, b)
+
+
+def choose_exchange(pattern: Pattern, n: int, world: int, hq: int, hkv: int, exchange: str,
+                    bound: BoundPattern | None = None) -> str:
+    """'pattern' or 'ulysses' for ``exchange`` in ("auto", "pattern", "ulysses")."""
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
+    needs_heads = pattern.data_dependent
+    if exchange == "pattern" and needs_heads:
+        raise ValueError("exchange='pattern' cannot serve TopKBlocks (its blocks depend on all of q and k); "
+                         "use exchange='ulysses' or 'auto'")
+    if exchange == "ulysses" or needs_heads:
+        if hkv % world:
+            raise ValueError(f"the all-to-all (Ulysses) exchange shards heads over the {world} ranks: key/value "
+                             f"heads ({hkv}) must be divisible by the sequence-parallel size ({world})"
+                             + ("; TopKBlocks needs this exchange" if needs_heads else ""))
+        return "ulysses"
+    if exchange == "pattern" or not pattern.block_components or hkv % world:
+        return "pattern"
+    # Static block lists: whichever moves fewer bytes in total (the same choice on every rank).
+    ours = sum(sum(volume_per_rank(pattern, n, world, hq, hkv, 1, 1, torch.float32, "pattern", bound)[d])
+               for d in ("forward", "backward"))
+    ulysses = sum(sum(volume_per_rank(pattern, n, world, hq, hkv, 1, 1, torch.float32, "ulysses")[d])
+                  for d in ("forward", "backward"))
+    return "pattern" if ours <= ulysses else "ulysses"
+
+
+def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
+    if n < world:
+        raise ValueError(f"sequence length {n} is shorter than the sequence-parallel size {world}")
+    base, extra = divmod(n, world)
+    out, start = [], 0
+    for r in range(world):
+        size = base + (r < extra)
+        out.append((start, start + size))
+        start += size
+    return out
+
+
+def volume_per_rank(pattern: Pattern, n: int, world: int, hq: int, hkv: int, dim: int, batch: int,
+                    dtype: torch.dtype, exchange: str, bound: BoundPattern | None = None) -> dict:
+    """Bytes each rank sends -> {"forward": [P ints], "backward": [P ints]}."""
+    elt = torch.empty((), dtype=dtype).element_size()
+    lse_elt = torch.empty((), dtype=lse_dtype(dtype)).element_size()
+    bounds = shard_bounds(n, world)
+    fwd = [0] * world
+    recv = [0] * world  # forward bytes received = backward bytes sent
+    if exchange == "ulysses":
+        hl, kl = hq // world, hkv // world
+        for r, (s, e) in enumerate(bounds):
+            for p, (sp_, ep) in enumerate(bounds):
+                if p == r:
+                    continue
+                fwd[r] += batch * (e - s) * (hl + 2 * kl) * dim * elt  # my tokens, p's heads
+                fwd[r] += batch * (ep - sp_) * hl * (dim * elt + lse_elt)  # p's tokens, my heads' result
+                recv[r] += batch * (ep - sp_) * (hl + 2 * kl) * dim * elt
+                recv[r] += batch * (e - s) * hl * (dim * elt + lse_elt)
+        return {"forward": fwd, "backward": recv}
+    if bound is None and pattern.block_components:
+        bound = pattern.bind(n, hq)
+    plans = [rank_plan(pattern, n, bounds, r, bound) for r in range(world)]
+    kv_row = batch * 2 * hkv * dim * elt
+    q_row = batch * hq * dim * elt
+    part_row = batch * hq * (dim * elt + lse_elt)
+    for r, plan in enumerate(plans):
+        for o, (s, e) in enumerate(bounds):
+            if o == r:
+                continue
+            rows = sum(_count(req.positions, s, e) for req in plan.requests)
+            gq = _count(plan.global_q, s, e)
+            fwd[o] += rows * kv_row + gq * q_row  # round 1: owner o sends to r
+            recv[r] += rows * kv_row + gq * q_row
+            fwd[r] += gq * part_row  # round 2: r returns partial results to owner o
+            recv[o] += gq * part_row
+    return {"forward": fwd, "backward": recv}
+
+
+def _count(pos: torch.Tensor, lo: int, hi: int) -> int:
+    sl = owned_slice(pos, lo, hi)
+    return sl.stop - sl.start
+
+
+def comm_volume(pattern, n: int, ctx, heads, dim: int, dtype=torch.bfloat16, *, batch: int = 1,
+                exchange: str = "auto") -> dict:
+    """Bytes ``ctx``'s rank sends per attention layer: {"forward", "backward", "exchange", "per_rank"}.
+
+    ``heads`` is the query-head count or a pair (query heads, key/value heads).
+    Counts exactly what ``sequence_parallel_attention`` puts on the wire (one
+    layer, forward and backward; a world size of 1 sends nothing).
+    """
+    pattern = as_pattern(pattern)
+    hq, hkv = (heads, heads) if isinstance(heads, int) else tuple(heads)
+    if hq % hkv:
+        raise ValueError(f"heads: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    world = ctx.world_size
+    if world == 1:
+        return {"forward": 0, "backward": 0, "exchange": "none", "per_rank": {"forward": [0], "backward": [0]}}
+    bound = pattern.bind(n, hq) if pattern.block_components and not pattern.data_dependent else None
+    method = choose_exchange(pattern, n, world, hq, hkv, exchange, bound)
+    vol = volume_per_rank(pattern, n, world, hq, hkv, dim, batch, dtype, method, bound)
+    return {"forward": vol["forward"][ctx.rank], "backward": vol["backward"][ctx.rank], "exchange": method,
+            "per_rank": vol}

@@ -1,0 +1,160 @@
+"""Sequence-parallel attention equals one process computing the whole sequence (gloo ranks on CPU).
+
+Each rank draws the same full float64 q, k, v and upstream gradients, computes
+the single-process reference and its own shard through the exchange, and
+returns the largest differences of out, lse, dq, dk, dv.  Float64 sums of a few
+dozen O(1) terms differ from each other by ~1e-15 (different order of
+summation and of the log-sum-exp merge), so 1e-10 leaves six orders of margin
+while any missed or double-counted pair shows up as an O(1e-2) error.
+
+All cases of one world size run in one spawned group: process start-up, not
+the arithmetic, is what costs time on the 2-core CI machine.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dist_utils import run_ranks
+from sparse_parallel import (BlockLayout, Dilated, Global, Pattern, RandomBlocks, SequenceParallel, Strided,
+                             TopKBlocks, Window, comm_volume, shard)
+
+TOL = 1e-10
+
+
+def _case(name, pattern, n, b=1, hq=2, hkv=1, d=8, exchange="auto"):
+    return dict(name=name, pattern=pattern, n=n, b=b, hq=hq, hkv=hkv, d=d, exchange=exchange)
+
+
+def _cases(world):
+    """Every component and mixtures; lengths not divisible by P, shards of one token, GQA, batch 2."""
+    causal = Pattern((Window(4), Strided(3, offset=1), Global(first=2, queries=False)))
+    layout = BlockLayout.from_rows(16, [[0], [0, 1], [0, 2], [1, 3]])
+    heads = 2 * world  # the head-sharded exchange needs key/value heads divisible by P
+    return [
+        _case("window", Window(5), 13),
+        _case("window_bidir_long", Pattern(Window(7, 3), causal=False), 9 + world),
+        _case("window_strided_global", causal, 23, b=2, hq=4, hkv=2),
+        _case("dilated", Dilated(window=3, levels=2), 19),
+        _case("strided_span_noncausal", Pattern((Window(1, 1), Strided(4, offset=2, span=9)), causal=False), 21),
+        _case("global_queries", Window(3) | Global(first=2, positions=(7,)), 17, hq=3, hkv=1),
+        _case("global_queries_noncausal", Pattern((Window(2, 2), Global(positions=(0, 5, 12))), causal=False), 15),
+        _case("global_first_is_shard", Window(2) | Strided(2) | Global(first=3), world + 3, b=2),
+        _case("one_token_shards", Window(2) | Strided(3) | Global(first=1), world),
+        _case("one_token_shards_global_q", Pattern((Window(1, 1), Global(first=1)), causal=False), world),
+        _case("random_blocks_fetch", Window(8) | RandomBlocks(16, 2, seed=3, per_head=True), 61, exchange="pattern"),
+        _case("random_blocks_ulysses", Window(8) | RandomBlocks(16, 2, seed=3, per_head=True), 61,
+              hq=2 * heads, hkv=heads, exchange="ulysses"),
+        _case("layout_auto", Window(3) | layout, 57, hq=heads, hkv=heads),
+        _case("topk_ulysses", Window(4) | TopKBlocks(16, 2), 50, hq=2 * heads, hkv=heads),
+        _case("window_global_ulysses", Window(6) | Global(first=2), 29, b=2, hq=heads, hkv=heads,
+              exchange="ulysses"),
+    ]
+
+
+def _reference(pattern, q, k, v, g_out, g_lse):
+    from sparse_parallel.reference import reference_attention
+
+    pattern = pattern if isinstance(pattern, Pattern) else Pattern((pattern,))
+    bound = pattern.bind(q.shape[1], q.shape[2], q=q, k=k)
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = reference_attention(q, k, v, bound)
+    _loss(out, lse, g_out, g_lse).backward()
+    return out.detach(), lse.detach(), q.grad, k.grad, v.grad
+
+
+def _loss(out, lse, g_out, g_lse):
+    return (out * g_out).sum() + (torch.where(torch.isinf(lse), 0.0, lse) * g_lse).sum()
+
+
+def _run_case(ctx, case, seed):
+    from sparse_parallel.parallel import sequence_parallel_attention
+
+    gen = torch.Generator().manual_seed(seed)
+    b, n, hq, hkv, d = case["b"], case["n"], case["hq"], case["hkv"], case["d"]
+    full = lambda h: torch.randn(b, n, h, d, generator=gen, dtype=torch.float64)  # noqa: E731
+    q, k, v, g_out = full(hq), full(hkv), full(hkv), full(hq)
+    g_lse = torch.randn(b, hq, n, generator=gen, dtype=torch.float64)
+    ref = _reference(case["pattern"], q, k, v, g_out, g_lse)
+    qs, ks, vs = (shard(t, ctx).clone().requires_grad_() for t in (q, k, v))
+    ctx.bytes_sent = {"forward": 0, "backward": 0}
+    out, lse = sequence_parallel_attention(qs, ks, vs, case["pattern"], ctx, backend="reference",
+                                           exchange=case["exchange"])
+    sent_fwd = ctx.bytes_sent["forward"]
+    _loss(out, lse, shard(g_out, ctx), shard(g_lse, ctx, dim=2)).backward()
+    vol = comm_volume(case["pattern"], n, ctx, (hq, hkv), d, torch.float64, batch=b, exchange=case["exchange"])
+    got = (out, lse, qs.grad, ks.grad, vs.grad)
+    want = (shard(ref[0], ctx), shard(ref[1], ctx, dim=2), shard(ref[2], ctx), shard(ref[3], ctx),
+            shard(ref[4], ctx))
+    errs = {}
+    for name, g, w in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        same_inf = torch.equal(torch.isinf(g), torch.isinf(w))
+        fin = ~torch.isinf(w)
+        errs[name] = (g[fin] - w[fin]).abs().max().item() if same_inf and fin.any() else (0.0 if same_inf else 1.0)
+    return dict(errs=errs, sent=(sent_fwd, ctx.bytes_sent["backward"]), vol=(vol["forward"], vol["backward"]),
+                exchange=vol["exchange"])
+
+
+def _worker(rank, world, seed):
+    ctx = SequenceParallel()
+    return {c["name"]: _run_case(ctx, c, seed + i) for i, c in enumerate(_cases(world))}
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_matches_single_process(world, tmp_path):
+    seed = int(torch.randint(0, 2**30, ()).item())  # fresh inputs each run; printed on failure
+    results = run_ranks(_worker, world, tmp_path, args=(seed,), timeout=150)
+    for rank, res in enumerate(results):
+        for name, r in res.items():
+            for what, err in r["errs"].items():
+                assert err <= TOL, f"world {world} rank {rank} case {name}: {what} error {err:.3g} (seed {seed})"
+            assert r["sent"] == r["vol"], (f"world {world} rank {rank} case {name}: bytes sent (fwd, bwd) "
+                                           f"{r['sent']} but comm_volume says {r['vol']}")
+            if world > 1 and name.endswith("ulysses"):
+                assert r["exchange"] == "ulysses"
+            if world > 1 and name.endswith("fetch"):
+                assert r["exchange"] == "pattern"
+    if world > 1:  # something really moved
+        assert sum(r["window"]["sent"][0] for r in results) > 0
+
+
+def _bad_heads_worker(rank, world):
+    from sparse_parallel.parallel import sequence_parallel_attention
+
+    ctx = SequenceParallel()
+    q = torch.randn(1, 8, 3, 4, dtype=torch.float64)
+    k = torch.randn(1, 8, 3, 4, dtype=torch.float64)
+    messages = []
+    for pattern, exchange in ((Window(2) | TopKBlocks(16, 1), "auto"), (Window(2), "ulysses")):
+        try:
+            sequence_parallel_attention(q, k, k, pattern, ctx, backend="reference", exchange=exchange)
+        except ValueError as e:
+            messages.append(str(e))
+    try:
+        sequence_parallel_attention(q, k, k, Window(2), ctx, exchange="ring")
+    except ValueError as e:
+        messages.append(str(e))
+    return messages
+
+
+def test_clear_errors(tmp_path):
+    results = run_ranks(_bad_heads_worker, 2, tmp_path)
+    for messages in results:
+        assert len(messages) == 3
+        assert "key/value heads (3) must be divisible by the sequence-parallel size (2)" in messages[0]
+        assert "TopKBlocks" in messages[0]
+        assert "divisible" in messages[1]
+        assert "exchange must be one of" in messages[2]
+
+
+def test_window_bytes_do_not_grow_with_n():
+    """A window's halo is the same size whatever the total length (no process group needed)."""
+    class _Ctx:
+        rank, world_size = 1, 4
+
+    sizes = {n: comm_volume(Window(64), n, _Ctx(), 4, 16, torch.bfloat16) for n in (1024, 4096, 65536)}
+    fwd = {v["forward"] for v in sizes.values()}
+    assert len(fwd) == 1 and fwd.pop() == 64 * 2 * 4 * 16 * 2  # 64 rows of k and v, 4 heads, dim 16, bf16
+    strided = [comm_volume(Window(64) | Strided(64), n, _Ctx(), 4, 16, torch.bfloat16)["forward"]
+               for n in (1024, 65536)]
+    assert strided[1] > strided[0]  # an unbounded strided level does grow with N
