@@ -17,13 +17,14 @@ import torch
 
 from dist_utils import run_ranks
 from sparse_parallel import (BlockLayout, Dilated, Global, Pattern, RandomBlocks, SequenceParallel, Strided,
-                             TopKBlocks, Window, comm_volume, shard)
+                             TopKBlocks, Window, comm_volume, shard, sparse_attention)
 
 TOL = 1e-10
 
 
-def _case(name, pattern, n, b=1, hq=2, hkv=1, d=8, exchange="auto"):
-    return dict(name=name, pattern=pattern, n=n, b=b, hq=hq, hkv=hkv, d=d, exchange=exchange)
+def _case(name, pattern, n, b=1, hq=2, hkv=1, d=8, exchange="auto", api=False, scale=None):
+    return dict(name=name, pattern=pattern, n=n, b=b, hq=hq, hkv=hkv, d=d, exchange=exchange, api=api,
+                scale=scale)
 
 
 def _cases(world):
@@ -49,16 +50,17 @@ def _cases(world):
         _case("topk_ulysses", Window(4) | TopKBlocks(16, 2), 50, hq=2 * heads, hkv=heads),
         _case("window_global_ulysses", Window(6) | Global(first=2), 29, b=2, hq=heads, hkv=heads,
               exchange="ulysses"),
+        _case("public_api_scale", Window(3) | Strided(5) | Global(first=1), 26, hq=4, hkv=2, api=True, scale=0.3),
     ]
 
 
-def _reference(pattern, q, k, v, g_out, g_lse):
+def _reference(pattern, q, k, v, g_out, g_lse, scale=None):
     from sparse_parallel.reference import reference_attention
 
     pattern = pattern if isinstance(pattern, Pattern) else Pattern((pattern,))
     bound = pattern.bind(q.shape[1], q.shape[2], q=q, k=k)
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out, lse = reference_attention(q, k, v, bound)
+    out, lse = reference_attention(q, k, v, bound, scale=scale)
     _loss(out, lse, g_out, g_lse).backward()
     return out.detach(), lse.detach(), q.grad, k.grad, v.grad
 
@@ -75,11 +77,15 @@ def _run_case(ctx, case, seed):
     full = lambda h: torch.randn(b, n, h, d, generator=gen, dtype=torch.float64)  # noqa: E731
     q, k, v, g_out = full(hq), full(hkv), full(hkv), full(hq)
     g_lse = torch.randn(b, hq, n, generator=gen, dtype=torch.float64)
-    ref = _reference(case["pattern"], q, k, v, g_out, g_lse)
+    ref = _reference(case["pattern"], q, k, v, g_out, g_lse, case["scale"])
     qs, ks, vs = (shard(t, ctx).clone().requires_grad_() for t in (q, k, v))
     ctx.bytes_sent = {"forward": 0, "backward": 0}
-    out, lse = sequence_parallel_attention(qs, ks, vs, case["pattern"], ctx, backend="reference",
-                                           exchange=case["exchange"])
+    if case["api"]:
+        out, lse = sparse_attention(qs, ks, vs, case["pattern"], backend="reference", return_lse=True,
+                                    scale=case["scale"], sequence_parallel=ctx)
+    else:
+        out, lse = sequence_parallel_attention(qs, ks, vs, case["pattern"], ctx, backend="reference",
+                                               exchange=case["exchange"])
     sent_fwd = ctx.bytes_sent["forward"]
     _loss(out, lse, shard(g_out, ctx), shard(g_lse, ctx, dim=2)).backward()
     vol = comm_volume(case["pattern"], n, ctx, (hq, hkv), d, torch.float64, batch=b, exchange=case["exchange"])
