@@ -190,8 +190,8 @@ def job_script(spec: JobSpec, derived, config_path: Path, job_dir: Path, workdir
     for name in ("workdir", "job_dir"):
         if any(c.isspace() for c in str(values[name])):
             raise ValueError(f"{name} {values[name]} contains white space, which #SBATCH lines cannot hold")
-    if not values["directives"]:
-        template = template.replace("{{directives}}\n", "")
+    if not values["directives"]:  # no optional directive: no blank line among the #SBATCH lines either
+        template = template.replace("{{directives}}\n", "{{directives}}")
     return render(template, values)
 
 
