@@ -1,0 +1,123 @@
+"""``Transformer``: the decoder LM, and its chunked cross-entropy.
+
+``forward(tokens, labels, positions)`` returns the *sum* of token losses and
+the number of counted tokens, so that a caller holding one shard of a sequence
+can divide by the token count of the whole sequence-parallel group and get the
+same loss as one process holding everything.  Logits are formed ``loss_chunk``
+tokens at a time and recomputed in backward, so a million-token shard never
+holds ``N x vocab`` logits.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..patterns import Pattern
+from .layers import Block, RMSNorm, rotary_tables
+
+IGNORE_INDEX = -100
+
+
+def mlp_hidden(dim: int, hidden: int) -> int:
+    """SwiGLU width: ``hidden`` or 8/3 x dim rounded up to a multiple of 64."""
+    return hidden or 64 * math.ceil(8 * dim / 3 / 64)
+
+
+def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduce: bool) -> torch.Tensor:
+    logits = (h @ weight.t()).float()
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum" if reduce else "none")
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg):
+        """``cfg``: a ``sparse_parallel.training.config.ModelConfig`` (or anything with its fields)."""
+        super().__init__()
+        self.cfg = cfg
+        patterns: list[Pattern] = cfg.patterns()
+        hidden = mlp_hidden(cfg.dim, cfg.mlp_hidden)
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(
+            Block(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hidden, p, cfg.attention_backend, cfg.norm_eps)
+            for p in patterns)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() == 1:
+                nn.init.ones_(p)
+            elif name.endswith(("wo.weight", "w_down.weight")):
+                # Residual-branch outputs shrink with depth so the residual stream keeps its scale.
+                nn.init.normal_(p, std=std / math.sqrt(2 * len(self.layers)))
+            else:
+                nn.init.normal_(p, std=std)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``[B, N, dim]`` of ``tokens [B, N]`` at global ``positions [N]``."""
+        if positions is None:
+            positions = torch.arange(tokens.shape[1], device=tokens.device)
+        cos, sin = rotary_tables(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
+        x = self.tok_embeddings(tokens)
+        for layer in self.layers:
+            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin)
+        return self.norm(x)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
+                per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens, labels ``[B, N]`` -> (sum of token losses (float32, scalar), counted tokens (int64)).
+
+        Labels equal to ``IGNORE_INDEX`` are not counted.  With ``per_token`` the first
+        result is the loss of every token ``[B, N]`` instead of their sum.
+        """
+        b, n = tokens.shape
+        h = self.hidden(tokens, positions).flatten(0, 1)
+        labels = labels.flatten()
+        weight = self.output_weight
+        step = self.cfg.loss_chunk
+        count = (labels != IGNORE_INDEX).sum()
+        if per_token:
+            parts = [_chunk_ce(h[s:s + step], weight, labels[s:s + step], False) for s in range(0, h.shape[0], step)]
+            return torch.cat(parts).view(b, n), count
+        total = h.new_zeros((), dtype=torch.float32)
+        for s in range(0, h.shape[0], step):
+            hc, lc = h[s:s + step], labels[s:s + step]
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_chunk_ce, hc, weight, lc, True, use_reentrant=False)
+            else:
+                total = total + _chunk_ce(hc, weight, lc, True)
+        return total, count
+
+    def num_params(self, embeddings: bool = True) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        return n if embeddings else n - self.tok_embeddings.weight.numel()
+
+    def flops_per_token(self, context_length: int) -> float:
+        """Training FLOPs per token: 6 x matmul params + useful attention FLOPs (fwd + bwd)."""
+        matmul = self.num_params(embeddings=False) - sum(p.numel() for p in self.parameters() if p.dim() == 1)
+        if self.output is None:
+            matmul += self.tok_embeddings.weight.numel()
+        head_dim = self.cfg.dim // self.cfg.n_heads
+        attn = sum(layer.attn.pattern.describe(context_length, heads=self.cfg.n_heads,
+                                               dim=head_dim)["useful_flops_fwd_bwd"]
+                   for layer in self.layers)
+        return 6.0 * matmul + attn / context_length
+
+
+def apply_sequence_parallel(model: Transformer, ctx) -> Transformer:
+    """Make every attention layer of ``model`` attend across the ranks of ``ctx`` (a SequenceParallel)."""
+    for layer in model.layers:
+        layer.attn.sequence_parallel = ctx
+    return model

@@ -1,0 +1,309 @@
+"""Typed training configuration: YAML -> dataclasses, ``a.b=c`` overrides, derived sizes.
+
+Parsing has no side effects: no process group, no file writes.  Unknown keys
+are rejected naming the key; every field is checked on construction.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from ..patterns import Pattern
+
+#: Keys of the DeepSpeed section that the trainer fills from ``train`` (set them there instead).
+DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def _fail(name: str, allowed: str, value) -> None:
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _int(name: str, value, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        _fail(name, f"an integer >= {low}", value)
+
+
+def _pos_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        _fail(name, "a number > 0", value)
+
+
+@dataclass
+class ModelConfig:
+    """Decoder-only LM shape and the attention pattern of every layer."""
+
+    vocab_size: int = 512           #: must equal the tokenizer's vocabulary size
+    dim: int = 64                   #: model width
+    n_layers: int = 2
+    n_heads: int = 4                #: query heads
+    n_kv_heads: int = 2             #: key/value heads (GQA); divides n_heads
+    mlp_hidden: int = 0             #: SwiGLU hidden width; 0 -> 8/3 * dim rounded up to 64
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    activation_checkpointing: bool = False
+    loss_chunk: int = 4096          #: tokens per cross-entropy chunk (bounds the logits held at once)
+    attention_backend: str = "auto"  #: "auto", "reference" or "triton" (see sparse_parallel.api)
+    #: default pattern of every layer (a pattern dict, see sparse_parallel.patterns)
+    pattern: dict = field(default_factory=lambda: {"components": [{"type": "window", "left": 64}]})
+    #: per-layer overrides: {layer index: pattern dict}
+    layer_patterns: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "loss_chunk"):
+            _int(f"model.{name}", getattr(self, name), 1)
+        _int("model.mlp_hidden", self.mlp_hidden, 0)
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if self.dim % self.n_heads or (self.dim // self.n_heads) % 2:
+            raise ValueError(f"model.dim ({self.dim}) must be n_heads ({self.n_heads}) x an even head dim")
+        _pos_float("model.rope_theta", self.rope_theta)
+        _pos_float("model.norm_eps", self.norm_eps)
+        for name in ("tie_embeddings", "activation_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(f"model.{name}", "true or false", getattr(self, name))
+        if self.attention_backend not in ("auto", "reference", "triton"):
+            _fail("model.attention_backend", "one of ['auto', 'reference', 'triton']", self.attention_backend)
+        for key in self.layer_patterns:
+            if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < self.n_layers:
+                _fail("model.layer_patterns key", f"a layer index in [0, {self.n_layers})", key)
+        self.patterns()
+
+    def patterns(self) -> list[Pattern]:
+        """The attention pattern of each layer."""
+        out = []
+        for layer in range(self.n_layers):
+            spec = self.layer_patterns.get(layer, self.pattern)
+            try:
+                out.append(Pattern.from_dict(spec))
+            except ValueError as e:
+                where = f"model.layer_patterns[{layer}]" if layer in self.layer_patterns else "model.pattern"
+                raise ValueError(f"{where}: {e}") from None
+        return out
+
+
+@dataclass
+class DataConfig:
+    """Where the text comes from and how it is tokenised."""
+
+    #: "stdlib" (this Python's standard library source, no download) or a file/folder path
+    path: str = "stdlib"
+    format: str = "auto"            #: "auto", "text", "jsonl" or "parquet"
+    text_field: str = "text"        #: column of jsonl/parquet records holding the text
+    tokenizer: str = ""             #: sentencepiece .model file (sparse-parallel tokenizer train)
+    cache_dir: str = ".cache/tokens"  #: tokenised corpus cache, relative to the working directory
+    max_bytes: int = 8_000_000      #: stdlib corpus: take a deterministic subset of about this size
+    eval_sequences: int = 4         #: held-out sequences (the end of the stream) for evaluation
+    seed: int = 0                   #: order of training sequences
+
+    def validate(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            _fail("data.path", "'stdlib' or a file/folder path", self.path)
+        if self.format not in ("auto", "text", "jsonl", "parquet"):
+            _fail("data.format", "one of ['auto', 'text', 'jsonl', 'parquet']", self.format)
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            _fail("data.tokenizer", "a sentencepiece .model path (make one with `sparse-parallel tokenizer "
+                  "train`)", self.tokenizer)
+        _int("data.max_bytes", self.max_bytes, 1)
+        _int("data.eval_sequences", self.eval_sequences, 0)
+        _int("data.seed", self.seed, 0)
+
+
+@dataclass
+class ParallelConfig:
+    sequence_parallel: int = 1      #: ranks sharing one sequence; the world size must be a multiple
+
+    def validate(self) -> None:
+        _int("parallel.sequence_parallel", self.sequence_parallel, 1)
+
+
+@dataclass
+class TrainSection:
+    """Batch geometry and the loop."""
+
+    tokens_per_gpu: int = 256       #: sequence tokens on each rank; context = this x sequence_parallel
+    micro_batch: int = 1            #: sequences per rank per micro step
+    grad_accum: int = 1
+    steps: int = 20
+    seed: int = 0                   #: parameter initialisation
+    log_every: int = 1
+    eval_every: int = 0             #: 0 -> evaluate only at the end
+    progress: bool = True           #: tqdm bar on rank 0
+    peak_tflops: float = 0.0        #: per-device peak for the MFU estimate; 0 -> known GPUs only
+
+    def validate(self) -> None:
+        for name in ("tokens_per_gpu", "micro_batch", "grad_accum", "steps", "log_every"):
+            _int(f"train.{name}", getattr(self, name), 1)
+        _int("train.seed", self.seed, 0)
+        _int("train.eval_every", self.eval_every, 0)
+        if not isinstance(self.progress, bool):
+            _fail("train.progress", "true or false", self.progress)
+        if isinstance(self.peak_tflops, bool) or not isinstance(self.peak_tflops, (int, float)) \
+                or self.peak_tflops < 0:
+            _fail("train.peak_tflops", "a number >= 0", self.peak_tflops)
+
+
+@dataclass
+class CheckpointSection:
+    every: int = 0                  #: save every N steps (0 -> only at the end and on preemption)
+    keep: int = 2                   #: complete checkpoints kept
+
+    def validate(self) -> None:
+        _int("checkpoint.every", self.every, 0)
+        _int("checkpoint.keep", self.keep, 1)
+
+
+@dataclass
+class EvalSection:
+    buckets: int = 8                #: position buckets along the context for loss-by-position
+
+    def validate(self) -> None:
+        _int("eval.buckets", self.buckets, 1)
+
+
+@dataclass
+class RunSection:
+    dir: str = "runs/tiny"          #: run directory: checkpoints, metrics.jsonl, config, plots
+    tensorboard: bool = True
+
+    def validate(self) -> None:
+        if not isinstance(self.dir, str) or not self.dir:
+            _fail("run.dir", "a directory path", self.dir)
+        if not isinstance(self.tensorboard, bool):
+            _fail("run.tensorboard", "true or false", self.tensorboard)
+
+
+@dataclass
+class Derived:
+    """Sizes that follow from the config and the world size, computed once."""
+
+    world_size: int
+    sequence_parallel: int
+    data_parallel: int
+    context_length: int             #: tokens per sequence = tokens_per_gpu x sequence_parallel
+    global_batch: int               #: sequences per optimizer step
+    tokens_per_step: int
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    run: RunSection = field(default_factory=RunSection)
+    #: passed to deepspeed.initialize (ZeRO stage, bf16, gradient_clipping, optimizer, scheduler)
+    deepspeed: dict = field(default_factory=lambda: {
+        "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}}})
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
+        if not isinstance(self.deepspeed, dict):
+            _fail("deepspeed", "a mapping (DeepSpeed config)", self.deepspeed)
+        for key in DS_OWNED_KEYS:
+            if key in self.deepspeed:
+                raise ValueError(f"deepspeed.{key} is set by the trainer from train.micro_batch, "
+                                 "train.grad_accum and the world size; remove it")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def derived(self, world_size: int) -> Derived:
+        _int("world_size", world_size, 1)
+        sp = self.parallel.sequence_parallel
+        if world_size % sp:
+            raise ValueError(f"world size {world_size} is not a multiple of parallel.sequence_parallel={sp}")
+        dp = world_size // sp
+        ctx = self.train.tokens_per_gpu * sp
+        gb = self.train.micro_batch * self.train.grad_accum * dp
+        return Derived(world_size, sp, dp, ctx, gb, gb * ctx)
+
+
+def _build(cls, data: Any, where: str):
+    if not dataclasses.is_dataclass(cls):
+        return data
+    if not isinstance(data, dict):
+        raise ValueError(f"{where or 'config'} must be a mapping, got {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in names:
+            raise ValueError(f"unknown config key {where + '.' if where else ''}{key}; "
+                             f"allowed: {sorted(names)}")
+    kwargs = {}
+    for key, value in data.items():
+        sub = f"{where}.{key}" if where else key
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, sub)
+        elif hint is float and isinstance(value, int) and not isinstance(value, bool):
+            kwargs[key] = float(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _set(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None:
+            nxt = node[k] = {}
+        if not isinstance(nxt, dict):
+            raise ValueError(f"override {dotted!r}: {k} is not a section")
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"override must look like section.key=value, got {text!r}")
+    return key.strip(), yaml.safe_load(value)
+
+
+def _int_keys(d: dict) -> dict:
+    """YAML and overrides give layer indices as ints or strings; store them as ints."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(k, str) and k.strip().lstrip("-").isdigit():
+            k = int(k)
+        out[k] = v
+    return out
+
+
+def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    data = copy.deepcopy(data or {})
+    for text in overrides:
+        key, value = parse_override(text)
+        _set(data, key, value)
+    model = data.get("model")
+    if isinstance(model, dict) and isinstance(model.get("layer_patterns"), dict):
+        model["layer_patterns"] = _int_keys(model["layer_patterns"])
+    cfg = _build(TrainConfig, data, "")
+    cfg.validate()
+    return cfg
+
+
+def load_config(path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML config, apply ``a.b=c`` overrides, validate.  No side effects."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"config {path} is not valid YAML: {e}") from None
+    return config_from_dict(data or {}, overrides)

@@ -1,0 +1,83 @@
+"""sentencepiece tokenizers: train one on a corpus, load one and check it fits the model."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+#: Special ids every tokenizer made here has (sentencepiece's defaults, written out).
+UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+
+
+class Tokenizer:
+    """A loaded sentencepiece model: ``encode``/``decode`` and the end-of-document id."""
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece as spm
+
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"data.tokenizer: {path} does not exist; make one with "
+                                    "`sparse-parallel tokenizer train --input ... --vocab-size ...`")
+        self.path = p
+        self.sp = spm.SentencePieceProcessor()
+        try:
+            self.sp.Load(str(p))
+        except (OSError, RuntimeError) as e:
+            raise ValueError(f"data.tokenizer: {path} is not a sentencepiece model ({e})") from None
+        self.vocab_size = self.sp.GetPieceSize()
+        self.eos_id = self.sp.eos_id()
+        if self.eos_id < 0:
+            raise ValueError(f"data.tokenizer: {path} has no end-of-sequence piece; documents are joined with it")
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.Encode(texts)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.Decode(ids)
+
+    def check_vocab(self, vocab_size: int) -> None:
+        if vocab_size != self.vocab_size:
+            raise ValueError(f"model.vocab_size={vocab_size} but the tokenizer {self.path} has "
+                             f"{self.vocab_size} pieces; set model.vocab_size={self.vocab_size}")
+
+
+def train_tokenizer(documents, out: str | os.PathLike, vocab_size: int, model_type: str = "bpe",
+                    max_sentences: int = 2_000_000) -> Path:
+    """Train a sentencepiece model on ``documents`` (an iterable of strings); write ``out`` (.model).
+
+    Byte fallback is on, so any text (code, other scripts) encodes without <unk>.
+    The model is written to a temporary name and renamed, so ``out`` is never half-written.
+    """
+    import sentencepiece as spm
+
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type must be one of ['bpe', 'unigram'], got {model_type!r}")
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
+        # 256 byte pieces + 3 specials + at least a few merges.
+        raise ValueError(f"vocab_size must be an integer >= 300 (byte fallback needs 259 pieces), got {vocab_size!r}")
+    out = Path(out)
+    if out.suffix != ".model":
+        raise ValueError(f"output must end in .model, got {out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        text = Path(tmp) / "corpus.txt"
+        n = 0
+        with text.open("w", encoding="utf-8") as f:
+            for doc in documents:
+                for line in doc.splitlines():
+                    if line.strip():
+                        f.write(line + "\n")
+                        n += 1
+        if n == 0:
+            raise ValueError("the tokenizer corpus is empty")
+        prefix = Path(tmp) / "tok"
+        spm.SentencePieceTrainer.Train(
+            input=str(text), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
+            byte_fallback=True, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+            character_coverage=1.0, input_sentence_size=max_sentences, shuffle_input_sentence=False,
+            max_sentence_length=16384, split_digits=True, allow_whitespace_only_pieces=True,
+            remove_extra_whitespaces=False, normalization_rule_name="identity",
+            num_threads=os.cpu_count() or 1, minloglevel=2)
+        os.replace(f"{prefix}.model", out)
+    return out

@@ -1,0 +1,313 @@
+"""One rank's training process: process groups, DeepSpeed engine, the loop, checkpoints, outputs.
+
+Ranks are laid out data-parallel-major: rank = dp_rank * SP + sp_rank, so the
+ranks sharing a sequence are neighbours (one node, the fast links).
+
+Gradients.  DeepSpeed is given no model-parallel unit, so it sees the whole
+world (SP x DP ranks) as its data-parallel group and averages gradients over
+it.  Each rank back-propagates ``SP x (its shard's loss sum) / (tokens of the
+whole sequence)``: summed over the SP ranks of a sequence this is SP x the
+sequence's mean loss, so the world average is exactly the mean over the DP
+sequences of their mean loss -- the SP=1 gradient.  (The attention exchange
+carries the key/value gradients back to the ranks that own them.)
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import checkpoint as ckpt
+from .config import Derived, TrainConfig, load_config
+
+#: Exit code after a preemption checkpoint: the job should be requeued and resumed.
+REQUEUE_EXIT_CODE = 85
+
+#: Dense bf16 peak per device (TFLOP/s) for the MFU estimate, by device-name substring.
+KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
+
+
+@dataclass
+class Geometry:
+    """This rank's place in the SP x DP layout and the slice of each sequence it reads."""
+
+    rank: int
+    sp_rank: int
+    dp_rank: int
+    sequence_parallel: int
+    data_parallel: int
+    context_length: int
+    start: int
+    end: int
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> tuple[int, int, int, torch.device]:
+    """Initialise the default process group from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT."""
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if "MASTER_ADDR" not in os.environ:
+        if world > 1:
+            raise ValueError(f"WORLD_SIZE={world} but MASTER_ADDR/MASTER_PORT are not set; start ranks with "
+                             "torchrun or `sparse-parallel launch`")
+        os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(free_port())
+    # DeepSpeed reads LOCAL_RANK and the accelerator choice from the environment.
+    os.environ["LOCAL_RANK"] = str(local_rank)
+    cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+    if cpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"
+        device = torch.device("cpu")
+    else:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world)
+    return rank, world, local_rank, device
+
+
+def build_geometry(rank: int, d: Derived):
+    """This rank's Geometry and its SequenceParallel context (None at SP=1)."""
+    from ..parallel import SequenceParallel
+
+    sp = d.sequence_parallel
+    ctx = None
+    for g in range(d.data_parallel):  # every rank creates every group, in the same order
+        group = dist.new_group(list(range(g * sp, (g + 1) * sp))) if sp > 1 else None
+        if sp > 1 and g == rank // sp:
+            ctx = SequenceParallel(group)
+    sp_rank = rank % sp
+    if ctx is not None:
+        start, end = ctx.shard_range(d.context_length)
+    else:
+        start, end = 0, d.context_length
+    return Geometry(rank, sp_rank, rank // sp, sp, d.data_parallel, d.context_length, start, end), ctx
+
+
+def deepspeed_config(cfg: TrainConfig, world: int, universal: bool) -> dict:
+    ds = json.loads(json.dumps(cfg.deepspeed))
+    ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
+    ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    ds["train_batch_size"] = cfg.train.micro_batch * cfg.train.grad_accum * world
+    ds.setdefault("steps_per_print", 1 << 30)
+    if universal:
+        ds.setdefault("checkpoint", {})["load_universal"] = True
+    return ds
+
+
+class Preemption:
+    """SIGUSR1/SIGTERM set a flag; ranks agree on it at each step boundary."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = {}
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.flag = True
+
+    def agreed(self, device) -> bool:
+        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def restore(self):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
+    if cfg.train.peak_tflops:
+        return cfg.train.peak_tflops * 1e12
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, tflops in KNOWN_PEAK_TFLOPS.items():
+            if key in name:
+                return tflops * 1e12
+    return 0.0
+
+
+def run(config_path, overrides=(), resume: str = "auto") -> int:
+    """Train one rank (see the module docstring); returns 0, or REQUEUE_EXIT_CODE after preemption."""
+    cfg = load_config(config_path, list(overrides))
+    if resume not in ("auto", "none") and not isinstance(resume, (str, os.PathLike)):
+        raise ValueError(f"resume must be 'auto', 'none' or a checkpoint path, got {resume!r}")
+    rank, world, local_rank, device = init_distributed()
+    try:
+        return _train(cfg, rank, world, local_rank, device, str(resume))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, resume: str) -> int:
+    import deepspeed
+
+    from ..model import Transformer, apply_sequence_parallel
+    from . import evaluate
+    from .data import TokenStream, build_token_cache
+    from .tokenizer import Tokenizer
+
+    d = cfg.derived(world)
+    run_dir = Path(cfg.run.dir)
+    ckpt_root = run_dir / "checkpoints"
+    tokenizer = Tokenizer(cfg.data.tokenizer)
+    tokenizer.check_vocab(cfg.model.vocab_size)
+    found = ckpt.find_checkpoint(ckpt_root, resume)
+    if found is not None:
+        ckpt.check_compatible(found, asdict(cfg.model))
+    if local_rank == 0:
+        build_token_cache(cfg.data, tokenizer)
+    dist.barrier()
+    bin_path = build_token_cache(cfg.data, tokenizer)  # present now: returns the cached path
+    stream = TokenStream(bin_path, d.context_length, cfg.data.eval_sequences, cfg.data.seed)
+    geo, sp_ctx = build_geometry(rank, d)
+
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model)
+    if sp_ctx is not None:
+        apply_sequence_parallel(model, sp_ctx)
+    same_world = found is not None and found.meta["world_size"] == world
+    stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+    universal = found is not None and not same_world and stage > 0
+    if universal:
+        ckpt.to_universal(found, rank)
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                           config=deepspeed_config(cfg, world, universal))
+    step = 0
+    consumed = 0
+    if found is not None:
+        ckpt.load(engine, found, universal, rank, same_world)
+        step, consumed = found.meta["step"], found.meta["consumed"]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        import yaml
+
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        _truncate_metrics(run_dir, step)
+
+    def meta(at_step: int, at_consumed: int) -> dict:
+        return {"step": at_step, "consumed": at_consumed, "world_size": world, "sequence_parallel": geo.sequence_parallel,
+                "data_parallel": geo.data_parallel, "zero_stage": stage, "model": asdict(cfg.model),
+                "context_length": d.context_length, "time": time.time()}
+
+    flops_tok = model.flops_per_token(d.context_length)
+    peak = peak_flops(cfg, device)
+    writer = bar = None
+    if rank == 0 and cfg.run.tensorboard:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step)
+    if rank == 0 and cfg.train.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
+    preempt = Preemption()
+    last_saved = step if found is not None else -1
+    t_start = time.time()
+    tokens_seen = 0
+    try:
+        while step < cfg.train.steps:
+            if preempt.agreed(device):
+                if last_saved != step:
+                    ckpt.save(engine, ckpt_root, step, meta(step, consumed), cfg.checkpoint.keep, rank)
+                if rank == 0:
+                    print(f"preempted: checkpoint at step {step}, exiting with {REQUEUE_EXIT_CODE}", flush=True)
+                return REQUEUE_EXIT_CODE
+            t0 = time.time()
+            loss_sum = torch.zeros(2, dtype=torch.float64)
+            for micro in range(cfg.train.grad_accum):
+                batch = stream.train_batch(consumed, micro, geo.dp_rank, geo.data_parallel, cfg.train.micro_batch,
+                                           geo.start, geo.end)
+                local_sum, count = engine(batch.tokens.to(device), batch.labels.to(device),
+                                          batch.positions.to(device))
+                # Tokens of the whole sequence(s): every SP rank's count, summed.
+                total = float(count) if sp_ctx is None else _sp_sum(count, sp_ctx, device)
+                engine.backward(local_sum * (geo.sequence_parallel / total))
+                engine.step()
+                loss_sum += torch.tensor([float(local_sum.detach()), float(count)], dtype=torch.float64)
+            both = loss_sum.to(device)
+            dist.all_reduce(both)
+            loss = float(both[0] / both[1])
+            step += 1
+            consumed += d.global_batch
+            dt = time.time() - t0
+            tokens_seen += d.tokens_per_step
+            if rank == 0:
+                tps = d.tokens_per_step / dt
+                mfu = flops_tok * tps / (world * peak) if peak else None
+                lr = engine.get_lr()[0]
+                row = {"step": step, "loss": loss, "lr": lr, "tokens": step * d.tokens_per_step,
+                       "tokens_per_s": tps, "mfu": mfu, "step_time_s": dt}
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    with (run_dir / "metrics.jsonl").open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+                if writer is not None:
+                    writer.add_scalar("train/loss", loss, step)
+                    writer.add_scalar("train/tokens_per_s", tps, step)
+                    if lr is not None:
+                        writer.add_scalar("train/lr", lr, step)
+                    if mfu is not None:
+                        writer.add_scalar("train/mfu", mfu, step)
+                if bar is not None:
+                    post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
+                    if mfu is not None:
+                        post["mfu"] = f"{100 * mfu:.1f}%"
+                    bar.set_postfix(post)
+                    bar.update(1)
+            at_end = step == cfg.train.steps
+            if at_end or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                ckpt.save(engine, ckpt_root, step, meta(step, consumed), cfg.checkpoint.keep, rank)
+                last_saved = step
+            if cfg.data.eval_sequences and (at_end or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
+                table = evaluate.loss_by_position(engine, stream, geo, cfg.eval.buckets, device)
+                if rank == 0:
+                    evaluate.write_eval(run_dir, table, step)
+                    if writer is not None:
+                        for r in table:
+                            writer.add_scalar(f"eval/loss_pos_{r['start']}", r["loss"], step)
+        if rank == 0:
+            evaluate.plot_loss(run_dir)
+            rows = evaluate.read_metrics(run_dir)
+            summary = {"steps": step, "final_loss": rows[-1]["loss"] if rows else None,
+                       "derived": asdict(d), "parameters": model.num_params(),
+                       "flops_per_token": flops_tok, "wall_s_this_process": time.time() - t_start,
+                       "tokens_this_process": tokens_seen, "checkpoint": str(ckpt_root / ckpt.tag_for(step))}
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return 0
+    finally:
+        preempt.restore()
+        if bar is not None:
+            bar.close()
+        if writer is not None:
+            writer.close()
+
+
+def _sp_sum(count: torch.Tensor, ctx, device) -> float:
+    t = count.detach().to(device=device, dtype=torch.float64).reshape(1)
+    dist.all_reduce(t, group=ctx.group)
+    return float(t.item())
+
+
+def _truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep the metric rows up to ``step``: a resumed run rewrites what came after its checkpoint."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path.with_name(".metrics.jsonl.tmp")
+    tmp.write_text("".join(r + "\n" for r in rows))
+    os.replace(tmp, path)
