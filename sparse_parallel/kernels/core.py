@@ -1,0 +1,309 @@
+"""Launchers of the kernels: passes over key spaces -> (out, lse) and their gradients.
+
+``Problem`` holds everything that does not change between forward and backward:
+the queries' positions, the key spaces, the terms and the passes.  ``forward``
+fuses up to ``MAX_SLOTS`` passes per launch (more are merged by log-sum-exp);
+``backward`` runs the dq kernel over the same passes and one dk/dv launch per
+pass, accumulating into float32 gradient buffers in a fixed order.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from . import plan as P
+
+MAX_SLOTS = 6
+LOG2E = 1.4426950408889634
+
+
+@dataclass
+class Config:
+    """Tile sizes: forward/dq tiles (bm x bn), dk/dv tiles (bm_kv x bn_kv)."""
+
+    bm: int = 128
+    bn: int = 64
+    bm_kv: int = 64
+    bn_kv: int = 128
+    warps: int = 8
+    stages: int = 3
+    warps_kv: int = 8
+    stages_kv: int = 2
+
+
+#: Per-device-type defaults; tests and benchmarks may replace them.
+CONFIGS = {"cuda": Config(), "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1,
+                                          stages_kv=1)}
+
+
+@dataclass
+class Space:
+    """A key space in kernel form: k, v ``[B, Nk, Hkv, D]`` (last dim contiguous)."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    pos0: int = 0
+    kstr: int = 1
+    positions: torch.Tensor | None = None  # int64 sorted, on the device
+    member: torch.Tensor | None = None  # int8 per key: an explicit global key of a served Global
+
+    @property
+    def nk(self) -> int:
+        return self.k.shape[1]
+
+
+@dataclass
+class Pass:
+    space: int
+    mode: int
+    served: list  # structured term indices
+    member: bool = False
+
+
+@dataclass
+class Problem:
+    terms: P.Terms
+    spaces: list
+    passes: list
+    q_pos: torch.Tensor  # int64 [Nq] on the device
+    q_pos0: int | None  # set when q_pos is contiguous
+    split: int = 1
+    cache: dict = field(default_factory=dict)
+
+    @property
+    def has_block(self) -> bool:
+        return self.terms.table is not None
+
+    def served_bits(self, ps: Pass) -> int:
+        bits = 0
+        for t in ps.served:
+            bits |= 1 << t
+        return bits
+
+
+def _dummy(device, dtype=torch.int32):
+    return torch.zeros(1, dtype=dtype, device=device)
+
+
+def _block_args(prob: Problem, device):
+    t = prob.terms
+    if t.table is None:
+        d = _dummy(device)
+        return d, 0, 0, 0, 0, 1
+    key = "tbl"
+    if key not in prob.cache:
+        prob.cache[key] = t.table.to(torch.int32).contiguous()
+    tbl = prob.cache[key]
+    bt, ht, nqb, w = tbl.shape
+    return tbl, (ht * nqb * w if bt > 1 else 0), (nqb * w if ht > 1 else 0), w, w, t.block
+
+
+def _qpos32(prob: Problem):
+    if "qpos32" not in prob.cache:
+        prob.cache["qpos32"] = prob.q_pos.to(torch.int32).contiguous()
+    return prob.cache["qpos32"]
+
+
+def _range_plan(prob: Problem, i: int, bm: int, bn: int) -> torch.Tensor:
+    key = ("plan", i, bm, bn)
+    if key not in prob.cache:
+        ps = prob.passes[i]
+        sp = prob.spaces[ps.space]
+        first, last = P.tile_rows(prob.q_pos, bm)
+        prob.cache[key] = P.range_plan(prob.terms, ps.served, ps.member, first, last, sp.pos0, sp.kstr, sp.nk,
+                                       sp.positions, bn)
+    return prob.cache[key]
+
+
+def _slot_args(prob: Problem, i: int, bm: int, bn: int, device):
+    ps = prob.passes[i]
+    sp = prob.spaces[ps.space]
+    d32 = _dummy(device)
+    kpos = sp.positions.to(torch.int32).contiguous() if sp.positions is not None else d32
+    kmem = sp.member if sp.member is not None else _dummy(device, torch.int8)
+    if ps.mode in (P.MODE_BLOCK, P.MODE_BLOCK_EXPLICIT):
+        key = ("starts", ps.space)
+        if key not in prob.cache:
+            prob.cache[key] = P.block_starts(prob.terms.table, prob.terms.block, sp.pos0, sp.kstr, sp.positions)
+        plan, starts, served = d32, prob.cache[key], prob.terms.block_bit
+    else:
+        plan, starts, served = _range_plan(prob, i, bm, bn), d32, prob.served_bits(ps)
+    k, v = sp.k, sp.v
+    return [k, v, k.stride(0), k.stride(1), k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem, served, plan, starts]
+
+
+def _check_block_alignment(prob: Problem, bm: int, bn: int):
+    if not prob.has_block or not any(ps.mode >= P.MODE_BLOCK for ps in prob.passes):
+        return bm, bn
+    cb = prob.terms.block
+    if prob.q_pos0 is None:
+        raise NotImplementedError("block-list components with explicit (non-contiguous) query positions")
+    bm = min(bm, cb)
+    while bm > 16 and prob.q_pos0 % bm:
+        bm //= 2
+    if prob.q_pos0 % bm:
+        raise NotImplementedError(f"block-list components need the query shard to start at a multiple of 16; "
+                                  f"it starts at {prob.q_pos0}")
+    return bm, min(bn, cb)
+
+
+def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse2=None, delta=None):
+    """Run the query-major kernel over every pass; returns (out, lse) or dq."""
+    from .triton_kernels import _query_kernel
+
+    b, nq, hq, d = q.shape
+    device = q.device
+    hkv = prob.spaces[0].k.shape[2]
+    bm, bn = _check_block_alignment(prob, cfg.bm, cfg.bn)
+    ieee = q.dtype == torch.float32
+    tbl, stb, sth, stq, w, cb = _block_args(prob, device)
+    split = prob.split
+    chunk = 0
+    if split > 1:
+        longest = max(math.ceil(prob.spaces[ps.space].nk / bn) for ps in prob.passes)
+        chunk = math.ceil(longest / split)
+    groups = [list(range(s, min(len(prob.passes), s + MAX_SLOTS))) for s in range(0, len(prob.passes), MAX_SLOTS)]
+    results = []
+    qpos = _qpos32(prob)
+    for group in groups:
+        nparts = split
+        many = nparts > 1 or len(groups) > 1
+        if phase == 0:
+            odt = torch.float32 if many else q.dtype
+            out = torch.empty(nparts, b, nq, hq, d, dtype=odt, device=device)
+            lse = torch.empty(nparts, b, hq, nq, dtype=torch.float32, device=device)
+        else:
+            out = torch.empty(nparts, b, nq, hq, d, dtype=torch.float32 if many else q.dtype, device=device)
+            lse = _dummy(device, torch.float32)
+        slots, modes = [], []
+        for s in range(MAX_SLOTS):
+            if s < len(group):
+                slots += _slot_args(prob, group[s], bm, bn, device)
+                modes.append(prob.passes[group[s]].mode)
+            else:
+                slots += [q, q, 0, 0, 0, 0, 1, 0, _dummy(device), _dummy(device, torch.int8), 0, _dummy(device),
+                          _dummy(device)]
+                modes.append(0)
+        if phase == 1:
+            dargs = [do, do.stride(0), do.stride(1), do.stride(2)]
+            xargs = [lse2, delta, lse2.stride(0), lse2.stride(1)]
+        else:
+            dargs = [q, 0, 0, 0]
+            xargs = [lse, lse, 0, 0]
+        grid = (P.n_tiles(nq, bm), b * hq, nparts)
+        _query_kernel[grid](
+            q, q.stride(0), q.stride(1), q.stride(2), *dargs, qpos, prob.q_pos0 or 0, nq, hq, hq // hkv,
+            out, out.stride(1), out.stride(2), out.stride(3), out.stride(0),
+            lse, lse.stride(1) if lse.dim() == 4 else 0, lse.stride(2) if lse.dim() == 4 else 0,
+            lse.stride(0) if lse.dim() == 4 else 0, *xargs,
+            prob.terms.tensor, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, chunk,
+            *slots, *modes,
+            NT=len(prob.terms.rows), CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
+            Q_EXPLICIT=prob.q_pos0 is None, SPLIT=split > 1, BM=bm, BN=bn, D=d, IEEE=ieee, PHASE=phase,
+            num_warps=cfg.warps, num_stages=cfg.stages)
+        results.append((out, lse))
+    if phase == 1:
+        if len(results) == 1 and results[0][0].shape[0] == 1:
+            return results[0][0][0]
+        return torch.cat([r[0] for r in results]).sum(0).to(q.dtype)
+    if len(results) == 1 and results[0][0].shape[0] == 1:
+        return results[0][0][0], results[0][1][0]
+    outs = torch.cat([r[0] for r in results])
+    lses = torch.cat([r[1] for r in results])
+    return merge(outs, lses, q.dtype)
+
+
+def merge(outs: torch.Tensor, lses: torch.Tensor, dtype):
+    """Log-sum-exp merge of partials ``[P, B, N, H, D]`` / ``[P, B, H, N]`` over disjoint key sets."""
+    m = lses.amax(0)
+    m_safe = torch.where(torch.isinf(m), 0.0, m)
+    wts = torch.exp(lses - m_safe)
+    total = wts.sum(0)
+    empty = total == 0
+    lse = torch.where(empty, float("-inf"), m_safe + torch.log(torch.where(empty, 1.0, total)))
+    frac = wts / torch.where(empty, 1.0, total)
+    out = (outs * frac.permute(0, 1, 3, 2)[..., None]).sum(0)
+    return out.to(dtype), lse
+
+
+def forward(prob: Problem, q, scale, cfg: Config):
+    return _launch_query(prob, q, scale, cfg, 0)
+
+
+def backward(prob: Problem, q, out, lse, dout, dlse, scale, cfg: Config, grads: list):
+    """dq; dk/dv are accumulated into ``grads[space] = (dk32, dv32, state)``.
+
+    ``state`` (shared by spaces that are views of one buffer) holds ``init`` and
+    ``base`` = the whole (dk32, dv32) buffers, zeroed unless a range pass writes them first.
+    """
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)
+    if dlse is not None:
+        delta = delta - dlse.float()
+    delta = delta.contiguous()
+    lse2 = torch.where(torch.isinf(lse), float("inf"), lse.float() * LOG2E).contiguous()
+    dq = _launch_query(prob, q, scale, cfg, 1, do=dout, lse2=lse2, delta=delta)
+    _launch_dkdv(prob, q, dout, lse2, delta, scale, cfg, grads)
+    return dq
+
+
+def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: list):
+    from .triton_kernels import _dkdv_kernel
+
+    b, nq, hq, d = q.shape
+    device = q.device
+    ieee = q.dtype == torch.float32
+    tbl, stb, sth, stq, w, cb = _block_args(prob, device)
+    qpos = _qpos32(prob)
+    bm, bn = cfg.bm_kv, cfg.bn_kv
+    if prob.has_block and any(ps.mode >= P.MODE_BLOCK for ps in prob.passes):
+        bm, bn = min(bm, cb), min(bn, cb)
+    for i, ps in enumerate(prob.passes):
+        sp = prob.spaces[ps.space]
+        hkv = sp.k.shape[2]
+        dk, dv, state = grads[ps.space]
+        d32 = _dummy(device)
+        kpos = sp.positions.to(torch.int32).contiguous() if sp.positions is not None else d32
+        kmem = sp.member if sp.member is not None else _dummy(device, torch.int8)
+        if ps.mode >= P.MODE_BLOCK:
+            kblk, kstart = P.key_blocks(cb, sp.pos0, sp.nk, sp.positions)
+            kblk, kstart = kblk.to(device), kstart.to(device)
+            n_kb = P.n_tiles(prob.terms.n, cb)
+            key = ("csr", n_kb)
+            if key not in prob.cache:
+                prob.cache[key] = P.transposed_table(prob.terms.table, n_kb)
+            cptr, cidx, ctb, cth = prob.cache[key]
+            fplan = qplan = d32
+            served = prob.terms.block_bit
+            grid0 = len(kblk) * (cb // bn)
+        else:
+            fplan = _range_plan(prob, i, bm, bn)
+            n_kt = P.n_tiles(sp.nk, bn)
+            qplan = P.transpose_plan(fplan, n_kt)
+            kblk = kstart = cptr = cidx = d32
+            ctb = cth = 0
+            served = prob.served_bits(ps)
+            grid0 = n_kt
+        if grid0 == 0 or sp.nk == 0:
+            continue
+        if state["init"]:
+            accum = True
+        elif ps.mode < P.MODE_BLOCK and dk.shape == state["base"][0].shape:
+            accum = False  # a range pass writes every key tile of a whole buffer
+        else:
+            for t in state["base"]:
+                t.zero_()
+            accum = True
+        state["init"] = True
+        _dkdv_kernel[(grid0, b * hkv)](
+            q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
+            qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, lse2, delta, lse2.stride(0), lse2.stride(1),
+            prob.terms.tensor, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, ctb, cth,
+            sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem,
+            served, fplan, qplan, kblk, kstart, cptr, cidx,
+            dk, dv, dk.stride(0), dk.stride(1), dk.stride(2),
+            MODE=ps.mode, NT=len(prob.terms.rows), CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
+            Q_EXPLICIT=prob.q_pos0 is None, ACCUM=accum, BM=bm, BN=bn, D=d, IEEE=ieee,
+            num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)

@@ -1,0 +1,239 @@
+"""Planning: pattern + key spaces -> terms, passes and per-tile key ranges.
+
+A *term* is one structured piece of a pattern (window, strided level, the
+first-``F`` global keys): keys ``lo(i) <= j <= hi(i)`` with ``j = r (mod m)``,
+both bounds affine in the query position.  Block-list components become one
+*block term* (their tables merged), ordered after the structured terms, and the
+explicit global key positions one last term.  Any order of the components counts
+every allowed pair once as long as each component's keys lie in a space serving
+it (see ``spaces.py``), so this order is free to choose; it is the one that
+keeps structured ranges contiguous.
+
+A *pass* walks one key space for a subset of the terms it serves.  For a range
+pass, ``range_plan`` gives each query tile its key-tile range (a superset) and
+its *full* range (tiles where every pair is owned, so no mask is evaluated);
+``transpose_plan`` turns the monotone ranges into query-tile ranges per key
+tile for the backward.  Everything is O(N / block) torch work on the device.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from ..patterns.components import Global, Strided, Window
+from ..patterns.counting import _merged_table
+
+#: "no bound" for the int32 term arithmetic in the kernels (positions stay below it).
+BIG = 1 << 30
+
+MODE_RANGE, MODE_EXPLICIT, MODE_BLOCK, MODE_BLOCK_EXPLICIT = 1, 2, 3, 4
+
+
+@dataclass
+class Terms:
+    """The pattern in kernel form."""
+
+    rows: list  # (lo_rel, lo_c, hi_rel, hi_c, m, r) per structured term
+    comp: list  # component index of each structured term
+    causal: bool
+    n: int
+    block_comps: tuple = ()  # component indices merged into the block term
+    table: torch.Tensor | None = None  # [Bt, Ht, n_cb, W] int64, -1 padded
+    block: int = 0
+    explicit: dict = field(default_factory=dict)  # Global component index -> positions (>= first)
+    tensor: torch.Tensor | None = None  # int32 [NT * 6] on the device
+
+    @property
+    def block_bit(self) -> int:
+        return 1 << len(self.rows)
+
+
+def build_terms(bound, device, all_rows_global: bool = False) -> Terms:
+    """Terms of a bound pattern; ``all_rows_global``: every query row is a global query row."""
+    pattern = bound.pattern
+    if bound.n >= BIG:
+        raise ValueError(f"sequence length must be < 2^30 for the Triton kernels, got {bound.n}")
+    rows, comp, explicit = [], [], {}
+    for index, c in enumerate(pattern.components):
+        if isinstance(c, Window):
+            rows.append((1, -c.left, 1, c.right, 1, 0))
+        elif isinstance(c, Strided):
+            if c.span is None:
+                rows.append((0, 0, 0, BIG, c.stride, c.offset))
+            else:
+                rows.append((1, 1 - c.span, 1, c.span - 1, c.stride, c.offset))
+        elif isinstance(c, Global):
+            if all_rows_global and c.queries:
+                rows.append((0, 0, 0, BIG, 1, 0))
+                comp.append(index)
+                continue
+            if c.first:
+                rows.append((0, 0, 0, c.first - 1, 1, 0))
+            pos = c.positions_tensor()
+            pos = pos[pos < bound.n]
+            if len(pos):
+                explicit[index] = pos.to(device)
+            if not c.first:
+                continue
+        else:
+            continue
+        comp.append(index)
+    t = Terms(rows, comp, pattern.causal, bound.n, explicit=explicit)
+    blocks = pattern.block_components
+    if blocks:
+        t.block_comps = tuple(pattern.components.index(c) for c in blocks)
+        if len(blocks) == 1:
+            t.table, t.block = bound.tables[0], blocks[0].block
+        else:
+            t.table, t.block = _merged_table(bound)
+        t.table = t.table.to(device)
+    flat = [x for r in rows for x in r] or [0] * 6
+    t.tensor = torch.tensor(flat, dtype=torch.int32, device=device)
+    return t
+
+
+def covers(term, pos0: int, kstr: int) -> bool:
+    """Whether every key of the lattice ``pos0 + kstr * t`` satisfies the term's congruence."""
+    m, r = term[4], term[5]
+    return m == 1 or (kstr % m == 0 and (pos0 - r) % m == 0)
+
+
+def _lohi(term, x, n: int, causal: bool):
+    lo = (term[0] * x + term[1]).clamp(min=0)
+    hi = (term[2] * x + term[3]).clamp(max=n - 1)
+    if causal:
+        hi = torch.minimum(hi, x)
+    return lo, hi
+
+
+def _exact_interval(terms: Terms, t: int, x, pos0: int, kstr: int):
+    """Owned keys of term ``t`` at rows ``x`` as an interval, trimmed by earlier terms.
+
+    Returns (L, H, case) where ``case`` records how each earlier term was handled
+    (to check that a whole query tile is handled the same way) and is -1 where the
+    owned set is not an interval of the space.
+    """
+    L, H = _lohi(terms.rows[t], x, terms.n, terms.causal)
+    case = torch.zeros_like(x)
+    bad = torch.zeros_like(x, dtype=torch.bool)
+    for u in range(t):
+        el, eh = _lohi(terms.rows[u], x, terms.n, terms.causal)
+        disjoint = (eh < L) | (el > H) | (el > eh) | (L > H)
+        cov = covers(terms.rows[u], pos0, kstr)
+        trim_lo = ~disjoint & cov & (el <= L)
+        trim_hi = ~disjoint & cov & ~trim_lo & (eh >= H)
+        bad |= ~disjoint & ~trim_lo & ~trim_hi
+        L = torch.where(trim_lo, torch.maximum(L, eh + 1), L)
+        H = torch.where(trim_hi, torch.minimum(H, el - 1), H)
+        case = case * 3 + trim_lo.long() + 2 * trim_hi.long()
+    return L, H, torch.where(bad, -1, case)
+
+
+def _ceil_div(a, b):
+    return -torch.div(-a, b, rounding_mode="floor")
+
+
+def _to_index(lo, hi, pos0, kstr, nk, positions):
+    """Key positions [lo, hi] -> space indices [ilo, ihi] (empty when ihi < ilo)."""
+    if positions is not None:
+        ilo = torch.searchsorted(positions, lo)
+        ihi = torch.searchsorted(positions, hi, right=True) - 1
+        return ilo, ihi
+    ilo = _ceil_div(lo - pos0, kstr).clamp(min=0)
+    ihi = torch.div(hi - pos0, kstr, rounding_mode="floor").clamp(max=nk - 1)
+    return ilo, ihi
+
+
+def tile_rows(q_pos: torch.Tensor, bm: int):
+    """First and last query position of every query tile of ``bm`` rows."""
+    nq = len(q_pos)
+    starts = torch.arange(0, nq, bm, device=q_pos.device)
+    return q_pos[starts], q_pos[(starts + bm - 1).clamp(max=nq - 1)]
+
+
+def range_plan(terms: Terms, served: list, member: bool, first, last, pos0: int, kstr: int, nk: int,
+               positions, bn: int) -> torch.Tensor:
+    """int32 ``[n_qtiles, 4]``: key-tile range and full (mask-free) key-tile range per query tile."""
+    n, causal = terms.n, terms.causal
+    los, his = [], []
+    for t in served:
+        los.append(_lohi(terms.rows[t], first, n, causal)[0])
+        his.append(_lohi(terms.rows[t], last, n, causal)[1])
+    if member:
+        los.append(torch.zeros_like(first))
+        his.append(last.clamp(max=n - 1) if causal else torch.full_like(last, n - 1))
+    lo = torch.stack(los).amin(0)
+    hi = torch.stack(his).amax(0)
+    kf_lo = torch.ones_like(first)
+    kf_hi = torch.zeros_like(first)
+    if len(served) == 1 and not member and positions is None and covers(terms.rows[served[0]], pos0, kstr):
+        t = served[0]
+        la, ha, ca = _exact_interval(terms, t, first, pos0, kstr)
+        lb, hb, cb = _exact_interval(terms, t, last, pos0, kstr)
+        exact = (ca == cb) & (ca >= 0)
+        lo = torch.where(exact, la, lo)
+        hi = torch.where(exact, hb, hi)
+        flo, fhi = _to_index(lb, ha, pos0, kstr, nk, None)
+        kf_lo = torch.where(exact, _ceil_div(flo, bn), kf_lo)
+        kf_hi = torch.where(exact, torch.div(fhi + 1, bn, rounding_mode="floor") - 1, kf_hi)
+    ilo, ihi = _to_index(lo, hi, pos0, kstr, nk, positions)
+    kb_lo = torch.div(ilo, bn, rounding_mode="floor")
+    kb_hi = torch.where(ihi >= ilo, torch.div(ihi, bn, rounding_mode="floor"), kb_lo - 1)
+    return torch.stack([kb_lo, kb_hi, kf_lo, kf_hi], 1).to(torch.int32).contiguous()
+
+
+def transpose_plan(plan: torch.Tensor, n_ktiles: int) -> torch.Tensor:
+    """int32 ``[n_ktiles, 2]``: the query tiles whose key range may hold each key tile."""
+    lo = plan[:, 0].long()
+    hi = plan[:, 1].long()
+    lo_m = torch.flip(torch.cummin(torch.flip(lo, (0,)), 0).values, (0,))
+    hi_m = torch.cummax(hi, 0).values
+    kb = torch.arange(n_ktiles, device=plan.device)
+    q_lo = torch.searchsorted(hi_m, kb)
+    q_hi = torch.searchsorted(lo_m, kb, right=True) - 1
+    return torch.stack([q_lo, q_hi], 1).to(torch.int32).contiguous()
+
+
+def block_starts(table: torch.Tensor, block: int, pos0: int, kstr: int, positions) -> torch.Tensor:
+    """Index in the space of the first key of every listed key block (same shape as ``table``)."""
+    first = table.clamp(min=0) * block
+    if positions is not None:
+        s = torch.searchsorted(positions, first.flatten()).view_as(first)
+    else:
+        if kstr != 1:
+            raise NotImplementedError("a block-list component served by a strided key space (stride "
+                                      f"{kstr}); serve it from a contiguous or an explicit-positions space")
+        s = first - pos0
+    return s.to(torch.int32).contiguous()
+
+
+def key_blocks(block: int, pos0: int, nk: int, positions):
+    """Listed-block candidates of a space for the dk/dv of a block pass -> (blocks, first index)."""
+    if positions is not None:
+        e = torch.unique(torch.div(positions, block, rounding_mode="floor"))
+        return e.to(torch.int32), torch.searchsorted(positions, e * block).to(torch.int32)
+    e = torch.arange(pos0 // block, (pos0 + nk - 1) // block + 1, device=torch.device("cpu"))
+    return e.to(torch.int32), (e * block - pos0).to(torch.int32)
+
+
+def transposed_table(table: torch.Tensor, n_kblocks: int):
+    """CSR of query blocks listing each key block, per table row -> (indptr, indices, strides)."""
+    bt, ht, nqb, w = table.shape
+    dev = table.device
+    valid = table >= 0
+    rowid = torch.arange(bt * ht, device=dev).view(bt, ht, 1, 1).expand_as(table)
+    qbs = torch.arange(nqb, device=dev).view(1, 1, nqb, 1).expand_as(table)
+    key = (rowid * n_kblocks + table)[valid]
+    order = torch.sort(key, stable=True).indices
+    key = key[order]
+    indices = qbs[valid][order].to(torch.int32).contiguous()
+    indptr = torch.searchsorted(key, torch.arange(bt * ht * n_kblocks + 1, device=dev)).to(torch.int32)
+    ctb = ht * n_kblocks if bt > 1 else 0
+    cth = n_kblocks if ht > 1 else 0
+    return indptr.contiguous(), indices if len(indices) else torch.zeros(1, dtype=torch.int32, device=dev), ctb, cth
+
+
+def n_tiles(n: int, b: int) -> int:
+    return max(1, math.ceil(n / b))

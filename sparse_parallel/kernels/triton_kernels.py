@@ -1,0 +1,367 @@
+"""The Triton kernels: forward, dq and dk/dv of attention over key spaces.
+
+Imported lazily (``TRITON_INTERPRET`` is read when a kernel is decorated).  The
+launchers in ``launch.py`` are the only callers.
+
+Vocabulary (see ``plan.py``):
+- a *term* is one structured piece of the pattern: keys ``j`` with
+  ``lo_rel*i + lo_c <= j <= hi_rel*i + hi_c`` and ``j = r (mod m)``; terms are
+  evaluated in order and a pair belongs to the first term that allows it;
+- a *pass* walks one key space for one set of served terms: MODE 1 a range of
+  key tiles of an arithmetic space (positions ``pos0 + kstr*idx``), MODE 2 a
+  range of an explicit space (positions loaded), MODE 3/4 the key blocks listed
+  by the block table (arithmetic / explicit space);
+- a tile inside a plan's *full* range needs no mask: every pair is owned.
+
+The forward and dq kernels fuse up to six passes of one query tile in one
+online-softmax loop; dk/dv runs one pass per launch, key-major.  Offsets that
+can pass 2^31 (batch, head and tile bases) are int64.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
+
+
+@triton.jit
+def _owned(qp, kp, TERMS, NT: tl.constexpr, served, CAUSAL: tl.constexpr, n,
+           KIND: tl.constexpr, member, HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB):
+    """Pairs (qp, kp) owned by the pass: its first allowing term is served.
+
+    KIND 1: range pass over structured terms; 2: the same plus the explicit
+    global-key term (``member``), which comes after the block term; 3: block
+    pass (the tile is listed for the row, so the block term allows it).
+    """
+    seen = (qp < -1) & (kp < -1)
+    own = seen
+    for t in tl.static_range(NT):
+        lo_rel = tl.load(TERMS + 6 * t)
+        lo_c = tl.load(TERMS + 6 * t + 1)
+        hi_rel = tl.load(TERMS + 6 * t + 2)
+        hi_c = tl.load(TERMS + 6 * t + 3)
+        m = tl.load(TERMS + 6 * t + 4)
+        r = tl.load(TERMS + 6 * t + 5)
+        a = (kp >= lo_rel * qp + lo_c) & (kp <= hi_rel * qp + hi_c) & ((kp - r) % m == 0)
+        srv = ((served >> t) & 1) != 0
+        own = own | (a & (~seen) & srv)
+        seen = seen | a
+    if KIND == 3:
+        own = own | (~seen)
+    if KIND == 2:
+        if HAS_BLOCK:
+            cqb = qp // CB
+            kbk = kp // CB
+            for w in range(0, W):
+                e = tl.load(TBLH + cqb * stq + w)
+                seen = seen | (kbk == e)
+        own = own | ((member != 0) & (~seen))
+    own = own & (kp < n) & (kp >= 0)
+    if CAUSAL:
+        own = own & (kp <= qp)
+    return own
+
+
+@triton.jit
+def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, kbase, vbase, skn, pos0, kstr, nk, KPOS, KMEM,
+          full, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale,
+          HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB,
+          MODE: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PHASE: tl.constexpr):
+    """One key tile for one query tile: online softmax (PHASE 0) or dq accumulation (PHASE 1).
+
+    ``idx`` = the tile's first key index (scalar); ``e`` the listed key block (block passes).
+    """
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    kidx = idx + offs_n
+    kmask = (kidx < nk) & (kidx >= 0)
+    toff = tl.cast(idx, tl.int64) * skn + (offs_n * skn)[:, None] + offs_d[None, :]
+    k = tl.load(kbase + toff, mask=kmask[:, None], other=0.0)
+    v = tl.load(vbase + toff, mask=kmask[:, None], other=0.0)
+    s = _dot(q, tl.trans(k), IEEE) * qk_scale
+    if full == 0:
+        if MODE == 1 or MODE == 3:
+            kp = pos0 + kstr * kidx
+        else:
+            kp = tl.load(KPOS + kidx, mask=kmask, other=-1)
+        if MODE == 2:
+            mem = tl.load(KMEM + kidx, mask=kmask, other=0)
+        else:
+            mem = kmask
+        if MODE >= 3:
+            ok = _owned(qp[:, None], kp[None, :], TERMS, NT, served, CAUSAL, n, 3, mem[None, :],
+                        HAS_BLOCK, TBLH, stq, W, CB)
+            ok = ok & ((kp // CB) == e)[None, :]
+        else:
+            ok = _owned(qp[:, None], kp[None, :], TERMS, NT, served, CAUSAL, n, MODE, mem[None, :],
+                        HAS_BLOCK, TBLH, stq, W, CB)
+        ok = ok & kmask[None, :]
+        s = tl.where(ok, s, float("-inf"))
+    if PHASE == 0:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
+        m_i = m_new
+    else:
+        p = tl.math.exp2(s - lse2[:, None])
+        dp = _dot(do, tl.trans(v), IEEE)
+        ds = p * (dp - delta[:, None])
+        acc = acc + _dot(ds.to(k.dtype), k, IEEE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
+          K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, PLAN, TSTH,
+          TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale, HAS_BLOCK: tl.constexpr, W, CB,
+          MODE: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+          IEEE: tl.constexpr, PHASE: tl.constexpr):
+    """All key tiles of one pass for one query tile."""
+    kbase = K + tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
+    vbase = V + tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
+    if MODE >= 3:
+        crow = (row0 // CB) * stq
+        for w in range(0, W):
+            e = tl.load(TBLH + crow + w)
+            if e >= 0:
+                st = tl.load(TSTH + crow + w)
+                for u in range(0, CB // BN):
+                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, st + u * BN, kbase, vbase,
+                                          skn, pos0, kstr, nk, KPOS, KMEM, False, e, served, TERMS, NT,
+                                          CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
+                                          MODE, BN, D, IEEE, PHASE)
+    else:
+        lo = tl.load(PLAN + qb * 4)
+        hi = tl.load(PLAN + qb * 4 + 1)
+        flo = tl.load(PLAN + qb * 4 + 2)
+        fhi = tl.load(PLAN + qb * 4 + 3)
+        if SPLIT:
+            lo = tl.maximum(lo, split * chunk)
+            hi = tl.minimum(hi, split * chunk + chunk - 1)
+        for kb in range(lo, hi + 1):
+            full = (kb >= flo) & (kb <= fhi)
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kbase, vbase,
+                                  skn, pos0, kstr, nk, KPOS, KMEM, full, -1, served, TERMS, NT,
+                                  CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
+                                  MODE, BN, D, IEEE, PHASE)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
+                  O, sob, son, soh, sos, LSE, slb, slh, sls, LSE2, DELTA, sxb, sxh,
+                  TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, chunk,
+                  K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0,
+                  K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1,
+                  K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2,
+                  K3, V3, skb3, skn3, skh3, pp3, ks3, nk3, KP3, KM3, sv3, PL3, TS3,
+                  K4, V4, skb4, skn4, skh4, pp4, ks4, nk4, KP4, KM4, sv4, PL4, TS4,
+                  K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5,
+                  MODE0: tl.constexpr, MODE1: tl.constexpr, MODE2: tl.constexpr,
+                  MODE3: tl.constexpr, MODE4: tl.constexpr, MODE5: tl.constexpr,
+                  NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr, Q_EXPLICIT: tl.constexpr,
+                  SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
+                  IEEE: tl.constexpr, PHASE: tl.constexpr):
+    """Query-major kernel: PHASE 0 writes out and lse, PHASE 1 writes dq (unscaled by nothing: final)."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // heads
+    h = bh % heads
+    hk = h // group
+    rows = qb * BM + tl.arange(0, BM)
+    rmask = rows < nq
+    offs_d = tl.arange(0, D)
+    if Q_EXPLICIT:
+        qp = tl.load(QPOS + rows, mask=rmask, other=0)
+        row0 = tl.load(QPOS + qb * BM)
+    else:
+        qp = qpos0 + rows
+        row0 = qpos0 + qb * BM
+    qoff = tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh + tl.cast(qb * BM, tl.int64) * sqn
+    ld = (tl.arange(0, BM) * sqn)[:, None] + offs_d[None, :]
+    q = tl.load(Q + qoff + ld, mask=rmask[:, None], other=0.0)
+    TBLH = TBL + tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
+    toff = tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
+    acc = tl.zeros([BM, D], dtype=tl.float32)
+    m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BM], dtype=tl.float32)
+    if PHASE == 1:
+        doff = tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh + tl.cast(qb * BM, tl.int64) * sdn
+        do = tl.load(DO + doff + (tl.arange(0, BM) * sdn)[:, None] + offs_d[None, :], mask=rmask[:, None],
+                     other=0.0)
+        xoff = tl.cast(b, tl.int64) * sxb + tl.cast(h, tl.int64) * sxh
+        lse2 = tl.load(LSE2 + xoff + rows, mask=rmask, other=0.0)
+        delta = tl.load(DELTA + xoff + rows, mask=rmask, other=0.0)
+    else:
+        do = q
+        lse2 = m_i
+        delta = m_i
+    if MODE0 != 0:
+        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
+                              K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0 + toff,
+                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE0, SPLIT, BN, D, IEEE, PHASE)
+    if MODE1 != 0:
+        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
+                              K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1 + toff,
+                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE1, SPLIT, BN, D, IEEE, PHASE)
+    if MODE2 != 0:
+        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
+                              K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2 + toff,
+                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE2, SPLIT, BN, D, IEEE, PHASE)
+    if MODE3 != 0:
+        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
+                              K3, V3, skb3, skn3, skh3, pp3, ks3, nk3, KP3, KM3, sv3, PL3, TS3 + toff,
+                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE3, SPLIT, BN, D, IEEE, PHASE)
+    if MODE4 != 0:
+        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
+                              K4, V4, skb4, skn4, skh4, pp4, ks4, nk4, KP4, KM4, sv4, PL4, TS4 + toff,
+                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE4, SPLIT, BN, D, IEEE, PHASE)
+    if MODE5 != 0:
+        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
+                              K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5 + toff,
+                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE5, SPLIT, BN, D, IEEE, PHASE)
+    ooff = tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh + tl.cast(qb * BM, tl.int64) * son
+    optr = O + ooff + (tl.arange(0, BM) * son)[:, None] + offs_d[None, :]
+    if PHASE == 0:
+        empty = l_i == 0.0
+        l_safe = tl.where(empty, 1.0, l_i)
+        out = acc / l_safe[:, None]
+        m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
+        lse = tl.where(empty, float("-inf"), (m_safe + tl.math.log2(l_safe)) * 0.6931471805599453)
+        tl.store(optr, out.to(O.dtype.element_ty), mask=rmask[:, None])
+        loff = tl.cast(split, tl.int64) * sls + tl.cast(b, tl.int64) * slb + tl.cast(h, tl.int64) * slh
+        tl.store(LSE + loff + rows, lse, mask=rmask)
+    else:
+        acc = acc * (qk_scale * 0.6931471805599453)
+        tl.store(optr, acc.to(O.dtype.element_ty), mask=rmask[:, None])
+
+
+@triton.jit
+def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbase, dbase, QPOS, qpos0, full, e,
+               served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale, mem,
+               HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB, MODE: tl.constexpr, Q_EXPLICIT: tl.constexpr,
+               BM: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    rows = rows0 + offs_m
+    rmask = (rows < nq) & (rows >= 0)
+    q = tl.load(qbase + tl.cast(rows0, tl.int64) * sqn + (offs_m * sqn)[:, None] + offs_d[None, :],
+                mask=rmask[:, None], other=0.0)
+    do = tl.load(dobase + tl.cast(rows0, tl.int64) * sdn + (offs_m * sdn)[:, None] + offs_d[None, :],
+                 mask=rmask[:, None], other=0.0)
+    lse2 = tl.load(lbase + rows, mask=rmask, other=0.0)
+    delta = tl.load(dbase + rows, mask=rmask, other=0.0)
+    st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM]
+    if full == 0:
+        if Q_EXPLICIT:
+            qp = tl.load(QPOS + rows, mask=rmask, other=0)
+        else:
+            qp = qpos0 + rows
+        if MODE >= 3:
+            ok = _owned(qp[None, :], kp[:, None], TERMS, NT, served, CAUSAL, n, 3, mem[:, None],
+                        HAS_BLOCK, TBLH, stq, W, CB)
+            ok = ok & ((kp // CB) == e)[:, None]
+        else:
+            ok = _owned(qp[None, :], kp[:, None], TERMS, NT, served, CAUSAL, n, MODE, mem[:, None],
+                        HAS_BLOCK, TBLH, stq, W, CB)
+        ok = ok & kmask[:, None] & rmask[None, :]
+        st = tl.where(ok, st, float("-inf"))
+    pt = tl.math.exp2(st - lse2[None, :])
+    dv = dv + _dot(pt.to(do.dtype), do, IEEE)
+    dpt = _dot(v, tl.trans(do), IEEE)
+    dst = pt * (dpt - delta[None, :])
+    dk = dk + _dot(dst.to(q.dtype), q, IEEE)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
+                 LSE2, DELTA, sxb, sxh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
+                 K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, FPLAN, QPLAN, KBLK, KSTART, CPTR, CIDX,
+                 DK, DV, sob, son, soh,
+                 MODE: tl.constexpr, NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
+                 Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 D: tl.constexpr, IEEE: tl.constexpr):
+    """Key-major dk/dv of one pass: a key tile walks the query tiles that can see it.
+
+    Range passes: key tile ``kb`` visits query tiles ``QPLAN[kb]``; block passes:
+    program ``t`` takes sub-tile ``t % (CB/BN)`` of listed key block ``KBLK[t // (CB/BN)]``
+    and visits the query blocks that list it (``CPTR``/``CIDX``, per table row).
+    Query heads of one KV group are summed here: no atomics, deterministic.
+    """
+    t = tl.program_id(0)
+    bhk = tl.program_id(1)
+    kvh = heads // group
+    b = bhk // kvh
+    hk = bhk % kvh
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    if MODE >= 3:
+        per = CB // BN
+        e = tl.load(KBLK + t // per)
+        idx0 = tl.load(KSTART + t // per) + (t % per) * BN
+    else:
+        e = -1
+        idx0 = t * BN
+    kidx = idx0 + offs_n
+    kmask = (kidx < nk) & (kidx >= 0)
+    kbase = tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
+    toff = tl.cast(idx0, tl.int64) * skn + (offs_n * skn)[:, None] + offs_d[None, :]
+    k = tl.load(K + kbase + toff, mask=kmask[:, None], other=0.0)
+    v = tl.load(V + kbase + toff, mask=kmask[:, None], other=0.0)
+    if MODE == 1 or MODE == 3:
+        kp = pos0 + kstr * kidx
+    else:
+        kp = tl.load(KPOS + kidx, mask=kmask, other=-1)
+    if MODE >= 3:
+        kmask = kmask & ((kp // CB) == e)
+    if MODE == 2:
+        mem = tl.load(KMEM + kidx, mask=kmask, other=0)
+    else:
+        mem = kmask
+    dk = tl.zeros([BN, D], dtype=tl.float32)
+    dv = tl.zeros([BN, D], dtype=tl.float32)
+    for g in range(0, group):
+        h = hk * group + g
+        qbase = Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh
+        dobase = DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh
+        xoff = tl.cast(b, tl.int64) * sxb + tl.cast(h, tl.int64) * sxh
+        TBLH = TBL + tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
+        if MODE >= 3:
+            crow = tl.cast(b, tl.int64) * ctb + tl.cast(h, tl.int64) * cth + e
+            c0 = tl.load(CPTR + crow)
+            c1 = tl.load(CPTR + crow + 1)
+            for ci in range(c0, c1):
+                c = tl.load(CIDX + ci)
+                for u in range(0, CB // BM):
+                    rows0 = c * CB + u * BM - qpos0
+                    dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, LSE2 + xoff, DELTA + xoff,
+                                        QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
+                                        HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, D, IEEE)
+        else:
+            q_lo = tl.load(QPLAN + t * 2)
+            q_hi = tl.load(QPLAN + t * 2 + 1)
+            for qb in range(q_lo, q_hi + 1):
+                flo = tl.load(FPLAN + qb * 4 + 2)
+                fhi = tl.load(FPLAN + qb * 4 + 3)
+                full = (t >= flo) & (t <= fhi)
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn, LSE2 + xoff, DELTA + xoff,
+                                    QPOS, qpos0, full, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, D, IEEE)
+    ooff = tl.cast(b, tl.int64) * sob + tl.cast(hk, tl.int64) * soh + tl.cast(idx0, tl.int64) * son
+    optr = (offs_n * son)[:, None] + offs_d[None, :]
+    dk = dk * (qk_scale * 0.6931471805599453)
+    if ACCUM:
+        dk = dk + tl.load(DK + ooff + optr, mask=kmask[:, None], other=0.0)
+        dv = dv + tl.load(DV + ooff + optr, mask=kmask[:, None], other=0.0)
+    tl.store(DK + ooff + optr, dk, mask=kmask[:, None])
+    tl.store(DV + ooff + optr, dv, mask=kmask[:, None])
