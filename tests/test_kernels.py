@@ -1,0 +1,164 @@
+"""Triton kernels against the float64 eager reference (CPU: TRITON_INTERPRET=1, small sizes).
+
+Tolerance rule: the kernel's max error against float64 must be <= 2x the error
+of the eager reference run in the same dtype (also against float64), plus a
+floor of a few units in the last place of the dtype, because at these tiny sizes
+the same-dtype reference can be exact by luck on some tensor while any other
+summation order is off by an ulp.  Outputs, lse and every gradient are checked,
+with gradients flowing from both out and lse (the sequence-parallel merge needs
+the lse gradient).
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+triton = pytest.importorskip("triton")
+
+from sparse_parallel.patterns import (Dilated, Global, Pattern, RandomBlocks, Strided, TopKBlocks,  # noqa: E402
+                                      Window, as_pattern)
+from sparse_parallel.reference import reference_attention  # noqa: E402
+from sparse_parallel.spaces import KeySpace, reference_space_attention  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(DEV == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="needs CUDA or TRITON_INTERPRET=1")
+FLOOR = {torch.float32: 4e-6, torch.float16: 4e-3}
+
+
+def kernels():
+    from sparse_parallel import kernels as K
+
+    return K
+
+
+def _finite(x):
+    return torch.where(torch.isinf(x), torch.zeros_like(x), x)
+
+
+def _run(fn, inputs, dout, dlse):
+    """Forward + backward of fn(*inputs) -> (out, lse, grads) in float64."""
+    ts = [t.detach().clone().requires_grad_() for t in inputs]
+    out, lse = fn(*ts)
+    loss = (out.double() * dout).sum() + (_finite(lse).double() * dlse).sum()
+    loss.backward()
+    return out.double(), lse.double(), [t.grad.double() for t in ts]
+
+
+def _compare(name, got, ref64, ref_lo, dtype):
+    err = (got - ref64).abs().max().item()
+    ref_err = (ref_lo - ref64).abs().max().item()
+    assert err <= 2 * ref_err + FLOOR[dtype], f"{name}: error {err:.2e} vs same-dtype reference {ref_err:.2e}"
+
+
+def check(pattern, n, hq=2, hkv=1, b=1, d=16, dtype=torch.float32, seed=0):
+    pattern = as_pattern(pattern)
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+    dout = torch.randn(b, n, hq, d, generator=g, dtype=torch.float64).to(DEV)
+    dlse = torch.randn(b, hq, n, generator=g, dtype=torch.float64).to(DEV)
+    q, k, v = q.to(DEV), k.to(DEV), v.to(DEV)
+    bound = pattern.bind(n, hq, q=q if pattern.data_dependent else None, k=k if pattern.data_dependent else None)
+    ref = _run(lambda *t: reference_attention(*t, bound), (q, k, v), dout, dlse)
+    low = _run(lambda *t: reference_attention(*t, bound), [t.to(dtype) for t in (q, k, v)], dout, dlse)
+    got = _run(lambda *t: kernels().triton_attention(*t, pattern), [t.to(dtype) for t in (q, k, v)], dout, dlse)
+    assert got[0].dtype == torch.float64 and torch.isfinite(got[0]).all()
+    assert torch.equal(torch.isinf(got[1]), torch.isinf(ref[1])), "fully masked rows must have lse -inf"
+    _compare("out", got[0], ref[0], low[0], dtype)
+    _compare("lse", _finite(got[1]), _finite(ref[1]), _finite(low[1]), dtype)
+    for name, a, r, lo in zip(("dq", "dk", "dv"), got[2], ref[2], low[2]):
+        _compare(name, a, r, lo, dtype)
+    return got
+
+
+def test_window_global_strided_gqa():
+    check(Window(20) | Global(first=5, queries=False) | Strided(8), n=70, hq=2, hkv=1)
+
+
+def test_dilated_float16():
+    check(Dilated(window=6, levels=2), n=60, hq=1, dtype=torch.float16)
+
+
+def test_noncausal_window_and_strided_span():
+    check(Pattern(Window(10, 5) | Strided(7, 3, span=40), causal=False), n=50, hq=1)
+
+
+def test_overlapping_lattices_need_masks():
+    # Strided(3) and Strided(2) do not nest: the stride-2 level owns every other key of its range.
+    check(Strided(3, 1, span=30) | Strided(2) | Window(3, 2), n=48, hq=1)
+
+
+def test_random_blocks_and_window_per_head():
+    check(Window(9) | RandomBlocks(block=16, per_query_block=2, per_head=True), n=64, hq=2)
+
+
+def test_topk_blocks_batch():
+    check(TopKBlocks(block=16, k=2), n=48, b=2, hq=2, hkv=1)
+
+
+def test_global_query_rows_and_explicit_global_keys():
+    check(Window(5) | Global(first=3, positions=(40, 61), queries=True) | RandomBlocks(16, 1), n=70, hq=1)
+
+
+def test_fully_masked_rows_have_zero_output_and_gradients():
+    got = check(Strided(8, 5), n=40, hq=1)
+    out, lse, (dq, dk, dv) = got
+    assert (out[:, :5] == 0).all() and torch.isinf(lse[:, :, :5]).all() and (dq[:, :5] == 0).all()
+
+
+def test_head_dim_64_odd_length():
+    check(Window(16) | Strided(4), n=33, hq=1, d=64)
+
+
+def test_space_attention_matches_reference_spaces():
+    """A shard's queries over halo, compact strided and gathered global key spaces (the SP contract)."""
+    pattern = Pattern(Window(10) | Global(first=4, positions=(37,), queries=False) | Strided(8, 3))
+    n, hq, hkv, d, start, end = 64, 2, 1, 16, 24, 48
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, n, h, d, generator=g, dtype=torch.float64).to(DEV) for h in (hq, hkv, hkv))
+    bound = pattern.bind(n, hq)
+    q_pos = torch.arange(start, end, device=DEV)
+    gpos = torch.tensor([0, 1, 2, 3, 37], device=DEV)
+
+    def spaces(kk, vv):
+        return [KeySpace(kk[:, 14:end], vv[:, 14:end], (0,), pos0=14),
+                KeySpace(kk[:, gpos], vv[:, gpos], (1,), positions=gpos),
+                KeySpace(kk[:, 3:end:8], vv[:, 3:end:8], (2,), pos0=3, stride=8)]
+
+    dout = torch.randn(1, end - start, hq, d, generator=g, dtype=torch.float64).to(DEV)
+    dlse = torch.randn(1, hq, end - start, generator=g, dtype=torch.float64).to(DEV)
+    ref = _run(lambda a, b_, c: reference_space_attention(a, q_pos, spaces(b_, c), bound),
+               (q[:, start:end], k, v), dout, dlse)
+    low = _run(lambda a, b_, c: reference_space_attention(a, q_pos, spaces(b_, c), bound),
+               (q[:, start:end].float(), k.float(), v.float()), dout, dlse)
+    got = _run(lambda a, b_, c: kernels().space_attention(a, q_pos, spaces(b_, c), bound),
+               (q[:, start:end].float(), k.float(), v.float()), dout, dlse)
+    for name, a, r, lo in zip(("out", "lse"), got[:2], ref[:2], low[:2]):
+        _compare(name, _finite(a), _finite(r), _finite(lo), torch.float32)
+    for name, a, r, lo in zip(("dq", "dk", "dv"), got[2], ref[2], low[2]):
+        _compare(name, a, r, lo, torch.float32)
+
+
+def test_space_attention_global_query_rows_alone():
+    pattern = Window(4) | Global(first=2, positions=(40,), queries=True)
+    n, d = 64, 16
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, n, 1, d, generator=g).to(DEV) for _ in range(3))
+    bound = pattern.bind(n, 1)
+    q_pos = torch.tensor([40], device=DEV)
+    sp = [KeySpace(k[:, 32:], v[:, 32:], (0, 1), pos0=32)]
+    ref = reference_space_attention(q[:, 40:41].double(), q_pos, [KeySpace(k[:, 32:].double(), v[:, 32:].double(),
+                                                                           (0, 1), pos0=32)], bound)
+    out, lse = kernels().space_attention(q[:, 40:41], q_pos, sp, bound)
+    assert (out.double() - ref[0]).abs().max() < 1e-5 and (lse.double() - ref[1]).abs().max() < 1e-5
+    with pytest.raises(NotImplementedError, match="mixed with ordinary rows"):
+        kernels().space_attention(q[:, 39:41], torch.tensor([39, 40], device=DEV), sp, bound)
+
+
+def test_bad_inputs_raise():
+    q = torch.randn(1, 8, 1, 16, dtype=torch.float64, device=DEV)
+    with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
+        kernels().triton_attention(q, q, q, Window(2))
