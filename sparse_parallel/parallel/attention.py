@@ -101,17 +101,15 @@ def sequence_parallel_attention(q_shard, k_shard, v_shard, pattern, ctx, backend
     return _pattern_exchange(q_shard, k_shard, v_shard, pattern, ctx, n, bound, fn, scale)
 
 
-def _pattern_exchange(q, k, v, pattern: Pattern, ctx, n: int, bound: BoundPattern, fn, scale):
-    rank, world, dev = ctx.rank, ctx.world_size, q.device
-    b, n_local, hq, d = q.shape
-    hkv = k.shape[2]
-    bounds = shard_bounds(n, world)
-    plans = [rank_plan(pattern, n, bounds, r, bound) for r in range(world)]
-    me = plans[rank]
-    s, e = bounds[rank]
-    all_comps = tuple(range(len(pattern.components)))
+def round1_lists(q, k, v, plans, bounds, rank):
+    """What this rank sends [(peer, rows)] and receives [(peer, Spec)] in the first exchange round.
 
-    # Round 1: keys/values of every request, and the global queries that can see local keys.
+    Per pair of ranks, both sides list the requests in plan order, k then v,
+    then the global queries: the order ``start_exchange`` needs on both sides.
+    """
+    b, _, hq, d = q.shape
+    hkv, dev = k.shape[2], q.device
+    s, e = bounds[rank]
     sends, recvs = [], []
     for r, plan in enumerate(plans):
         if r == rank:
@@ -127,13 +125,28 @@ def _pattern_exchange(q, k, v, pattern: Pattern, ctx, n: int, bound: BoundPatter
     for o, (so, eo) in enumerate(bounds):
         if o == rank:
             continue
-        for req in me.requests:
+        for req in plans[rank].requests:
             m = _len(owned_slice(req.positions, so, eo))
             if m:
                 recvs += [(o, Spec((b, m, hkv, d), k.dtype))] * 2
-        m = _len(owned_slice(me.global_q, so, eo))
+        m = _len(owned_slice(plans[rank].global_q, so, eo))
         if m:
             recvs.append((o, Spec((b, m, hq, d), q.dtype)))
+    return sends, recvs
+
+
+def _pattern_exchange(q, k, v, pattern: Pattern, ctx, n: int, bound: BoundPattern, fn, scale):
+    rank, world, dev = ctx.rank, ctx.world_size, q.device
+    b, n_local, hq, d = q.shape
+    hkv = k.shape[2]
+    bounds = shard_bounds(n, world)
+    plans = [rank_plan(pattern, n, bounds, r, bound) for r in range(world)]
+    me = plans[rank]
+    s, e = bounds[rank]
+    all_comps = tuple(range(len(pattern.components)))
+
+    # Round 1: keys/values of every request, and the global queries that can see local keys.
+    sends, recvs = round1_lists(q, k, v, plans, bounds, rank)
     round1 = start_exchange(ctx, sends, recvs, dev, _anchor(q, k, v))
 
     # Queries of this shard that are not global rows; overlap: their window part on local keys.
@@ -147,56 +160,35 @@ def _pattern_exchange(q, k, v, pattern: Pattern, ctx, n: int, bound: BoundPatter
         local = _attend(fn, q_ng, ng_pos, [KeySpace(k, v, me.window_components, pos0=s)], bound, scale)
 
     received = round1.wait()
+    cursor_of: dict[int, int] = {}  # received tensors come grouped by owner, in ``recvs`` order
+    for i, (peer, _) in enumerate(recvs):
+        cursor_of.setdefault(peer, i)
 
-    def assemble(pos: torch.Tensor, local_x: torch.Tensor, per_row: int):
-        """Rows at sorted global ``pos`` in owner order: local ones indexed, remote ones received."""
+    def gather(pos: torch.Tensor, local_x: torch.Tensor) -> torch.Tensor:
+        """Rows at sorted global ``pos``: local ones indexed, remote ones taken from what was received."""
         parts = []
         for o, (so, eo) in enumerate(bounds):
             sl = owned_slice(pos, so, eo)
-            if sl.stop == sl.start:
+            if not _len(sl):
                 continue
             if o == rank:
                 parts.append(local_x[:, (pos[sl] - s).to(dev)])
             else:
                 parts.append(received[cursor_of[o]])
-                cursor_of[o] += per_row
+                cursor_of[o] += 1
         return torch.cat(parts, dim=1) if parts else local_x[:, :0]
 
-    # Received tensors arrive grouped by owner in request order: build per-owner cursors.
-    cursor_of, offset = {}, 0
-    for o in range(world):
-        if o == rank:
-            continue
-        cursor_of[o] = offset
-        offset += sum(2 for req in me.requests if _len(owned_slice(req.positions, *bounds[o])))
-        offset += 1 if _len(owned_slice(me.global_q, *bounds[o])) else 0
-
     spaces = []
-    for req in me.requests:
-        parts_k, parts_v = [], []
-        for o, (so, eo) in enumerate(bounds):
-            sl = owned_slice(req.positions, so, eo)
-            if sl.stop == sl.start:
-                continue
-            if o == rank:
-                idx = (req.positions[sl] - s).to(dev)
-                parts_k.append(k[:, idx])
-                parts_v.append(v[:, idx])
-            else:
-                parts_k.append(received[cursor_of[o]])
-                parts_v.append(received[cursor_of[o] + 1])
-                cursor_of[o] += 2
-        if not parts_k:
-            continue
-        kk, vv = torch.cat(parts_k, 1), torch.cat(parts_v, 1)
+    for req in me.requests:  # per owner: k then v of each request, in plan order (see round1_lists)
+        kk, vv = gather(req.positions, k), gather(req.positions, v)
         if req.pos0 is not None:
             spaces.append(KeySpace(kk, vv, req.components, pos0=req.pos0, stride=req.stride))
         else:
             spaces.append(KeySpace(kk, vv, req.components, positions=req.positions.to(dev)))
 
     token = round1.token
-    if len(me.global_q) or any(len(p.global_q) for p in plans):
-        q_g = assemble(me.global_q, q, 1)
+    if any(len(p.global_q) for p in plans):  # the same decision on every rank
+        q_g = gather(me.global_q, q)
         part_out, part_lse = _attend(fn, q_g, me.global_q.to(dev), [KeySpace(k, v, all_comps, pos0=s)],
                                      bound, scale)
         # Round 2: partial results of global rows go back to their owners (overlaps the remote part).
