@@ -100,7 +100,8 @@ start() {
     else
         start_munge
         write_conf
-        alive "$DIR/slurmctld.pid" || slurmctld -i -f "$CONF"
+        # -c: a new cluster starts empty, so no job of an earlier one runs again.
+        alive "$DIR/slurmctld.pid" || slurmctld -c -i -f "$CONF"
         alive "$DIR/slurmd.pid" || slurmd -f "$CONF"
     fi
     local state=""
@@ -132,6 +133,11 @@ stop_pid() {
 }
 
 stop() {
+    # Jobs still on the cluster end first, so that no training step outlives its daemons.
+    if alive "$DIR/slurmctld.pid" && [[ -n $(squeue -h -o %i 2>/dev/null) ]]; then
+        squeue -h -o %i | xargs scancel 2>/dev/null || true
+        for _ in $(seq 100); do [[ -z $(squeue -h -o %i 2>/dev/null) ]] && break; sleep 0.2; done
+    fi
     stop_pid "$DIR/slurmd.pid"
     stop_pid "$DIR/slurmctld.pid"
     stop_pid "$DIR/munged.pid"

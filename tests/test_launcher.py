@@ -5,9 +5,10 @@ they were called; tests/test_slurm_e2e.py runs the same commands against a real 
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shlex
-import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -223,7 +224,7 @@ def test_submit_refuses_what_the_cluster_cannot_run(tmp_path, monkeypatch, capsy
     cfg = write_config(tmp_path, sp=1)
     rc = cli.main(["submit", str(cfg), *extra])
     err = capsys.readouterr().err
-    assert rc == 2 and __import__("re").search(match, err), err
+    assert rc == 2 and re.search(match, err), err
     assert not (tmp_path / "run").exists() and not (bindir / "sbatch.args").exists()
 
 
@@ -246,3 +247,32 @@ def test_submit_without_slurm(tmp_path, monkeypatch, capsys):
     assert cli.main(["submit", str(cfg), "--dry-run"]) == 0
     captured = capsys.readouterr()
     assert "#SBATCH --requeue" in captured.out and "not checked" in captured.err
+
+
+# ----------------------------------------------------------------------------------------------------- train
+
+def test_train_dry_run_reports_rank_and_derived_sizes(tmp_path, monkeypatch, capsys):
+    for name in list(os.environ):
+        if name.startswith(("SLURM_", "OMPI_", "PMI")) or name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("MASTER_ADDR", "h0")
+    monkeypatch.setenv("MASTER_PORT", "29555")
+    cfg = write_config(tmp_path, sp=2, tokens=96)
+    assert cli.main(["train", str(cfg), "--dry-run"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["rank"] == {"rank": 3, "world_size": 4, "local_rank": 1, "local_world_size": 4,
+                           "master_addr": "h0", "master_port": 29555, "source": "torchrun"}
+    assert (got["derived"]["sequence_parallel"], got["derived"]["data_parallel"],
+            got["derived"]["context_length"]) == (2, 2, 192)
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_world_the_config_cannot_split(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    cfg = write_config(tmp_path, sp=2)
+    assert cli.main(["train", str(cfg), "--launcher", "torchrun", "--dry-run"]) == 2
+    assert "not a multiple of parallel.sequence_parallel=2" in capsys.readouterr().err

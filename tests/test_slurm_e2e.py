@@ -9,8 +9,9 @@ If the cluster cannot be started (no root, no apt, no network), every test here 
 """
 from __future__ import annotations
 
-import os
+import json
 import re
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -83,6 +84,20 @@ def wait_done(env: dict, job: str, run_dir: Path) -> dict[str, str]:
     fields = wait_until(ended, f"job {job} to end", every=0.5)
     assert fields["JobState"] == "COMPLETED", (fields, job_log(run_dir, job)[-4000:])
     return fields
+
+
+def test_srun_tasks_discover_their_ranks(ws, slurm_env):
+    proc = subprocess.run(["srun", "--ntasks=2", *CLI, "train", "tiny.yaml", "--dry-run"], cwd=ws, env=slurm_env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    ranks = sorted((r["rank"] for r in rows), key=lambda r: r["rank"])
+    assert [(r["rank"], r["local_rank"], r["world_size"], r["source"]) for r in ranks] == \
+        [(0, 0, 2, "slurm"), (1, 1, 2, "slurm")]
+    # The master is the allocation's first host, from `scontrol show hostnames`, on one port for all.
+    assert {(r["master_addr"], r["master_port"]) for r in ranks} == {(socket.gethostname().split(".")[0],
+                                                                      ranks[0]["master_port"])}
+    assert {r["derived"]["context_length"] for r in rows} == {128}
 
 
 @pytest.fixture(scope="module")
