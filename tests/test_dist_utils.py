@@ -24,7 +24,7 @@ def _fail_on_one(rank, world):
 
 def _hang_on_one(rank, world):
     if rank == 1:
-        time.sleep(60)
+        time.sleep(120)
     return rank
 
 
@@ -42,6 +42,6 @@ def test_exception_carries_traceback(tmp_path):
 
 def test_hang_times_out(tmp_path):
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match=r"ranks \[1\] gave no result within 4 s"):
-        run_ranks(_hang_on_one, 2, tmp_path, timeout=4)
-    assert time.monotonic() - start < 30
+    with pytest.raises(RuntimeError, match=r"ranks \[1\] gave no result within 12 s"):
+        run_ranks(_hang_on_one, 2, tmp_path, timeout=12)
+    assert time.monotonic() - start < 40

@@ -20,7 +20,7 @@ Every byte put on the wire is added to ``SequenceParallel.bytes_sent`` under
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -59,23 +59,6 @@ def _unpack(buf: torch.Tensor, specs: list[Spec]) -> list[torch.Tensor]:
     return out  # type: ignore[return-value]
 
 
-@dataclass
-class Pending:
-    """Received tensors whose transfer may still be in flight: call ``wait()`` before use."""
-
-    tensors: list[torch.Tensor]
-    works: list = field(default_factory=list)
-    token: torch.Tensor | None = None  # see ``start_exchange``
-    keep: object = None  # send buffers, alive until the transfer completes
-
-    def wait(self) -> list[torch.Tensor]:
-        for w in self.works:
-            w.wait()
-        self.works = []
-        self.keep = None
-        return self.tensors
-
-
 def _p2p(sp, sends: dict[int, torch.Tensor], recv_nbytes: dict[int, int], device, direction: str):
     """Launch one batch of sends (byte buffers per peer) and receives -> (recv buffers, works)."""
     ops, recv = [], {}
@@ -92,58 +75,101 @@ def _p2p(sp, sends: dict[int, torch.Tensor], recv_nbytes: dict[int, int], device
     return recv, works
 
 
-class _Exchange(torch.autograd.Function):
-    @staticmethod
-    def forward(fctx, sp, send_peers, recv_plan, device, pending_box, anchor, *tensors):
-        # recv_plan: list of (peer, Spec) in the order the outputs are returned.
-        by_peer: dict[int, list[torch.Tensor]] = {}
-        for peer, t in zip(send_peers, tensors):
-            by_peer.setdefault(peer, []).append(t)
-        specs_by_peer: dict[int, list[Spec]] = {}
-        for peer, spec in recv_plan:
-            specs_by_peer.setdefault(peer, []).append(spec)
-        sends = {p: _pack(ts) for p, ts in by_peer.items()}
-        nbytes = {p: sum(s.nbytes for s in specs) for p, specs in specs_by_peer.items()}
-        bufs, works = _p2p(sp, sends, nbytes, device, "forward")
-        outs_by_peer = {p: _unpack(bufs[p], specs) if p in bufs else
-                        [torch.empty(s.shape, dtype=s.dtype, device=device) for s in specs]
-                        for p, specs in specs_by_peer.items()}
-        cursor = {p: 0 for p in specs_by_peer}
-        outs = []
-        for peer, _ in recv_plan:
-            outs.append(outs_by_peer[peer][cursor[peer]])
+def _launch(sp, peers_out: list[int], tensors, peers_in: list[int], specs_in: list[Spec], device, direction):
+    """Pack ``tensors`` by peer and launch; returns a function giving the received tensors in order."""
+    by_peer: dict[int, list[torch.Tensor]] = {}
+    for peer, t in zip(peers_out, tensors):
+        by_peer.setdefault(peer, []).append(t)
+    specs_by_peer: dict[int, list[Spec]] = {}
+    for peer, spec in zip(peers_in, specs_in):
+        specs_by_peer.setdefault(peer, []).append(spec)
+    sends = {p: _pack(ts) for p, ts in by_peer.items()}
+    nbytes = {p: sum(sp_.nbytes for sp_ in specs) for p, specs in specs_by_peer.items()}
+    bufs, works = _p2p(sp, sends, nbytes, device, direction)
+
+    def finish() -> list[torch.Tensor]:
+        for w in works:
+            w.wait()
+        got = {p: _unpack(bufs[p], specs) if p in bufs else
+               [torch.zeros(x.shape, dtype=x.dtype, device=device) for x in specs]
+               for p, specs in specs_by_peer.items()}
+        cursor = {p: 0 for p in got}
+        out = []
+        for peer in peers_in:
+            out.append(got[peer][cursor[peer]])
             cursor[peer] += 1
-        pending_box.append((works, sends))  # sends kept alive until the transfer completes
-        fctx.sp, fctx.send_peers, fctx.recv_plan, fctx.device = sp, send_peers, recv_plan, device
-        fctx.send_specs = [Spec(tuple(t.shape), t.dtype) for t in tensors]
-        # The token makes every rank's backward run this node, even one that receives nothing.
-        token = torch.zeros((), dtype=anchor.dtype, device=device)
-        return (*outs, token)
+        sends.clear()  # the send buffers lived until here: the transfer is complete
+        return out
+
+    return finish
+
+
+@dataclass
+class _State:
+    """Shared by the start and wait halves of one exchange."""
+
+    sp: object
+    send_peers: list[int]
+    send_specs: list[Spec]
+    recv_peers: list[int]
+    recv_specs: list[Spec]
+    device: object
+    finish: object = None  # forward: completes the forward transfer; backward: the reverse one
+
+
+class _Start(torch.autograd.Function):
+    """Forward: launch the sends/receives.  Backward: wait for the reverse transfer, return dsends."""
+
+    @staticmethod
+    def forward(fctx, st: _State, anchor, *tensors):
+        st.finish = _launch(st.sp, st.send_peers, tensors, st.recv_peers, st.recv_specs, st.device, "forward")
+        fctx.st = st
+        # Placeholders carrying the graph edge to _Wait; the data comes from st.finish().
+        return tuple(torch.empty(0, dtype=s.dtype, device=st.device) for s in st.recv_specs) + (
+            torch.zeros((), dtype=anchor.dtype, device=st.device),)
 
     @staticmethod
     def backward(fctx, *grads):
-        sp = fctx.sp
-        by_peer: dict[int, list[torch.Tensor]] = {}
-        for (peer, spec), g in zip(fctx.recv_plan, grads[:-1]):
-            g = torch.zeros(spec.shape, dtype=spec.dtype, device=fctx.device) if g is None else g.to(spec.dtype)
-            by_peer.setdefault(peer, []).append(g)
-        specs_by_peer: dict[int, list[Spec]] = {}
-        for peer, spec in zip(fctx.send_peers, fctx.send_specs):
-            specs_by_peer.setdefault(peer, []).append(spec)
-        sends = {p: _pack(ts) for p, ts in by_peer.items()}
-        nbytes = {p: sum(s.nbytes for s in specs) for p, specs in specs_by_peer.items()}
-        bufs, works = _p2p(sp, sends, nbytes, fctx.device, "backward")
-        for w in works:
-            w.wait()
-        grads_by_peer = {p: _unpack(bufs[p], specs) if p in bufs else
-                         [torch.zeros(s.shape, dtype=s.dtype, device=fctx.device) for s in specs]
-                         for p, specs in specs_by_peer.items()}
-        cursor = {p: 0 for p in specs_by_peer}
-        out = []
-        for peer in fctx.send_peers:
-            out.append(grads_by_peer[peer][cursor[peer]])
-            cursor[peer] += 1
-        return (None, None, None, None, None, None, *out)
+        st = fctx.st
+        dsends = st.finish()
+        st.finish = None
+        return (None, None, *dsends)
+
+
+class _Wait(torch.autograd.Function):
+    """Forward: wait for the transfer, return what arrived.  Backward: launch the reverse transfer."""
+
+    @staticmethod
+    def forward(fctx, st: _State, *placeholders):
+        outs = st.finish()
+        st.finish = None
+        fctx.st = st
+        return (*outs, placeholders[-1].clone())
+
+    @staticmethod
+    def backward(fctx, *grads):
+        st = fctx.st
+        dgot = [torch.zeros(s.shape, dtype=s.dtype, device=st.device) if g is None else g.to(s.dtype)
+                for s, g in zip(st.recv_specs, grads[:-1])]
+        st.finish = _launch(st.sp, st.recv_peers, dgot, st.send_peers, st.send_specs, st.device, "backward")
+        # Launched, not waited: gradients of other work are computed while it is in flight,
+        # until the autograd engine reaches _Start.backward, which waits.
+        return (None, *[torch.zeros(0, dtype=s.dtype, device=st.device) for s in st.recv_specs],
+                grads[-1])
+
+
+class Pending:
+    """An exchange in flight: ``wait()`` gives the received tensors (and sets ``token``)."""
+
+    def __init__(self, st: _State | None, placeholders, tensors=None, token=None):
+        self.st, self.placeholders = st, placeholders
+        self.tensors, self.token = tensors, token
+
+    def wait(self) -> list[torch.Tensor]:
+        if self.tensors is None:
+            outs = _Wait.apply(self.st, *self.placeholders)
+            self.tensors, self.token = list(outs[:-1]), outs[-1]
+        return self.tensors
 
 
 def start_exchange(sp, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, Spec]],
@@ -151,18 +177,20 @@ def start_exchange(sp, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[
     """Send ``sends`` [(peer, tensor)] and receive ``recvs`` [(peer, Spec)], asynchronously.
 
     Both sides must list the tensors between one pair of ranks in the same
-    order.  Returns a ``Pending`` whose ``wait()`` gives the received tensors
-    (differentiable: their gradients are sent back to the senders in backward).
+    order.  Returns a ``Pending`` whose ``wait()`` gives the received tensors,
+    differentiable: in backward their gradients go back to the senders, launched
+    when the engine reaches the wait and collected when it reaches the start, so
+    the gradients of work done between the two overlap the reverse transfer.
 
     Backward exchanges are collective, so every rank must run each one, in the
     same order.  ``anchor`` (a floating tensor of the graph, e.g. q_shard or the
     previous exchange's token) ties this exchange into the graph; the caller
-    adds ``pending.token`` (a zero) into its result, so the backward of this
-    node runs on every rank even where nothing is received, and chaining the
-    next exchange's anchor to this token fixes the order of the backwards.
+    adds ``pending.token`` (a zero, set by ``wait()``) into its result, so the
+    backward of this exchange runs on every rank even where nothing is
+    received, and chaining the next exchange's anchor to this token fixes the
+    order of the backwards.
     """
-    box: list = []
-    outs = _Exchange.apply(sp, [p for p, _ in sends], list(recvs), device, box, anchor,
-                           *[t for _, t in sends])
-    works, keep = box[0]
-    return Pending(list(outs[:-1]), list(works), token=outs[-1], keep=keep)
+    st = _State(sp, [p for p, _ in sends], [Spec(tuple(t.shape), t.dtype) for _, t in sends],
+                [p for p, _ in recvs], [s for _, s in recvs], device)
+    placeholders = _Start.apply(st, anchor, *[t for _, t in sends])
+    return Pending(st, placeholders)
