@@ -144,27 +144,38 @@ def save(engine, root: Path, step: int, meta: dict, keep: int, rank: int) -> Pat
     return final
 
 
-def to_universal(found: Found, rank: int) -> tuple[Path, str]:
-    """Collective: DeepSpeed's universal form of ``found`` (made once by rank 0) -> (load_dir, tag)."""
-    out = found.path / "universal"
-    if rank == 0 and not (out / ".complete").is_file():
+def to_universal(found: Found, work_root: Path, rank: int) -> Path:
+    """Collective: DeepSpeed's universal form of ``found``, made by rank 0 under ``work_root``.
+
+    Written beside this run's checkpoints (never into the source checkpoint); the
+    caller removes it once loaded.
+    """
+    out = work_root / f".universal-{found.tag}"
+    if rank == 0:
         import argparse
 
         from deepspeed.checkpoint import ds_to_universal
 
         shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
         args = argparse.Namespace(input_folder=str(found.path), output_folder=str(out), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
                                   inject_missing_state=True)
-        ds_to_universal.main(args)
-        (out / ".complete").write_text("")
+        try:
+            ds_to_universal.main(args)
+        except Exception as e:
+            raise ValueError(f"checkpoint {found.path} could not be converted for another world size "
+                             f"({type(e).__name__}: {e})") from None
     dist.barrier()
-    return found.path, "universal"
+    return out
 
 
-def load(engine, found: Found, universal: bool, rank: int, same_world: bool) -> None:
-    """Load model, optimizer and scheduler state (and this rank's RNG when the world size is unchanged)."""
-    load_dir, tag = (found.path, "universal") if universal else (found.root, found.tag)
+def load(engine, found: Found, universal: Path | None, rank: int, same_world: bool) -> None:
+    """Load model, optimizer and scheduler state (and this rank's RNG when the world size is unchanged).
+
+    ``universal``: the converted copy from ``to_universal`` to load instead of ``found``.
+    """
+    load_dir, tag = (universal.parent, universal.name) if universal else (found.root, found.tag)
     try:
         path, _ = engine.load_checkpoint(str(load_dir), tag=tag, load_optimizer_states=True,
                                          load_lr_scheduler_states=True)

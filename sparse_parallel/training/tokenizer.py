@@ -54,7 +54,7 @@ def train_tokenizer(documents, out: str | os.PathLike, vocab_size: int, model_ty
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be one of ['bpe', 'unigram'], got {model_type!r}")
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 300:
-        # 256 byte pieces + 3 specials + at least a few merges.
+        # 256 byte pieces + 3 specials + at least a few merges (rare characters fall back to bytes).
         raise ValueError(f"vocab_size must be an integer >= 300 (byte fallback needs 259 pieces), got {vocab_size!r}")
     out = Path(out)
     if out.suffix != ".model":
@@ -72,12 +72,15 @@ def train_tokenizer(documents, out: str | os.PathLike, vocab_size: int, model_ty
         if n == 0:
             raise ValueError("the tokenizer corpus is empty")
         prefix = Path(tmp) / "tok"
-        spm.SentencePieceTrainer.Train(
-            input=str(text), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
-            byte_fallback=True, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
-            character_coverage=1.0, input_sentence_size=max_sentences, shuffle_input_sentence=False,
-            max_sentence_length=16384, split_digits=True, allow_whitespace_only_pieces=True,
-            remove_extra_whitespaces=False, normalization_rule_name="identity",
-            num_threads=os.cpu_count() or 1, minloglevel=2)
+        try:
+            spm.SentencePieceTrainer.Train(
+                input=str(text), model_prefix=str(prefix), vocab_size=vocab_size, model_type=model_type,
+                byte_fallback=True, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=-1,
+                character_coverage=0.9995, input_sentence_size=max_sentences, shuffle_input_sentence=False,
+                max_sentence_length=16384, split_digits=True, allow_whitespace_only_pieces=True,
+                remove_extra_whitespaces=False, normalization_rule_name="identity",
+                num_threads=os.cpu_count() or 1, minloglevel=2)
+        except RuntimeError as e:  # e.g. a vocabulary smaller than the corpus' characters + 259 byte/special pieces
+            raise ValueError(f"vocab_size={vocab_size}: sentencepiece refused it ({str(e).split('] ')[-1]})") from None
         os.replace(f"{prefix}.model", out)
     return out

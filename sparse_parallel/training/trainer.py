@@ -13,8 +13,10 @@ carries the key/value gradients back to the ranks that own them.)
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import time
@@ -182,15 +184,19 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
         apply_sequence_parallel(model, sp_ctx)
     same_world = found is not None and found.meta["world_size"] == world
     stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
-    universal = found is not None and not same_world and stage > 0
-    if universal:
-        ckpt.to_universal(found, rank)
+    # ZeRO partitions optimizer state by world size: another world size loads DeepSpeed's
+    # universal form, converted here on the fly (stage 0 keeps it whole and loads as is).
+    universal = ckpt.to_universal(found, ckpt_root, rank) if found is not None and not same_world \
+        and stage > 0 else None
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg, world, universal))
+                                           config=deepspeed_config(cfg, world, universal is not None))
     step = 0
     consumed = 0
     if found is not None:
         ckpt.load(engine, found, universal, rank, same_world)
+        dist.barrier()
+        if universal is not None and rank == 0:
+            shutil.rmtree(universal, ignore_errors=True)
         step, consumed = found.meta["step"], found.meta["consumed"]
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -279,13 +285,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
                     if writer is not None:
                         for r in table:
                             writer.add_scalar(f"eval/loss_pos_{r['start']}", r["loss"], step)
+        # Replicated parameters must be bitwise equal on every rank; record their digests.
+        digests = [None] * world
+        dist.all_gather_object(digests, param_digest(engine.module) if stage < 3 else None)
         if rank == 0:
             evaluate.plot_loss(run_dir)
             rows = evaluate.read_metrics(run_dir)
             summary = {"steps": step, "final_loss": rows[-1]["loss"] if rows else None,
                        "derived": asdict(d), "parameters": model.num_params(),
                        "flops_per_token": flops_tok, "wall_s_this_process": time.time() - t_start,
-                       "tokens_this_process": tokens_seen, "checkpoint": str(ckpt_root / ckpt.tag_for(step))}
+                       "tokens_this_process": tokens_seen, "checkpoint": str(ckpt_root / ckpt.tag_for(step)),
+                       "param_digests": digests}
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return 0
     finally:
@@ -294,6 +304,14 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
             bar.close()
         if writer is not None:
             writer.close()
+
+
+def param_digest(module: torch.nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _sp_sum(count: torch.Tensor, ctx, device) -> float:

@@ -1,0 +1,84 @@
+"""Shared pieces of the training tests: one tokenizer per session, a tiny config, run helpers.
+
+(No tests here; the fixtures are imported by test_training*.py, test_data*.py, test_checkpoint*.py.)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sparse_parallel.training import local
+
+VOCAB = 512
+#: stdlib bytes for the test corpus: ~100k tokens, thousands of 64-token sequences.
+CORPUS_BYTES = 300_000
+
+
+def tiny_config(tokenizer: Path, run_dir: Path, cache: Path) -> dict:
+    return {
+        "model": {"vocab_size": VOCAB, "dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "loss_chunk": 24,
+                  "attention_backend": "reference",
+                  "pattern": {"components": [{"type": "window", "left": 8}]},
+                  "layer_patterns": {1: {"components": [{"type": "window", "left": 8},
+                                                        {"type": "strided", "stride": 8},
+                                                        {"type": "global", "first": 3, "queries": False}]}}},
+        "data": {"path": "stdlib", "tokenizer": str(tokenizer), "cache_dir": str(cache), "max_bytes": CORPUS_BYTES,
+                 "eval_sequences": 2},
+        "parallel": {"sequence_parallel": 1},
+        "train": {"tokens_per_gpu": 64, "micro_batch": 2, "steps": 8, "progress": False},
+        "checkpoint": {"every": 2, "keep": 4},
+        "eval": {"buckets": 4},
+        "run": {"dir": str(run_dir), "tensorboard": False},
+        "deepspeed": {"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0,
+                      "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}},
+                      "scheduler": {"type": "WarmupCosineLR",
+                                    "params": {"total_num_steps": 8, "warmup_num_steps": 2}}},
+    }
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path(tmp_path_factory) -> Path:
+    from sparse_parallel.training.data import iter_documents, stdlib_files
+    from sparse_parallel.training.tokenizer import train_tokenizer
+
+    out = tmp_path_factory.getbasetemp() / "tokenizer" / f"stdlib{VOCAB}.model"
+    if not out.is_file():
+        train_tokenizer(iter_documents(stdlib_files(CORPUS_BYTES), "stdlib", "text", None), out, VOCAB)
+    return out
+
+
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.getbasetemp() / "token-cache"
+
+
+def write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in rows]
+    assert len(steps) == len(set(steps)), f"duplicate steps in metrics.jsonl: {steps}"
+    return {r["step"]: r["loss"] for r in rows}
+
+
+def run_ranks(config: Path, overrides=(), nprocs=1, resume="auto", log_dir=None, timeout=240, script=None):
+    """Run ranks; returns exit codes and rank 0's output."""
+    log_dir = log_dir or Path(config).parent / f"logs-{Path(config).stem}"
+    codes, ranks = local.train(str(config), list(overrides), nprocs, resume, log_dir, timeout, script=script)
+    return codes, ranks.output(0)
+
+
+@pytest.fixture(scope="session")
+def straight_run(tmp_path_factory, tokenizer_path, token_cache) -> Path:
+    """8 uninterrupted SP=1 steps, a checkpoint every 2 steps: the run others compare against."""
+    base = tmp_path_factory.mktemp("straight")
+    cfg = write_config(base / "tiny.yaml", tiny_config(tokenizer_path, base / "run", token_cache))
+    codes, out = run_ranks(cfg)
+    assert codes == [0], out[-3000:]
+    return base / "run"
