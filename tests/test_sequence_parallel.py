@@ -101,15 +101,52 @@ def _run_case(ctx, case, seed):
                 exchange=vol["exchange"])
 
 
+def _event_order(ctx):
+    """Events of one forward/backward: transfers launched/finished and gradients reaching attention calls."""
+    from sparse_parallel.parallel import attention, exchange
+
+    log, launch, attend = [], exchange._launch, attention._attend
+
+    def logged_launch(*args):
+        finish = launch(*args)
+        log.append(f"launch {args[-1]}")
+        return lambda: (log.append("finish"), finish())[1]
+
+    def logged_attend(fn, q, q_pos, spaces, bound, scale):
+        log.append(f"attention over {len(spaces)} space(s)")
+        out, lse = attend(fn, q, q_pos, spaces, bound, scale)
+        out.register_hook(lambda g: log.append(f"grad of attention over {len(spaces)} space(s)"))
+        return out, lse
+
+    exchange._launch, attention._attend = logged_launch, logged_attend
+    try:
+        q = torch.randn(1, 10 * ctx.world_size, 2, 8, dtype=torch.float64, requires_grad=True)
+        out, _ = attention.sequence_parallel_attention(q, q, q, Window(8) | Strided(4), ctx, backend="reference")
+        out.sum().backward()
+    finally:
+        exchange._launch, attention._attend = launch, attend
+    return log
+
+
 def _worker(rank, world, seed):
     ctx = SequenceParallel()
-    return {c["name"]: _run_case(ctx, c, seed + i) for i, c in enumerate(_cases(world))}
+    res = {c["name"]: _run_case(ctx, c, seed + i) for i, c in enumerate(_cases(world))}
+    return res, (_event_order(ctx) if world > 1 else None)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 def test_matches_single_process(world, tmp_path):
     seed = int(torch.randint(0, 2**30, ()).item())  # fresh inputs each run; printed on failure
     results = run_ranks(_worker, world, tmp_path, args=(seed,), timeout=150)
+    if world > 1:
+        # Overlap: the local-window attention runs between launching and finishing each transfer,
+        # in forward (it is computed before the wait) and in backward (its gradient is computed
+        # after the reverse transfer is launched and before it is collected).
+        for rank, (_, log) in enumerate(results):
+            assert log == ["launch forward", "attention over 1 space(s)", "finish", "attention over 3 space(s)",
+                           "grad of attention over 3 space(s)", "launch backward",
+                           "grad of attention over 1 space(s)", "finish"], f"rank {rank}: {log}"
+    results = [res for res, _ in results]
     for rank, res in enumerate(results):
         for name, r in res.items():
             for what, err in r["errs"].items():
