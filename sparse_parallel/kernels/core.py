@@ -21,7 +21,11 @@ LOG2E = 1.4426950408889634
 
 @dataclass
 class Config:
-    """Tile sizes: forward/dq tiles (bm x bn), dk/dv tiles (bm_kv x bn_kv)."""
+    """Tile sizes: forward/dq tiles (bm x bn), dk/dv tiles (bm_kv x bn_kv).
+
+    The CUDA defaults are the fastest of the candidates measured by
+    ``benchmarks/kernels.py`` on an H200 (window 4096, 64k tokens, bf16, D=128).
+    """
 
     bm: int = 128
     bn: int = 64
@@ -31,11 +35,14 @@ class Config:
     stages: int = 3
     warps_kv: int = 8
     stages_kv: int = 2
+    #: dk/dv of a pass with few key tiles splits its query range once it has this many query tiles.
+    split_min_qtiles: int = 64
 
 
 #: Per-device-type defaults; tests and benchmarks may replace them.
-CONFIGS = {"cuda": Config(), "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1,
-                                          stages_kv=1)}
+CONFIGS = {"cuda": Config(bm=64, bn=64, warps=4, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3),
+           "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1,
+                                          stages_kv=1, split_min_qtiles=4)}
 
 
 @dataclass
@@ -228,6 +235,21 @@ def merge(outs: torch.Tensor, lses: torch.Tensor, dtype):
     return out.to(dtype), lse
 
 
+def build_plans(prob: Problem, cfg: Config):
+    """Every range plan the forward and backward will use (they are otherwise built on first use)."""
+    bm, bn = _check_block_alignment(prob, cfg.bm, cfg.bn)
+    bmk, bnk = cfg.bm_kv, cfg.bn_kv
+    if prob.has_block and any(ps.mode >= P.MODE_BLOCK for ps in prob.passes):
+        bmk, bnk = min(bmk, prob.terms.block), min(bnk, prob.terms.block)
+    for i, ps in enumerate(prob.passes):
+        if ps.mode < P.MODE_BLOCK:
+            _range_plan(prob, i, bm, bn)
+            key = ("qplan", i, bmk, bnk)
+            if key not in prob.cache:
+                n_kt = P.n_tiles(prob.spaces[ps.space].nk, bnk)
+                prob.cache[key] = P.transpose_plan(_range_plan(prob, i, bmk, bnk), n_kt)
+
+
 def forward(prob: Problem, q, scale, cfg: Config):
     return _launch_query(prob, q, scale, cfg, 0)
 
@@ -268,8 +290,11 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
         kpos = sp.positions.to(torch.int32).contiguous() if sp.positions is not None else d32
         kmem = sp.member if sp.member is not None else _dummy(device, torch.int8)
         if ps.mode >= P.MODE_BLOCK:
-            kblk, kstart = P.key_blocks(cb, sp.pos0, sp.nk, sp.positions)
-            kblk, kstart = kblk.to(device), kstart.to(device)
+            key = ("kblocks", i)
+            if key not in prob.cache:
+                kb_, ks_ = P.key_blocks(cb, sp.pos0, sp.nk, sp.positions)
+                prob.cache[key] = (kb_.to(device), ks_.to(device))
+            kblk, kstart = prob.cache[key]
             n_kb = P.n_tiles(prob.terms.n, cb)
             key = ("csr", n_kb)
             if key not in prob.cache:
@@ -281,7 +306,10 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
         else:
             fplan = _range_plan(prob, i, bm, bn)
             n_kt = P.n_tiles(sp.nk, bn)
-            qplan = P.transpose_plan(fplan, n_kt)
+            key = ("qplan", i, bm, bn)
+            if key not in prob.cache:
+                prob.cache[key] = P.transpose_plan(fplan, n_kt)
+            qplan = prob.cache[key]
             kblk = kstart = cptr = cidx = d32
             ctb = cth = 0
             served = prob.served_bits(ps)
@@ -297,13 +325,32 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
                 t.zero_()
             accum = True
         state["init"] = True
-        _dkdv_kernel[(grid0, b * hkv)](
+        split, qchunk = 1, 0
+        n_qt = P.n_tiles(nq, bm)
+        if ps.mode < P.MODE_BLOCK and grid0 * b * hkv < 264 and n_qt >= cfg.split_min_qtiles:
+            # Few key tiles seen by many query tiles (global keys): split the query range.
+            split = max(1, min(math.ceil(528 / (grid0 * b * hkv)), n_qt // max(1, cfg.split_min_qtiles // 4)))
+            qchunk = math.ceil(n_qt / split)
+        out_k, out_v, acc = dk, dv, accum
+        if split > 1:
+            out_k = torch.empty((split,) + tuple(dk.shape), dtype=torch.float32, device=device)
+            out_v = torch.empty_like(out_k)
+            acc = False
+        _dkdv_kernel[(grid0, b * hkv, split)](
             q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
             qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, lse2, delta, lse2.stride(0), lse2.stride(1),
             prob.terms.tensor, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, ctb, cth,
             sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem,
             served, fplan, qplan, kblk, kstart, cptr, cidx,
-            dk, dv, dk.stride(0), dk.stride(1), dk.stride(2),
+            out_k, out_v, out_k.stride(-4), out_k.stride(-3), out_k.stride(-2), out_k.stride(0) if split > 1 else 0,
+            qchunk,
             MODE=ps.mode, NT=len(prob.terms.rows), CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
-            Q_EXPLICIT=prob.q_pos0 is None, ACCUM=accum, BM=bm, BN=bn, D=d, IEEE=ieee,
+            Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, BM=bm, BN=bn, D=d, IEEE=ieee,
             num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
+        if split > 1:
+            if accum:
+                dk.add_(out_k.sum(0))
+                dv.add_(out_v.sum(0))
+            else:
+                dk.copy_(out_k.sum(0))
+                dv.copy_(out_v.sum(0))

@@ -19,6 +19,8 @@ from . import core
 from . import plan as P
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Planned terms, tables and tile plans of recent (pattern, shape, device, config) keys.
+_PLANS: dict = {}
 
 
 def _config(device) -> core.Config:
@@ -214,15 +216,32 @@ def space_attention(q, q_pos, spaces, bound, scale=None):
 
 def triton_attention(q, k, v, pattern, scale=None):
     """Whole-sequence sparse attention: q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` -> (out, lse)."""
+    layout, scale, cfg = prepare(q, k, v, pattern, scale)
+    return _Function.apply(layout, scale, cfg, q, *_kv(k, v))
+
+
+def prepare(q, k, v, pattern, scale=None, plans: bool = False):
+    """Plan ``triton_attention`` (tables, terms, passes); ``plans`` also builds every tile plan now."""
     _check_dtype(q)
     pattern = as_pattern(pattern)
     b, n, hq, d = q.shape
     device = q.device
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    with torch.no_grad():
-        bound = pattern.bind(n, hq, q=q if pattern.data_dependent else None,
-                             k=k if pattern.data_dependent else None, device=device)
-    terms = P.build_terms(bound, device)
+    cfg = _config(device)
+    # Plans depend on the pattern and the shapes only (not on the data, except TopKBlocks): reuse them.
+    key = None if pattern.data_dependent else (pattern, n, hq, k.shape[2], str(device), tuple(vars(cfg).items()))
+    cached = _PLANS.get(key) if key is not None else None
+    if cached is None:
+        with torch.no_grad():
+            bound = pattern.bind(n, hq, q=q if pattern.data_dependent else None,
+                                 k=k if pattern.data_dependent else None, device=device)
+        cached = {"bound": bound, "terms": P.build_terms(bound, device), "main": {}, "global": {},
+                  "rows": _global_row_positions(bound, device)}
+        if key is not None:
+            if len(_PLANS) >= 32:
+                _PLANS.pop(next(iter(_PLANS)))
+            _PLANS[key] = cached
+    bound, terms = cached["bound"], cached["terms"]
     k, v = _kv(k, v)
     spaces = [core.Space(k, v)]
     passes, views = [], {}
@@ -247,8 +266,7 @@ def triton_attention(q, k, v, pattern, scale=None):
                                                                                device=device)))
         passes.append(core.Pass(len(spaces) - 1, P.MODE_EXPLICIT, [], True))
     main = core.Problem(terms, spaces, [ps for ps in passes if spaces[ps.space].nk > 0],
-                        torch.arange(n, device=device), 0)
-    cfg = _config(device)
+                        torch.arange(n, device=device), 0, cache=cached["main"])
     explicit_space = len(spaces) - 1 if gpos is not None else None
 
     def main_grads(bufs, states):
@@ -264,12 +282,13 @@ def triton_attention(q, k, v, pattern, scale=None):
         return out
 
     problems = [{"prob": main, "rows": None, "grads": main_grads}]
-    rows = _global_row_positions(bound, device)
+    rows = cached["rows"]
     if len(rows):
         gterms = P.Terms([(0, 0, 0, P.BIG, 1, 0)], [0], pattern.causal, n,
                          tensor=torch.tensor([0, 0, 0, P.BIG, 1, 0], dtype=torch.int32, device=device))
         split = _split_for(P.n_tiles(len(rows), cfg.bm), b * hq, n, cfg.bn)
-        gprob = core.Problem(gterms, [core.Space(k, v)], [core.Pass(0, P.MODE_RANGE, [0])], rows, None, split)
+        gprob = core.Problem(gterms, [core.Space(k, v)], [core.Pass(0, P.MODE_RANGE, [0])], rows, None, split,
+                             cache=cached["global"])
         problems.append({"prob": gprob, "rows": rows,
                          "grads": lambda bufs, states: [(bufs[0], bufs[1], states["kv"])]})
     buffer_of = {"kv": (0, 1)}
@@ -284,4 +303,7 @@ def triton_attention(q, k, v, pattern, scale=None):
             bufs[1].index_add_(1, gpos, bufs[3])
 
         layout["finish"].append(finish)
-    return _Function.apply(layout, scale, cfg, q, k, v)
+    if plans:
+        for item in problems:
+            core.build_plans(item["prob"], cfg)
+    return layout, scale, cfg

@@ -171,7 +171,7 @@ def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, g
                   SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                   IEEE: tl.constexpr, PHASE: tl.constexpr):
     """Query-major kernel: PHASE 0 writes out and lse, PHASE 1 writes dq (unscaled by nothing: final)."""
-    qb = tl.program_id(0)
+    qb = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows first
     bh = tl.program_id(1)
     split = tl.program_id(2)
     b = bh // heads
@@ -229,7 +229,8 @@ def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, g
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5 + toff,
                               TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE5, SPLIT, BN, D, IEEE, PHASE)
-    ooff = tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh + tl.cast(qb * BM, tl.int64) * son
+    ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh
+            + tl.cast(qb * BM, tl.int64) * son)
     optr = O + ooff + (tl.arange(0, BM) * son)[:, None] + offs_d[None, :]
     if PHASE == 0:
         empty = l_i == 0.0
@@ -287,19 +288,22 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbas
 def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
                  LSE2, DELTA, sxb, sxh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
                  K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, FPLAN, QPLAN, KBLK, KSTART, CPTR, CIDX,
-                 DK, DV, sob, son, soh,
+                 DK, DV, sob, son, soh, sos, qchunk,
                  MODE: tl.constexpr, NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
-                 Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 D: tl.constexpr, IEEE: tl.constexpr):
+                 Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr,
+                 BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
     """Key-major dk/dv of one pass: a key tile walks the query tiles that can see it.
 
     Range passes: key tile ``kb`` visits query tiles ``QPLAN[kb]``; block passes:
     program ``t`` takes sub-tile ``t % (CB/BN)`` of listed key block ``KBLK[t // (CB/BN)]``
     and visits the query blocks that list it (``CPTR``/``CIDX``, per table row).
-    Query heads of one KV group are summed here: no atomics, deterministic.
+    Query heads of one KV group are summed here: no atomics, deterministic.  With
+    SPLIT, program ``(t, bhk, s)`` takes query tiles ``[s*qchunk, (s+1)*qchunk)`` and
+    writes a partial at ``s * sos`` (keys seen by very many query tiles: global keys).
     """
     t = tl.program_id(0)
     bhk = tl.program_id(1)
+    split = tl.program_id(2)
     kvh = heads // group
     b = bhk // kvh
     hk = bhk % kvh
@@ -350,6 +354,9 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
         else:
             q_lo = tl.load(QPLAN + t * 2)
             q_hi = tl.load(QPLAN + t * 2 + 1)
+            if SPLIT:
+                q_lo = tl.maximum(q_lo, split * qchunk)
+                q_hi = tl.minimum(q_hi, split * qchunk + qchunk - 1)
             for qb in range(q_lo, q_hi + 1):
                 flo = tl.load(FPLAN + qb * 4 + 2)
                 fhi = tl.load(FPLAN + qb * 4 + 3)
@@ -357,7 +364,8 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
                 dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn, LSE2 + xoff, DELTA + xoff,
                                     QPOS, qpos0, full, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, D, IEEE)
-    ooff = tl.cast(b, tl.int64) * sob + tl.cast(hk, tl.int64) * soh + tl.cast(idx0, tl.int64) * son
+    ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(hk, tl.int64) * soh
+            + tl.cast(idx0, tl.int64) * son)
     optr = (offs_n * son)[:, None] + offs_d[None, :]
     dk = dk * (qk_scale * 0.6931471805599453)
     if ACCUM:
