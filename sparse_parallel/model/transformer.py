@@ -28,7 +28,9 @@ def mlp_hidden(dim: int, hidden: int) -> int:
 
 
 def _chunk_ce(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, reduce: bool) -> torch.Tensor:
-    logits = (h @ weight.t()).float()
+    logits = h @ weight.t()
+    if logits.dtype in (torch.float16, torch.bfloat16):  # the softmax over the vocabulary in float32
+        logits = logits.float()
     return F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, reduction="sum" if reduce else "none")
 
 
@@ -91,7 +93,7 @@ class Transformer(nn.Module):
         if per_token:
             parts = [_chunk_ce(h[s:s + step], weight, labels[s:s + step], False) for s in range(0, h.shape[0], step)]
             return torch.cat(parts).view(b, n), count
-        total = h.new_zeros((), dtype=torch.float32)
+        total = h.new_zeros((), dtype=torch.float64 if h.dtype == torch.float64 else torch.float32)
         for s in range(0, h.shape[0], step):
             hc, lc = h[s:s + step], labels[s:s + step]
             if torch.is_grad_enabled():
