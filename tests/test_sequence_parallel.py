@@ -130,7 +130,11 @@ def _event_order(ctx):
 
 def _worker(rank, world, seed):
     ctx = SequenceParallel()
-    res = {c["name"]: _run_case(ctx, c, seed + i) for i, c in enumerate(_cases(world))}
+    res = {}
+    for i, c in enumerate(_cases(world)):
+        ctx.seq_len = c["n"] if i % 2 else None  # both ways of knowing N: given, or one all-reduce
+        res[c["name"]] = _run_case(ctx, c, seed + i)
+    ctx.seq_len = None
     return res, (_event_order(ctx) if world > 1 else None)
 
 
@@ -177,13 +181,19 @@ def _bad_heads_worker(rank, world):
         sequence_parallel_attention(q, k, k, Window(2), ctx, exchange="ring")
     except ValueError as e:
         messages.append(str(e))
+    ctx.seq_len = 20  # each rank would hold 10 tokens, not 8
+    try:
+        sequence_parallel_attention(q, k, k, Window(2), ctx)
+    except ValueError as e:
+        messages.append(str(e))
     return messages
 
 
 def test_clear_errors(tmp_path):
     results = run_ranks(_bad_heads_worker, 2, tmp_path)
     for messages in results:
-        assert len(messages) == 3
+        assert len(messages) == 4
+        assert "holds 8 tokens but seq_len=20 gives it 10" in messages[3]
         assert "key/value heads (3) must be divisible by the sequence-parallel size (2)" in messages[0]
         assert "TopKBlocks" in messages[0]
         assert "divisible" in messages[1]

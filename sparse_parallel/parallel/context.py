@@ -13,11 +13,17 @@ class SequenceParallel:
     """Process group, rank, world size and the shard rule of a sequence-parallel run.
 
     ``group=None`` means the default process group; without an initialised
-    process group the context is a single rank (world size 1).
+    process group the context is a single rank (world size 1).  ``seq_len``
+    (optional, may be set later) is the total sequence length: when set,
+    ``global_length`` checks the shard against it instead of an all-reduce
+    whose result the host must wait for on every call.
     """
 
-    def __init__(self, group=None):
+    def __init__(self, group=None, seq_len: int | None = None):
         self.group = group
+        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1):
+            raise ValueError(f"seq_len must be None or an integer >= 1, got {seq_len!r}")
+        self.seq_len = seq_len
         if dist.is_available() and dist.is_initialized():
             self.rank = dist.get_rank(group)
             self.world_size = dist.get_world_size(group)
@@ -48,7 +54,13 @@ class SequenceParallel:
         return start, start + base + (rank < extra)
 
     def global_length(self, n_local: int) -> int:
-        """Total N from this rank's shard length (needs one all-reduce when P > 1)."""
+        """Total N from this rank's shard length (one all-reduce when P > 1, unless ``seq_len`` is set)."""
+        if self.seq_len is not None:
+            start, end = self.shard_range(self.seq_len)
+            if end - start != n_local:
+                raise ValueError(f"rank {self.rank} holds {n_local} tokens but seq_len={self.seq_len} gives "
+                                 f"it {end - start} (contiguous shards, the first N % P ranks one token more)")
+            return self.seq_len
         if self.world_size == 1:
             return n_local
         t = torch.tensor([n_local], dtype=torch.long)
