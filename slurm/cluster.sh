@@ -64,12 +64,17 @@ write_conf() {
 ClusterName=sparseparallel
 SlurmctldHost=$HOST
 AuthType=auth/munge
+# How long a job credential lives; a requeued job waits this long (+1 s) before it may start again, so
+# that no step of its last run is still being launched.  Slurm's default is 120 s.
+AuthInfo=cred_expire=20
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 SchedulerType=sched/backfill
+# Look at the queue every few seconds (defaults: 60 s and 30 s), so a requeued job starts once eligible.
+SchedulerParameters=sched_interval=5,bf_interval=5
 SlurmUser=root
 SlurmdUser=root
 ReturnToService=2
