@@ -17,7 +17,8 @@ tokens per GPU.  Measured (attention forward+backward, median of --iters after
 - for each, the pattern exchange (total), the same with the transfers replaced by
   local tensors of the same shapes (compute only), the transfers alone (forward
   and backward of the first exchange round) and the all-to-all (Ulysses) exchange;
-- bytes per rank from ``comm_volume``, checked against the bytes really sent.
+- bytes per rank from ``comm_volume`` (forward + backward, the busiest rank in the
+  table; this rank's in the JSON), checked against the bytes this rank really sent.
 
 hidden communication = 1 - (total - compute only) / transfers alone (clamped to [0, 1]).
 weak-scaling efficiency = time(1 rank, N = T) / time(P ranks, N = P x T).
@@ -138,6 +139,7 @@ def measure_p(args, device, ctx, n, pattern, mode):
     vol = sp.comm_volume(pattern, n, ctx, (args.heads, args.kv_heads or args.heads), args.dim,
                          DTYPES[args.dtype], exchange="pattern")
     row["bytes_fwd"], row["bytes_bwd"] = vol["forward"], vol["backward"]
+    row["max_rank_bytes"] = max(map(sum, zip(vol["per_rank"]["forward"], vol["per_rank"]["backward"])))
     row["bytes_match"] = sent == {"forward": vol["forward"], "backward": vol["backward"]}
     row["total_s"] = timed(run("pattern"), device, args.warmup, args.iters)
     real = sp_attention.start_exchange
@@ -155,6 +157,8 @@ def measure_p(args, device, ctx, n, pattern, mode):
                                   DTYPES[args.dtype], exchange="ulysses")
             row["ulysses_s"] = timed(run("ulysses"), device, args.warmup, args.iters)
             row["ulysses_bytes_fwd"], row["ulysses_bytes_bwd"] = uvol["forward"], uvol["backward"]
+            row["ulysses_max_rank_bytes"] = max(map(sum, zip(uvol["per_rank"]["forward"],
+                                                             uvol["per_rank"]["backward"])))
         except (ValueError, RuntimeError, torch.OutOfMemoryError) as e:  # reported, never hidden
             row["ulysses_error"] = f"{type(e).__name__}: {e}"
     return row
@@ -216,12 +220,12 @@ def report(args, world, device, rows, windows):
     base = rows[0]["total_s"]
     print(f"pattern {pattern_of(args)}; {args.dtype}, H={args.heads}, D={args.dim}, {world} ranks on {device}")
     print(f"{'mode':<8}{'N':>10}{'P':>3}{'total s':>10}{'compute s':>11}{'comm s':>9}{'hidden':>8}"
-          f"{'eff/spdup':>10}{'MB/rank f+b':>13}{'ulysses s':>11}{'ulysses MB':>12}")
+          f"{'eff/spdup':>10}{'max MB/rank':>13}{'ulysses s':>11}{'ulysses MB':>12}")
     for r in rows:
         eff = base / r["total_s"]
         r["efficiency" if r["mode"] == "weak" else "speedup"] = eff
-        mb = (r.get("bytes_fwd", 0) + r.get("bytes_bwd", 0)) / 1e6
-        umb = (r.get("ulysses_bytes_fwd", 0) + r.get("ulysses_bytes_bwd", 0)) / 1e6
+        mb = r.get("max_rank_bytes", 0) / 1e6  # forward + backward, the busiest rank
+        umb = r.get("ulysses_max_rank_bytes", 0) / 1e6
         hidden = f"{r['hidden']:.0%}" if r.get("hidden") is not None else "-"
         print(f"{r['mode']:<8}{r['n']:>10}{r['ranks']:>3}{r['total_s']:>10.4f}{r.get('compute_s', 0):>11.4f}"
               f"{r.get('comm_s', 0):>9.4f}{hidden:>8}{eff:>10.3f}{mb:>13.3f}{r.get('ulysses_s', 0):>11.4f}"
