@@ -46,11 +46,12 @@ class Ranks:
 
 
 def start(config: str, overrides=(), nprocs: int = 1, resume: str = "auto", log_dir: str | os.PathLike = ".",
-          env: dict | None = None, script: str | None = None) -> Ranks:
+          env: dict | None = None, script: str | None = None, console: bool = False) -> Ranks:
     """Start ``nprocs`` ranks; their stdout+stderr go to ``log_dir/rank{r}.log``.
 
     ``script``: a Python file taking the same arguments as ``python -m sparse_parallel.training``
-    (to wrap the entry point) instead of the module itself.
+    (to wrap the entry point) instead of the module itself.  ``console``: rank 0 writes to this
+    process's terminal (its progress bar) instead of its log file.
     """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -70,6 +71,10 @@ def start(config: str, overrides=(), nprocs: int = 1, resume: str = "auto", log_
             cmd += ["--set", o]
         log = log_dir / f"rank{rank}.log"
         logs.append(log)
+        if console and rank == 0:
+            log.write_text("(rank 0 wrote to the console)\n")
+            procs.append(subprocess.Popen(cmd, env=e))
+            continue
         with log.open("w") as f:
             procs.append(subprocess.Popen(cmd, env=e, stdout=f, stderr=subprocess.STDOUT))
     return Ranks(procs, logs)
