@@ -255,3 +255,20 @@ def test_triton_backend_interpreted(tmp_path, monkeypatch):
     for rank, res in enumerate(results):
         for name, (err, tol) in res["errs"].items():
             assert err <= tol, f"rank {rank}: triton {name} error {err:.3g} > {tol:.3g}"
+
+
+def test_auto_exchange_takes_fewer_bytes_for_block_lists():
+    """For static block lists 'auto' picks whichever exchange gives the busiest rank fewer bytes."""
+    class _Ctx:
+        rank, world_size = 0, 8
+
+    for per_block, expected in ((1, "pattern"), (8, "ulysses")):
+        pattern = Window(16) | RandomBlocks(16, per_block)
+        busiest = {}
+        for ex in ("pattern", "ulysses"):
+            v = comm_volume(pattern, 4096, _Ctx(), 8, 16, torch.bfloat16, exchange=ex)["per_rank"]
+            busiest[ex] = max(f + b for f, b in zip(v["forward"], v["backward"]))
+        assert min(busiest, key=busiest.get) == expected
+        assert comm_volume(pattern, 4096, _Ctx(), 8, 16, torch.bfloat16)["exchange"] == expected
+    # Not divisible key/value heads: only the pattern exchange can serve it.
+    assert comm_volume(Window(16) | RandomBlocks(16, 8), 4096, _Ctx(), 12, 16)["exchange"] == "pattern"

@@ -77,8 +77,8 @@ def sequence_parallel_attention(q_shard, k_shard, v_shard, pattern, ctx, backend
     contiguous shard (``ctx.shard_range(N)``) of the sequence; positions are global.
     ``exchange``: "pattern" (send only what the pattern needs), "ulysses"
     (all-to-all to head sharding; key/value heads must be divisible by P), or
-    "auto" (ulysses for TopKBlocks, for static block lists whichever moves fewer
-    bytes, pattern otherwise).
+    "auto" (ulysses for TopKBlocks; for static block lists whichever gives the
+    busiest rank fewer bytes; pattern otherwise).
     """
     from ..api import check_qkv
 
@@ -89,7 +89,8 @@ def sequence_parallel_attention(q_shard, k_shard, v_shard, pattern, ctx, backend
     fn = space_attention_fn(backend, q_shard.device)
     hq, hkv = q_shard.shape[2], k_shard.shape[2]
     bound = pattern.bind(n, hq, device=q_shard.device) if not pattern.data_dependent else None
-    method = choose_exchange(pattern, n, ctx.world_size, hq, hkv, exchange, bound)
+    method = choose_exchange(pattern, n, ctx.world_size, hq, hkv, exchange, bound, q_shard.shape[3],
+                             q_shard.dtype)
     if ctx.world_size == 1:
         pos = torch.arange(n, device=q_shard.device)
         if bound is None:

@@ -132,7 +132,7 @@ def owned_slice(pos: torch.Tensor, lo: int, hi: int) -> slice:
 
 
 def choose_exchange(pattern: Pattern, n: int, world: int, hq: int, hkv: int, exchange: str,
-                    bound: BoundPattern | None = None) -> str:
+                    bound: BoundPattern | None = None, dim: int = 128, dtype=torch.bfloat16) -> str:
     """'pattern' or 'ulysses' for ``exchange`` in ("auto", "pattern", "ulysses")."""
     if exchange not in EXCHANGES:
         raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
@@ -148,12 +148,12 @@ def choose_exchange(pattern: Pattern, n: int, world: int, hq: int, hkv: int, exc
         return "ulysses"
     if exchange == "pattern" or not pattern.block_components or hkv % world:
         return "pattern"
-    # Static block lists: whichever moves fewer bytes in total (the same choice on every rank).
-    ours = sum(sum(volume_per_rank(pattern, n, world, hq, hkv, 1, 1, torch.float32, "pattern", bound)[d])
-               for d in ("forward", "backward"))
-    ulysses = sum(sum(volume_per_rank(pattern, n, world, hq, hkv, 1, 1, torch.float32, "ulysses")[d])
-                  for d in ("forward", "backward"))
-    return "pattern" if ours <= ulysses else "ulysses"
+    # Static block lists: whichever gives the busiest rank fewer bytes (the same choice on every rank).
+    busiest = {}
+    for method in ("pattern", "ulysses"):
+        vol = volume_per_rank(pattern, n, world, hq, hkv, dim, 1, dtype, method, bound)
+        busiest[method] = max(f + b for f, b in zip(vol["forward"], vol["backward"]))
+    return "pattern" if busiest["pattern"] <= busiest["ulysses"] else "ulysses"
 
 
 def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
@@ -227,7 +227,7 @@ def comm_volume(pattern, n: int, ctx, heads, dim: int, dtype=torch.bfloat16, *, 
     if world == 1:
         return {"forward": 0, "backward": 0, "exchange": "none", "per_rank": {"forward": [0], "backward": [0]}}
     bound = pattern.bind(n, hq) if pattern.block_components and not pattern.data_dependent else None
-    method = choose_exchange(pattern, n, world, hq, hkv, exchange, bound)
+    method = choose_exchange(pattern, n, world, hq, hkv, exchange, bound, dim, dtype)
     vol = volume_per_rank(pattern, n, world, hq, hkv, dim, batch, dtype, method, bound)
     return {"forward": vol["forward"][ctx.rank], "backward": vol["backward"][ctx.rank], "exchange": method,
             "per_rank": vol}
