@@ -185,6 +185,72 @@ def one_rank(args, device, n, pattern):
     return {"mode": "1 rank", "n": n, "ranks": 1, "total_s": t}
 
 
+def check_small(args, device, ctx, pattern) -> dict:
+    """Largest differences of the P-rank result from one rank computing the whole (short) sequence."""
+    n = max(2 * (args.window + args.global_first) * ctx.world_size, 4 * ctx.world_size)
+    (q, k, v), do = make_inputs(n, args, device, seed=1)
+    out, lse = sp.sparse_attention(q, k, v, pattern, backend=args.backend, return_lse=True)
+    out.backward(do)
+    ref = [out.detach(), lse.detach(), q.grad, k.grad, v.grad]
+    qs, ks, vs = (sp.shard(t.detach(), ctx).clone().requires_grad_() for t in (q, k, v))
+    ctx.seq_len = n
+    out_s, lse_s = sp_attention.sequence_parallel_attention(qs, ks, vs, pattern, ctx, backend=args.backend)
+    out_s.backward(sp.shard(do, ctx))
+    got = [out_s, lse_s, qs.grad, ks.grad, vs.grad]
+    errs = {"n": n}
+    for name, g, r in zip(("out", "lse", "dq", "dk", "dv"), got, ref):
+        r = sp.shard(r, ctx, dim=2 if name == "lse" else 1).float()
+        fin = torch.isfinite(r)
+        errs[name] = (g.float()[fin] - r[fin]).abs().max().item() / max(r[fin].abs().max().item(), 1e-30)
+    return errs
+
+
+class Reporter:
+    """Prints each row as it is measured (rank 0) and rewrites the JSON after each."""
+
+    def __init__(self, args, world, device):
+        self.args, self.rows, self.extra = args, [], {}
+        self.meta = {"world": world, "torch": torch.__version__, "args": vars(args),
+                     "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "pattern": pattern_of(args).to_dict()}
+        try:
+            import triton
+            self.meta["triton"] = triton.__version__
+        except ImportError:
+            pass
+        print(f"pattern {pattern_of(args)}; {args.dtype}, H={args.heads}, D={args.dim}, {world} ranks on "
+              f"{self.meta['device']}", flush=True)
+
+    def note(self, key, value):
+        self.extra[key] = value
+        print(f"{key}: {value}", flush=True)
+        self.write()
+
+    def row(self, r):
+        if not self.rows:
+            print(f"{'mode':<8}{'N':>10}{'P':>3}{'total s':>10}{'compute s':>11}{'comm s':>9}{'hidden':>8}"
+                  f"{'eff/spdup':>10}{'max MB/rank':>13}{'ulysses s':>11}{'ulysses MB':>12}", flush=True)
+        base = self.rows[0]["total_s"] if self.rows else r["total_s"]
+        eff = base / r["total_s"]
+        r["efficiency" if r["mode"] == "weak" else "speedup"] = eff
+        mb = r.get("max_rank_bytes", 0) / 1e6  # forward + backward, the busiest rank
+        umb = r.get("ulysses_max_rank_bytes", 0) / 1e6
+        hidden = f"{r['hidden']:.0%}" if r.get("hidden") is not None else "-"
+        print(f"{r['mode']:<8}{r['n']:>10}{r['ranks']:>3}{r['total_s']:>10.4f}{r.get('compute_s', 0):>11.4f}"
+              f"{r.get('comm_s', 0):>9.4f}{hidden:>8}{eff:>10.3f}{mb:>13.3f}{r.get('ulysses_s', 0):>11.4f}"
+              f"{umb:>12.3f}", flush=True)
+        if "ulysses_error" in r:
+            print(f"  ulysses: {r['ulysses_error']}", flush=True)
+        if "bytes_match" in r and not r["bytes_match"]:
+            print("  WARNING: bytes sent differ from comm_volume", flush=True)
+        self.rows.append(r)
+        self.write()
+
+    def write(self):
+        Path(self.args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(self.args.out).write_text(json.dumps({"meta": self.meta, "rows": self.rows, **self.extra}, indent=2))
+
+
 def worker(rank, world, args, store_path):
     local = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device("cuda", local) if args.device == "cuda" else torch.device("cpu")
@@ -201,51 +267,27 @@ def worker(rank, world, args, store_path):
         ctx = sp.SequenceParallel()
         pattern = pattern_of(args)
         t = args.tokens_per_gpu
-        rows = [one_rank(args, device, t, pattern)]
+        rep = Reporter(args, world, device) if rank == 0 else None
         if world > 1:
-            modes = args.modes.split(",")
-            if "weak" in modes:
-                rows.append(measure_p(args, device, ctx, t * world, pattern, "weak"))
-            if "strong" in modes:
-                rows.append(measure_p(args, device, ctx, t, pattern, "strong"))
+            errs = check_small(args, device, ctx, pattern)
+            if rep:
+                rep.note("check (max |P ranks - 1 rank| / max |1 rank|)", errs)
         windows = {n: sp.comm_volume(sp.Window(args.window), n, ctx, args.heads, args.dim, DTYPES[args.dtype])
                    ["forward"] for n in (t * world, 4 * t * world)}
-        if rank == 0:
-            report(args, world, device, rows, windows)
+        if rep:
+            rep.note("window-only halo bytes (forward, this rank) by total N", windows)
+        row = one_rank(args, device, t, pattern)
+        if rep:
+            rep.row(row)
+        if world > 1:
+            for mode in args.modes.split(","):
+                row = measure_p(args, device, ctx, t * world if mode == "weak" else t, pattern, mode)
+                if rep:
+                    rep.row(row)
+        if rep:
+            print(f"wrote {args.out}", flush=True)
     finally:
         dist.destroy_process_group()
-
-
-def report(args, world, device, rows, windows):
-    base = rows[0]["total_s"]
-    print(f"pattern {pattern_of(args)}; {args.dtype}, H={args.heads}, D={args.dim}, {world} ranks on {device}")
-    print(f"{'mode':<8}{'N':>10}{'P':>3}{'total s':>10}{'compute s':>11}{'comm s':>9}{'hidden':>8}"
-          f"{'eff/spdup':>10}{'max MB/rank':>13}{'ulysses s':>11}{'ulysses MB':>12}")
-    for r in rows:
-        eff = base / r["total_s"]
-        r["efficiency" if r["mode"] == "weak" else "speedup"] = eff
-        mb = r.get("max_rank_bytes", 0) / 1e6  # forward + backward, the busiest rank
-        umb = r.get("ulysses_max_rank_bytes", 0) / 1e6
-        hidden = f"{r['hidden']:.0%}" if r.get("hidden") is not None else "-"
-        print(f"{r['mode']:<8}{r['n']:>10}{r['ranks']:>3}{r['total_s']:>10.4f}{r.get('compute_s', 0):>11.4f}"
-              f"{r.get('comm_s', 0):>9.4f}{hidden:>8}{eff:>10.3f}{mb:>13.3f}{r.get('ulysses_s', 0):>11.4f}"
-              f"{umb:>12.3f}")
-        if "ulysses_error" in r:
-            print(f"  ulysses: {r['ulysses_error']}")
-        if "bytes_match" in r and not r["bytes_match"]:
-            print("  WARNING: bytes sent differ from comm_volume")
-    print("window-only halo bytes per rank (forward) by total N:", windows)
-    meta = {"world": world, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "args": vars(args), "pattern": pattern_of(args).to_dict()}
-    try:
-        import triton
-        meta["triton"] = triton.__version__
-    except ImportError:
-        pass
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows, "window_bytes_fwd": windows}, indent=2))
-    print(f"wrote {args.out}")
 
 
 def main(argv=None):
