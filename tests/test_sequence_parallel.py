@@ -135,6 +135,13 @@ def _worker(rank, world, seed):
         ctx.seq_len = c["n"] if i % 2 else None  # both ways of knowing N: given, or one all-reduce
         res[c["name"]] = _run_case(ctx, c, seed + i)
     ctx.seq_len = None
+    if world == 4:  # two sequence-parallel groups of 2 (data parallel x sequence parallel), as a trainer builds
+        import torch.distributed as dist
+
+        groups = [dist.new_group([0, 1]), dist.new_group([2, 3])]
+        sub = SequenceParallel(groups[rank // 2])
+        assert (sub.rank, sub.world_size, sub.global_ranks) == (rank % 2, 2, (rank // 2 * 2, rank // 2 * 2 + 1))
+        res["subgroup"] = _run_case(sub, _case("subgroup", Window(5) | Strided(3) | Global(first=2), 15), seed)
     return res, (_event_order(ctx) if world > 1 else None)
 
 
