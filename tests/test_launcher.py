@@ -9,8 +9,10 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from sparse_parallel.launcher import cli
 from sparse_parallel.launcher.launch import torchrun_command, torchrun_nnodes
 from sparse_parallel.launcher.preflight import check_writable_dir
 from sparse_parallel.launcher.submit import (JobSpec, PartitionNodes, check_against_cluster, parse_gres_gpus,
-                                             parse_sinfo, render)
+                                             parse_sinfo, render, slurm_time_seconds)
 
 
 def write_config(tmp_path: Path, sp: int = 2, tokens: int = 96, run_dir: Path | None = None) -> Path:
@@ -276,3 +278,36 @@ def test_train_refuses_a_world_the_config_cannot_split(tmp_path, monkeypatch, ca
     cfg = write_config(tmp_path, sp=2)
     assert cli.main(["train", str(cfg), "--launcher", "torchrun", "--dry-run"]) == 2
     assert "not a multiple of parallel.sequence_parallel=2" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_train_stops_with_the_requeue_code_on_a_signal_during_start_up(tmp_path, monkeypatch, capsys, sig):
+    from sparse_parallel import training
+
+    def slow_start(config, overrides, resume):  # the signal lands while the trainer is still starting
+        os.kill(os.getpid(), sig)
+        time.sleep(5)
+        raise AssertionError("the signal should have stopped start-up")
+
+    monkeypatch.setattr(training, "run", slow_start)
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    before = signal.getsignal(sig)
+    cfg = write_config(tmp_path, sp=1)
+    assert cli.main(["train", str(cfg), "--launcher", "single"]) == training.REQUEUE_EXIT_CODE
+    assert f"{sig.name} before training began" in capsys.readouterr().err
+    assert signal.getsignal(sig) is before
+
+
+@pytest.mark.parametrize("text, seconds", [("90", 5400), ("5:30", 330), ("1:00:00", 3600), ("2-0", 172800),
+                                           ("1-2:03", 93780), ("1-0:0:7", 86407), ("UNLIMITED", None)])
+def test_slurm_time_seconds(text, seconds):
+    assert slurm_time_seconds(text) == seconds
+
+
+def test_signal_must_come_before_the_time_limit():
+    assert JobSpec(time="00:05:00", signal_seconds=120).time == "00:05:00"
+    with pytest.raises(ValueError, match="--signal-seconds 120 must be shorter than --time 2 \\(120 s\\)"):
+        JobSpec(time="2", signal_seconds=120)
+    with pytest.raises(ValueError, match="--time must be"):
+        JobSpec(time="1h")

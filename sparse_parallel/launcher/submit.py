@@ -51,6 +51,11 @@ class JobSpec:
                              f"per GPU; got {self.tasks_per_node}")
         if not 1 <= self.signal_seconds <= 65535:
             raise ValueError(f"--signal-seconds must be in [1, 65535], got {self.signal_seconds}")
+        limit = slurm_time_seconds(self.time) if self.time else None
+        # A warning that comes before the job can have trained anything would requeue it forever.
+        if limit is not None and self.signal_seconds >= limit:
+            raise ValueError(f"--signal-seconds {self.signal_seconds} must be shorter than --time "
+                             f"{self.time} ({limit} s)")
 
     @property
     def ranks_per_node(self) -> int:
@@ -69,6 +74,22 @@ class JobSpec:
             if value:
                 out.append(f"--{name.replace('_', '-')}={value}")
         return [f"#SBATCH {d}" for d in out]
+
+
+def slurm_time_seconds(text: str) -> int | None:
+    """Seconds in a Slurm time limit (``M``, ``M:S``, ``H:M:S``, ``D-H``, ``D-H:M``, ``D-H:M:S``);
+    None for ``INFINITE``/``UNLIMITED``."""
+    if text.upper() in ("INFINITE", "UNLIMITED"):
+        return None
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text)
+    if not m:
+        raise ValueError(f"--time must be M, M:S, H:M:S, D-H, D-H:M or D-H:M:S, got {text!r}")
+    days, a, b, c = (int(g) if g is not None else None for g in m.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    if c is not None:     # H:M:S
+        return a * 3600 + b * 60 + c
+    return a * 60 + (b or 0)  # M or M:S
 
 
 # --------------------------------------------------------------------------------------------- cluster checks

@@ -8,23 +8,47 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import signal
+import sys
 
 from .discovery import SOURCES, discover, export_env
 
 
+class StoppedBeforeTraining(Exception):
+    """A preemption signal came before the trainer had installed its own handler."""
+
+
+def _stop(signum, frame):
+    raise StoppedBeforeTraining(signal.Signals(signum).name)
+
+
 def run(args) -> int:
-    info = discover(args.launcher)
-    if args.dry_run:
-        from ..training.config import load_config
+    # Until the trainer's loop installs its handlers, USR1/TERM would kill the rank outright (USR1's default
+    # action).  Start-up trains nothing, so the resume point is still the last checkpoint: stop cleanly
+    # with the requeue code instead.  The trainer replaces these handlers when its loop begins.
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGUSR1, signal.SIGTERM)}
+    try:
+        info = discover(args.launcher)
+        if args.dry_run:
+            from ..training.config import load_config
 
-        cfg = load_config(args.config, args.overrides)
-        derived = dataclasses.asdict(cfg.derived(info.world_size))
-        print(json.dumps({"rank": dataclasses.asdict(info), "derived": derived}), flush=True)
-        return 0
-    export_env(info)
-    from .. import training
+            cfg = load_config(args.config, args.overrides)
+            derived = dataclasses.asdict(cfg.derived(info.world_size))
+            print(json.dumps({"rank": dataclasses.asdict(info), "derived": derived}), flush=True)
+            return 0
+        export_env(info)
+        from .. import training
 
-    return int(training.run(args.config, list(args.overrides), resume=args.resume))
+        return int(training.run(args.config, list(args.overrides), resume=args.resume))
+    except StoppedBeforeTraining as e:
+        from ..training import REQUEUE_EXIT_CODE
+
+        print(f"sparse-parallel train: {e} before training began; nothing to save, exiting with "
+              f"{REQUEUE_EXIT_CODE}", file=sys.stderr, flush=True)
+        return REQUEUE_EXIT_CODE
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def add_parser(sub) -> None:
