@@ -342,7 +342,13 @@ def main():
     ap.add_argument("--max-n", type=int, default=1024 * K)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    import torch._dynamo
     import triton
+
+    # Every case has its own mask and shape: without room for recompiles, FlexAttention silently falls
+    # back to its unfused path (which materialises N x N and runs out of memory).
+    torch._dynamo.config.recompile_limit = 256
+    torch._dynamo.config.accumulated_recompile_limit = 4096
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),

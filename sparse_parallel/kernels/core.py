@@ -74,10 +74,17 @@ class Problem:
     terms: P.Terms
     spaces: list
     passes: list
-    q_pos: torch.Tensor  # int64 [Nq] on the device
-    q_pos0: int | None  # set when q_pos is contiguous
+    q_pos: torch.Tensor | None  # int64 [Nq] on the device; None when contiguous (q_pos0 .. q_pos0 + nq)
+    q_pos0: int | None  # set when the positions are contiguous
     split: int = 1
     cache: dict = field(default_factory=dict)
+    nq: int = -1
+
+    def __post_init__(self):
+        if self.q_pos is not None:
+            self.nq = len(self.q_pos)
+        if self.nq < 0:
+            raise ValueError("Problem needs q_pos or nq")
 
     @property
     def has_block(self) -> bool:
@@ -108,6 +115,8 @@ def _block_args(prob: Problem, device):
 
 
 def _qpos32(prob: Problem):
+    if prob.q_pos is None:
+        return _dummy(prob.terms.tensor.device)
     if "qpos32" not in prob.cache:
         prob.cache["qpos32"] = prob.q_pos.to(torch.int32).contiguous()
     return prob.cache["qpos32"]
@@ -118,9 +127,13 @@ def _range_plan(prob: Problem, i: int, bm: int, bn: int) -> torch.Tensor:
     if key not in prob.cache:
         ps = prob.passes[i]
         sp = prob.spaces[ps.space]
-        first, last = P.tile_rows(prob.q_pos, bm)
+        bkey = ("bounds", bm)
+        if bkey not in prob.cache:
+            first, last = P.tile_rows(prob.q_pos, prob.q_pos0, prob.nq, bm, prob.terms.tensor.device)
+            prob.cache[bkey] = (first, last, (P.term_bounds(prob.terms, first), P.term_bounds(prob.terms, last)))
+        first, last, bounds = prob.cache[bkey]
         prob.cache[key] = P.range_plan(prob.terms, ps.served, ps.member, first, last, sp.pos0, sp.kstr, sp.nk,
-                                       sp.positions, bn)
+                                       sp.positions, bn, bounds)
     return prob.cache[key]
 
 

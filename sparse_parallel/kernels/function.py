@@ -57,8 +57,14 @@ def _special_rows(pattern, q_pos: torch.Tensor) -> torch.Tensor:
 
 
 def _global_row_positions(bound, device) -> torch.Tensor:
-    pos = _special_rows(bound.pattern, torch.arange(bound.n, device=device))
-    return torch.nonzero(pos).flatten()
+    """Sorted global query rows that need their own path (see ``_special_rows``)."""
+    parts = [torch.zeros(0, dtype=torch.long, device=device)]
+    for g in bound.pattern.global_queries:
+        parts.append(g.positions_tensor(device))
+        if not bound.pattern.causal and g.first:
+            parts.append(torch.arange(g.first, device=device))
+    rows = torch.unique(torch.cat(parts))
+    return rows[rows < bound.n]
 
 
 def _split_for(n_qtiles: int, bh: int, nk: int, bn: int) -> int:
@@ -266,7 +272,7 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False):
                                                                                device=device)))
         passes.append(core.Pass(len(spaces) - 1, P.MODE_EXPLICIT, [], True))
     main = core.Problem(terms, spaces, [ps for ps in passes if spaces[ps.space].nk > 0],
-                        torch.arange(n, device=device), 0, cache=cached["main"])
+                        None, 0, cache=cached["main"], nq=n)
     explicit_space = len(spaces) - 1 if gpos is not None else None
 
     def main_grads(bufs, states):

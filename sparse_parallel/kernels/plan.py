@@ -100,26 +100,29 @@ def covers(term, pos0: int, kstr: int) -> bool:
     return m == 1 or (kstr % m == 0 and (pos0 - r) % m == 0)
 
 
-def _lohi(term, x, n: int, causal: bool):
-    lo = (term[0] * x + term[1]).clamp(min=0)
-    hi = (term[2] * x + term[3]).clamp(max=n - 1)
-    if causal:
+def term_bounds(terms: Terms, x: torch.Tensor):
+    """Key-position bounds of every structured term at query positions ``x`` -> (lo, hi) ``[T, len(x)]``."""
+    r = torch.tensor(terms.rows or [(0, 0, 0, -1, 1, 0)], dtype=torch.long, device=x.device)
+    lo = (r[:, 0:1] * x + r[:, 1:2]).clamp(min=0)
+    hi = (r[:, 2:3] * x + r[:, 3:4]).clamp(max=terms.n - 1)
+    if terms.causal:
         hi = torch.minimum(hi, x)
     return lo, hi
 
 
-def _exact_interval(terms: Terms, t: int, x, pos0: int, kstr: int):
+def _exact_interval(terms: Terms, t: int, bounds, pos0: int, kstr: int):
     """Owned keys of term ``t`` at rows ``x`` as an interval, trimmed by earlier terms.
 
     Returns (L, H, case) where ``case`` records how each earlier term was handled
     (to check that a whole query tile is handled the same way) and is -1 where the
     owned set is not an interval of the space.
     """
-    L, H = _lohi(terms.rows[t], x, terms.n, terms.causal)
-    case = torch.zeros_like(x)
-    bad = torch.zeros_like(x, dtype=torch.bool)
+    lo_all, hi_all = bounds
+    L, H = lo_all[t], hi_all[t]
+    case = torch.zeros_like(L)
+    bad = torch.zeros_like(L, dtype=torch.bool)
     for u in range(t):
-        el, eh = _lohi(terms.rows[u], x, terms.n, terms.causal)
+        el, eh = lo_all[u], hi_all[u]
         disjoint = (eh < L) | (el > H) | (el > eh) | (L > H)
         cov = covers(terms.rows[u], pos0, kstr)
         trim_lo = ~disjoint & cov & (el <= L)
@@ -146,21 +149,26 @@ def _to_index(lo, hi, pos0, kstr, nk, positions):
     return ilo, ihi
 
 
-def tile_rows(q_pos: torch.Tensor, bm: int):
-    """First and last query position of every query tile of ``bm`` rows."""
-    nq = len(q_pos)
-    starts = torch.arange(0, nq, bm, device=q_pos.device)
+def tile_rows(q_pos, q_pos0, nq: int, bm: int, device):
+    """First and last query position of every query tile of ``bm`` rows (O(n_tiles) when contiguous)."""
+    starts = torch.arange(0, nq, bm, device=device)
+    if q_pos is None:
+        return q_pos0 + starts, (q_pos0 + starts + bm - 1).clamp(max=q_pos0 + nq - 1)
     return q_pos[starts], q_pos[(starts + bm - 1).clamp(max=nq - 1)]
 
 
 def range_plan(terms: Terms, served: list, member: bool, first, last, pos0: int, kstr: int, nk: int,
-               positions, bn: int) -> torch.Tensor:
-    """int32 ``[n_qtiles, 4]``: key-tile range and full (mask-free) key-tile range per query tile."""
+               positions, bn: int, bounds=None) -> torch.Tensor:
+    """int32 ``[n_qtiles, 4]``: key-tile range and full (mask-free) key-tile range per query tile.
+
+    ``bounds`` = (``term_bounds(terms, first)``, ``term_bounds(terms, last)``), shared by passes.
+    """
     n, causal = terms.n, terms.causal
+    bf, bl = bounds if bounds is not None else (term_bounds(terms, first), term_bounds(terms, last))
     los, his = [], []
     for t in served:
-        los.append(_lohi(terms.rows[t], first, n, causal)[0])
-        his.append(_lohi(terms.rows[t], last, n, causal)[1])
+        los.append(bf[0][t])
+        his.append(bl[1][t])
     if member:
         los.append(torch.zeros_like(first))
         his.append(last.clamp(max=n - 1) if causal else torch.full_like(last, n - 1))
@@ -170,8 +178,8 @@ def range_plan(terms: Terms, served: list, member: bool, first, last, pos0: int,
     kf_hi = torch.zeros_like(first)
     if len(served) == 1 and not member and positions is None and covers(terms.rows[served[0]], pos0, kstr):
         t = served[0]
-        la, ha, ca = _exact_interval(terms, t, first, pos0, kstr)
-        lb, hb, cb = _exact_interval(terms, t, last, pos0, kstr)
+        la, ha, ca = _exact_interval(terms, t, bf, pos0, kstr)
+        lb, hb, cb = _exact_interval(terms, t, bl, pos0, kstr)
         exact = (ca == cb) & (ca >= 0)
         lo = torch.where(exact, la, lo)
         hi = torch.where(exact, hb, hi)
