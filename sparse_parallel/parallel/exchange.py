@@ -6,11 +6,12 @@ sends to and receives from every peer (shapes and dtypes included), so one
 peer travel as a single byte buffer (segments ordered by element size, largest
 first, so every segment stays aligned without padding).
 
-The exchange is an autograd function: its backward is the same exchange run in
-reverse (each received tensor's gradient goes back to its sender).  Halo
-exchange, gathering strided/global keys, fetching global queries, returning
-their partial results and the all-to-all of the head-sharded path are all this
-one function; what differs is only which rows are selected before it (whose
+The exchange is a start/wait pair of autograd functions; its backward is the
+same exchange run in reverse (each received tensor's gradient goes back to its
+sender), launched at the wait and collected at the start, so work between the
+two overlaps the transfer in both directions.  Halo exchange, gathering
+strided/global keys, fetching global queries, returning their partial results
+and the all-to-all of the head-sharded path are all this one primitive; what differs is only which rows are selected before it (whose
 autograd backward adds the returned gradients into the owner's dk/dv) and how
 the received tensors are used after it.
 
@@ -35,13 +36,12 @@ class Spec:
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _order(dtypes: list[torch.dtype]) -> list[int]:
     """Packing order: largest element size first (keeps every segment aligned)."""
-    sizes = [torch.empty((), dtype=d).element_size() for d in dtypes]
-    return sorted(range(len(dtypes)), key=lambda i: -sizes[i])
+    return sorted(range(len(dtypes)), key=lambda i: -dtypes[i].itemsize)
 
 
 def _pack(tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -171,8 +171,7 @@ def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
 def volume_per_rank(pattern: Pattern, n: int, world: int, hq: int, hkv: int, dim: int, batch: int,
                     dtype: torch.dtype, exchange: str, bound: BoundPattern | None = None) -> dict:
     """Bytes each rank sends -> {"forward": [P ints], "backward": [P ints]}."""
-    elt = torch.empty((), dtype=dtype).element_size()
-    lse_elt = torch.empty((), dtype=lse_dtype(dtype)).element_size()
+    elt, lse_elt = dtype.itemsize, lse_dtype(dtype).itemsize
     bounds = shard_bounds(n, world)
     fwd = [0] * world
     recv = [0] * world  # forward bytes received = backward bytes sent
@@ -220,8 +219,13 @@ def comm_volume(pattern, n: int, ctx, heads, dim: int, dtype=torch.bfloat16, *, 
     layer, forward and backward; a world size of 1 sends nothing).
     """
     pattern = as_pattern(pattern)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
+    for name, value in (("n", n), ("dim", dim), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     hq, hkv = (heads, heads) if isinstance(heads, int) else tuple(heads)
-    if hq % hkv:
+    if hkv < 1 or hq % hkv:
         raise ValueError(f"heads: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     world = ctx.world_size
     if world == 1:
