@@ -162,3 +162,47 @@ def test_bad_inputs_raise():
     q = torch.randn(1, 8, 1, 16, dtype=torch.float64, device=DEV)
     with pytest.raises(ValueError, match="float16, bfloat16 or float32"):
         kernels().triton_attention(q, q, q, Window(2))
+
+
+def test_space_attention_block_lists_from_halo_and_fetched_blocks():
+    """Block lists served by a contiguous space (with a window) and by an explicit space of fetched blocks."""
+    rb = RandomBlocks(block=16, per_query_block=2, seed=3)
+    pattern = Pattern(Window(12) | rb)
+    n, d, start, end = 80, 16, 32, 64
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, n, 1, d, generator=g, dtype=torch.float64).to(DEV) for _ in range(3))
+    bound = pattern.bind(n, 1)
+    q_pos = torch.arange(start, end, device=DEV)
+    table = bound.tables[0][0, 0, start // 16:end // 16]
+    blocks = table[table >= 0].unique()
+    fetched = (blocks[:, None] * 16 + torch.arange(16)).flatten().to(DEV)
+    fetched = fetched[fetched < end]
+    dout = torch.randn(1, end - start, 1, d, generator=g, dtype=torch.float64).to(DEV)
+    dlse = torch.randn(1, 1, end - start, generator=g, dtype=torch.float64).to(DEV)
+    layouts = {
+        "halo serves both": lambda kk, vv: [KeySpace(kk[:, :end], vv[:, :end], (0, 1))],
+        "fetched blocks": lambda kk, vv: [KeySpace(kk[:, start - 12:end], vv[:, start - 12:end], (0,),
+                                                   pos0=start - 12),
+                                          KeySpace(kk[:, fetched], vv[:, fetched], (1,), positions=fetched)],
+    }
+    for name, spaces in layouts.items():
+        args = (q[:, start:end], k, v)
+        ref = _run(lambda a, b_, c: reference_space_attention(a, q_pos, spaces(b_, c), bound), args, dout, dlse)
+        low = _run(lambda a, b_, c: reference_space_attention(a, q_pos, spaces(b_, c), bound),
+                   [t.float() for t in args], dout, dlse)
+        got = _run(lambda a, b_, c: kernels().space_attention(a, q_pos, spaces(b_, c), bound),
+                   [t.float() for t in args], dout, dlse)
+        for label, a, r, lo in zip(("out", "lse", "dq", "dk", "dv"), [*got[:2], *got[2]], [*ref[:2], *ref[2]],
+                                   [*low[:2], *low[2]]):
+            _compare(f"{name}: {label}", _finite(a), _finite(r), _finite(lo), torch.float32)
+
+
+def test_public_entry_dispatches_to_triton():
+    from sparse_parallel.api import sparse_attention
+
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 40, 2, 16, generator=g).to(DEV) for _ in range(3))
+    pat = Window(8) | Strided(5)
+    out, lse = sparse_attention(q, k, v, pat, backend="triton", return_lse=True)
+    ref, ref_lse = sparse_attention(q.double(), k.double(), v.double(), pat, backend="reference", return_lse=True)
+    assert (out.double() - ref).abs().max() < 1e-5 and (lse.double() - ref_lse).abs().max() < 1e-5
