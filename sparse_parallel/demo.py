@@ -28,7 +28,7 @@ PATTERNS = {
 }
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-STEPS = 300
+STEPS = 240
 
 
 def patterns(out: Path) -> None:
@@ -68,7 +68,8 @@ def train(out: Path) -> int:
     nprocs = 2 if gpus >= 2 or gpus == 0 else 1
     overrides = [f"run.dir={run}", f"data.tokenizer={tok}", f"data.cache_dir={out / 'cache'}",
                  f"parallel.sequence_parallel={nprocs}", f"train.tokens_per_gpu={512 // nprocs}",
-                 f"train.steps={STEPS}", "checkpoint.every=50", "train.eval_every=100", "eval.buckets=8",
+                 f"train.steps={STEPS}", "train.micro_batch=4", "checkpoint.every=50", "train.eval_every=80",
+                 "eval.buckets=8", "data.eval_sequences=32",
                  f"deepspeed.scheduler.params.total_num_steps={STEPS}",
                  f"deepspeed.scheduler.params.warmup_num_steps={STEPS // 20}"]
     if gpus:

@@ -65,14 +65,16 @@ def _param_digests(run: Path) -> list:
 
 
 def test_sequence_and_data_parallel_loss_parity(tmp_path, straight_run, tokenizer_path, token_cache):
-    """SP=2 and SP=2 x DP=2 reproduce the SP=1 losses; parameters stay equal on every rank.
+    """SP=2, SP=2 x DP=2 (and gradient accumulation) reproduce the SP=1 losses; parameters stay
+    equal on every rank.
 
-    The context (64 tokens) and the global batch (2 sequences) are the same in all three
+    The context (64 tokens) and the global batch (2 sequences) are the same in all the
     layouts.  float32 sums in another order differ by a few ulps (~1e-7 relative per step);
     1e-5 relative over 4 steps leaves room for that and nothing else.
     """
     ref = losses(straight_run)
     for name, nprocs, overrides in (
+            ("accum", 1, ["train.micro_batch=1", "train.grad_accum=2"]),
             ("sp2", 2, ["parallel.sequence_parallel=2", "train.tokens_per_gpu=32"]),
             ("sp2dp2", 4, ["parallel.sequence_parallel=2", "train.tokens_per_gpu=32", "train.micro_batch=1"])):
         cfg = write_config(tmp_path / f"{name}.yaml", tiny_config(tokenizer_path, tmp_path / name, token_cache))

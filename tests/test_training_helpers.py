@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -76,9 +77,16 @@ def run_ranks(config: Path, overrides=(), nprocs=1, resume="auto", log_dir=None,
 
 @pytest.fixture(scope="session")
 def straight_run(tmp_path_factory, tokenizer_path, token_cache) -> Path:
-    """8 uninterrupted SP=1 steps, a checkpoint every 2 steps: the run others compare against."""
-    base = tmp_path_factory.mktemp("straight")
-    cfg = write_config(base / "tiny.yaml", tiny_config(tokenizer_path, base / "run", token_cache))
-    codes, out = run_ranks(cfg)
-    assert codes == [0], out[-3000:]
+    """8 uninterrupted SP=1 steps, a checkpoint every 2 steps: the run others compare against.
+
+    Made once per session (each test module that imports the fixture gets its own fixture
+    definition, so the finished run is found on disk).
+    """
+    base = tmp_path_factory.getbasetemp() / "straight"
+    if not (base / "run" / "summary.json").is_file():
+        shutil.rmtree(base, ignore_errors=True)
+        base.mkdir()
+        cfg = write_config(base / "tiny.yaml", tiny_config(tokenizer_path, base / "run", token_cache))
+        codes, out = run_ranks(cfg)
+        assert codes == [0], out[-3000:]
     return base / "run"

@@ -112,9 +112,12 @@ class Transformer(nn.Module):
         if self.output is None:
             matmul += self.tok_embeddings.weight.numel()
         head_dim = self.cfg.dim // self.cfg.n_heads
-        attn = sum(layer.attn.pattern.describe(context_length, heads=self.cfg.n_heads,
-                                               dim=head_dim)["useful_flops_fwd_bwd"]
-                   for layer in self.layers)
+        per_pattern = {}  # describe() walks every query: once per distinct pattern
+        for layer in self.layers:
+            p = layer.attn.pattern
+            if p not in per_pattern:
+                per_pattern[p] = p.describe(context_length, heads=self.cfg.n_heads, dim=head_dim)["useful_flops_fwd_bwd"]
+        attn = sum(per_pattern[layer.attn.pattern] for layer in self.layers)
         return 6.0 * matmul + attn / context_length
 
 

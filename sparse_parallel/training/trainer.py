@@ -147,15 +147,19 @@ def run(config_path, overrides=(), resume: str = "auto") -> int:
     cfg = load_config(config_path, list(overrides))
     if resume not in ("auto", "none") and not isinstance(resume, (str, os.PathLike)):
         raise ValueError(f"resume must be 'auto', 'none' or a checkpoint path, got {resume!r}")
-    rank, world, local_rank, device = init_distributed()
+    # Handlers first: a preemption notice during start-up is honoured at the first step boundary.
+    preempt = Preemption()
     try:
-        return _train(cfg, rank, world, local_rank, device, str(resume))
+        rank, world, local_rank, device = init_distributed()
+        return _train(cfg, rank, world, local_rank, device, str(resume), preempt)
     finally:
+        preempt.restore()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, resume: str) -> int:
+def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, resume: str,
+           preempt: Preemption) -> int:
     import deepspeed
 
     from ..model import Transformer, apply_sequence_parallel
@@ -221,7 +225,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
-    preempt = Preemption()
     last_saved = step if found is not None else -1
     t_start = time.time()
     tokens_seen = 0
@@ -299,7 +302,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
         return 0
     finally:
-        preempt.restore()
         if bar is not None:
             bar.close()
         if writer is not None:
