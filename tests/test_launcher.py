@@ -307,7 +307,7 @@ def test_slurm_time_seconds(text, seconds):
 
 def test_signal_must_come_before_the_time_limit():
     assert JobSpec(time="00:05:00", signal_seconds=120).time == "00:05:00"
-    with pytest.raises(ValueError, match="--signal-seconds 120 must be shorter than --time 2 \\(120 s\\)"):
-        JobSpec(time="2", signal_seconds=120)
+    with pytest.raises(ValueError, match="--signal-seconds 120 \\+ 60 s .* shorter than --time 3 \\(180 s\\)"):
+        JobSpec(time="3", signal_seconds=120)
     with pytest.raises(ValueError, match="--time must be"):
         JobSpec(time="1h")

@@ -22,6 +22,7 @@ import yaml
 from .preflight import check_writable_dir, describe, resolve_config
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
+SIGNAL_SLACK_S = 60
 _PLACEHOLDER = re.compile(r"\{\{(\w+)\}\}")
 
 
@@ -52,10 +53,11 @@ class JobSpec:
         if not 1 <= self.signal_seconds <= 65535:
             raise ValueError(f"--signal-seconds must be in [1, 65535], got {self.signal_seconds}")
         limit = slurm_time_seconds(self.time) if self.time else None
-        # A warning that comes before the job can have trained anything would requeue it forever.
-        if limit is not None and self.signal_seconds >= limit:
-            raise ValueError(f"--signal-seconds {self.signal_seconds} must be shorter than --time "
-                             f"{self.time} ({limit} s)")
+        # Slurm may send the warning up to 60 s early (its event resolution); a warning that can come
+        # before the job has trained anything would requeue it forever.
+        if limit is not None and self.signal_seconds + SIGNAL_SLACK_S >= limit:
+            raise ValueError(f"--signal-seconds {self.signal_seconds} + {SIGNAL_SLACK_S} s (how early Slurm may "
+                             f"send it) must be shorter than --time {self.time} ({limit} s)")
 
     @property
     def ranks_per_node(self) -> int:
