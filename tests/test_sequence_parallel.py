@@ -220,33 +220,41 @@ def test_window_bytes_do_not_grow_with_n():
     assert strided[1] > strided[0]  # an unbounded strided level does grow with N
 
 
+TRITON_CASES = [  # (name, pattern, exchange, N, Hq, Hkv)
+    ("window_strided_global", Window(5) | Strided(4, offset=1) | Global(first=2), "pattern", 37, 2, 1),
+    ("global_query_rows", Window(3) | Global(first=2, positions=(9,)), "pattern", 20, 2, 2),
+    ("global_query_rows_ulysses", Window(3) | Global(first=2, positions=(9,)), "ulysses", 20, 2, 2),
+]
+
+
 def _triton_worker(rank, world):
     from sparse_parallel import kernels
     from sparse_parallel.parallel import sequence_parallel_attention
-    from sparse_parallel.reference import reference_attention
 
     ok, why = kernels.available(torch.device("cpu"))
     if not ok:
         return {"skip": f"kernels.available(cpu) under TRITON_INTERPRET=1 says: {why}"}
     ctx = SequenceParallel()
-    pattern = Window(5) | Strided(4, offset=1) | Global(first=2)
-    gen = torch.Generator().manual_seed(1234)
-    b, n, hq, hkv, d = 1, 37, 2, 1, 16
-    q, k, v, g_out = (torch.randn(b, n, h, d, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
-    ref = _reference(pattern, q, k, v, g_out, torch.zeros(b, hq, n, dtype=torch.float64))
-    eager32 = _reference(pattern, q.float(), k.float(), v.float(), g_out.float(), torch.zeros(b, hq, n))
-    qs, ks, vs = (shard(t, ctx).float().clone().requires_grad_() for t in (q, k, v))
-    try:
-        out, lse = sequence_parallel_attention(qs, ks, vs, pattern, ctx, backend="triton")
-    except NotImplementedError as e:
-        return {"skip": f"kernels.space_attention raised NotImplementedError: {e}"}
-    (out * shard(g_out, ctx).float()).sum().backward()
     errs = {}
-    for name, g, e32, w in zip(("out", "dq", "dk", "dv"), (out, qs.grad, ks.grad, vs.grad),
-                               (eager32[0], eager32[2], eager32[3], eager32[4]), (ref[0], ref[2], ref[3], ref[4])):
-        # Kernel error <= 2x the float32 eager error against float64, floored at a few float32 ulps of O(1).
-        tol = max(2 * (shard(e32, ctx).double() - shard(w, ctx)).abs().max().item(), 8e-7)
-        errs[name] = ((g.double() - shard(w, ctx)).abs().max().item(), tol)
+    for name, pattern, exchange, n, hq, hkv in TRITON_CASES:
+        gen = torch.Generator().manual_seed(1234)
+        q, k, v, g_out = (torch.randn(1, n, h, 16, generator=gen, dtype=torch.float64) for h in (hq, hkv, hkv, hq))
+        g_lse = torch.zeros(1, hq, n, dtype=torch.float64)
+        ref = _reference(pattern, q, k, v, g_out, g_lse)
+        eager32 = _reference(pattern, q.float(), k.float(), v.float(), g_out.float(), g_lse.float())
+        qs, ks, vs = (shard(t, ctx).float().clone().requires_grad_() for t in (q, k, v))
+        try:
+            out, lse = sequence_parallel_attention(qs, ks, vs, pattern, ctx, backend="triton", exchange=exchange)
+        except NotImplementedError as e:
+            return {"skip": f"{name}: kernels.space_attention raised NotImplementedError: {e}"}
+        (out * shard(g_out, ctx).float()).sum().backward()
+        for what, g, e32, w in zip(("out", "dq", "dk", "dv"), (out, qs.grad, ks.grad, vs.grad),
+                                   (eager32[0], eager32[2], eager32[3], eager32[4]),
+                                   (ref[0], ref[2], ref[3], ref[4])):
+            # Kernel error <= 2x the float32 eager error against float64, floored at a few float32
+            # ulps of O(1) values.
+            tol = max(2 * (shard(e32, ctx).double() - shard(w, ctx)).abs().max().item(), 8e-7)
+            errs[f"{name} {what}"] = ((g.double() - shard(w, ctx)).abs().max().item(), tol)
     return {"errs": errs}
 
 

@@ -24,11 +24,13 @@ from __future__ import annotations
 import torch
 
 from ..patterns.blocks import build_table
+from ..patterns.components import Global
 from ..patterns.pattern import BoundPattern, Pattern, as_pattern
 from ..reference import lse_dtype
 from ..spaces import KeySpace, merge_partials, reference_space_attention
 from .exchange import Spec, start_exchange
-from .plan import choose_exchange, owned_slice, rank_plan, shard_bounds
+from .plan import (choose_exchange, global_key_positions, global_query_positions, owned_slice, rank_plan,
+                   shard_bounds)
 
 
 def space_attention_fn(backend: str, device):
@@ -92,11 +94,9 @@ def sequence_parallel_attention(q_shard, k_shard, v_shard, pattern, ctx, backend
     method = choose_exchange(pattern, n, ctx.world_size, hq, hkv, exchange, bound, q_shard.shape[3],
                              q_shard.dtype)
     if ctx.world_size == 1:
-        pos = torch.arange(n, device=q_shard.device)
         if bound is None:
             bound = pattern.bind(n, hq, q=q_shard, k=k_shard)
-        return _attend(fn, q_shard, pos, [KeySpace(k_shard, v_shard, tuple(range(len(pattern.components))))],
-                       bound, scale)
+        return _whole_sequence(fn, q_shard, k_shard, v_shard, pattern, bound, scale)
     if method == "ulysses":
         return _ulysses(q_shard, k_shard, v_shard, pattern, ctx, n, fn, scale)
     return _pattern_exchange(q_shard, k_shard, v_shard, pattern, ctx, n, bound, fn, scale)
@@ -190,8 +190,10 @@ def _pattern_exchange(q, k, v, pattern: Pattern, ctx, n: int, bound: BoundPatter
     token = round1.token
     if any(len(p.global_q) for p in plans):  # the same decision on every rank
         q_g = gather(me.global_q, q)
-        part_out, part_lse = _attend(fn, q_g, me.global_q.to(dev), [KeySpace(k, v, all_comps, pos0=s)],
-                                     bound, scale)
+        # The shard as an explicit space: it may hold explicit global keys, which the kernels want
+        # in an explicit-positions space.
+        shard_space = KeySpace(k, v, all_comps, positions=torch.arange(s, e, device=dev))
+        part_out, part_lse = _attend(fn, q_g, me.global_q.to(dev), [shard_space], bound, scale)
         # Round 2: partial results of global rows go back to their owners (overlaps the remote part).
         sends, recvs = [], []
         for o, (so, eo) in enumerate(bounds):
@@ -223,12 +225,17 @@ def _pattern_exchange(q, k, v, pattern: Pattern, ctx, n: int, bound: BoundPatter
             outs.append(got[i])
             lses.append(got[i + 1])
         out_g, lse_g = merge_partials(outs, lses)
-        # Back to shard order: non-global rows then global rows, permuted into place.
-        order = torch.cat([torch.nonzero(~is_global).flatten(), torch.nonzero(is_global).flatten()])
-        inverse = torch.argsort(order).to(dev)
-        out = torch.cat([out_ng, out_g], 1)[:, inverse]
-        lse = torch.cat([lse_ng, lse_g], 2)[:, :, inverse]
+        out, lse = _interleave(out_ng, lse_ng, out_g, lse_g, is_global)
     return out + token.to(out.dtype), lse + token.to(lse.dtype)
+
+
+def _interleave(out_a, lse_a, out_b, lse_b, is_b: torch.Tensor):
+    """Rows of a (where ``is_b`` is False) and of b (where True) back in their original order."""
+    if not is_b.any():
+        return out_a, lse_a
+    order = torch.cat([torch.nonzero(~is_b).flatten(), torch.nonzero(is_b).flatten()])
+    inverse = torch.argsort(order).to(out_a.device)
+    return torch.cat([out_a, out_b], 1)[:, inverse], torch.cat([lse_a, lse_b], 2)[:, :, inverse]
 
 
 def _len(sl: slice) -> int:
@@ -246,6 +253,33 @@ def bind_heads(pattern: Pattern, n: int, heads: int, h0: int, h1: int, q_local, 
             t = build_table(comp, n, pattern.causal, heads, device=device)
             tables.append(t[:, h0:h1] if t.shape[1] > 1 else t)
     return BoundPattern(pattern, n, h1 - h0, tuple(tables), device)
+
+
+def _whole_sequence(fn, q, k, v, pattern: Pattern, bound: BoundPattern, scale):
+    """Attention over the whole sequence in the same key-space split as the pattern exchange.
+
+    Global keys get an explicit space serving the Global components, the
+    sequence serves the others; global query rows (see ``global_query_positions``)
+    attend separately to the whole sequence as an explicit space.
+    """
+    n, dev = q.shape[1], q.device
+    comps = pattern.components
+    globals_ = tuple(i for i, c in enumerate(comps) if isinstance(c, Global))
+    others = tuple(i for i in range(len(comps)) if i not in globals_)
+    spaces = [KeySpace(k, v, others)] if others else []
+    if globals_:
+        g = global_key_positions(pattern, n).to(dev)
+        spaces.append(KeySpace(k[:, g], v[:, g], globals_, positions=g))
+    rows = torch.arange(n)
+    special = torch.isin(rows, global_query_positions(pattern, n))
+    ordinary = rows[~special].to(dev)
+    out, lse = _attend(fn, q if not special.any() else q[:, ordinary], ordinary, spaces, bound, scale)
+    if special.any():
+        g_rows = rows[special].to(dev)
+        whole = KeySpace(k, v, tuple(range(len(comps))), positions=torch.arange(n, device=dev))
+        out_g, lse_g = _attend(fn, q[:, g_rows], g_rows, [whole], bound, scale)
+        out, lse = _interleave(out, lse, out_g, lse_g, special)
+    return out, lse
 
 
 def _ulysses(q, k, v, pattern: Pattern, ctx, n: int, fn, scale):
@@ -278,8 +312,7 @@ def _ulysses(q, k, v, pattern: Pattern, ctx, n: int, fn, scale):
             i += 3
     q_h, k_h, v_h = torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1)
     bound = bind_heads(pattern, n, hq, rank * hl, (rank + 1) * hl, q_h, k_h, dev)
-    out_h, lse_h = _attend(fn, q_h, torch.arange(n, device=dev),
-                           [KeySpace(k_h, v_h, tuple(range(len(pattern.components))))], bound, scale)
+    out_h, lse_h = _whole_sequence(fn, q_h, k_h, v_h, pattern, bound, scale)
     sends, recvs = [], []
     for p, (sp_, ep) in enumerate(bounds):
         if p == rank:

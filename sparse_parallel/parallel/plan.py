@@ -14,9 +14,10 @@ plan lists the key sets it needs beyond its own shard's window part:
 - for static block-list components (``RandomBlocks``, ``BlockLayout``), the key
   blocks that the shard's query blocks list ("fetch only the needed blocks").
 
-and the global query rows (``Global(queries=True)``) it computes partial
-results for against its own keys: all of them when not causal, else those at
-or after its shard start (earlier ones cannot see its keys).
+and the global query rows (``Global(queries=True)``, see
+``global_query_positions``) it computes partial results for against its own
+keys: all of them when not causal, else those at or after its shard start
+(earlier ones cannot see its keys).
 
 ``comm_volume`` adds up the bytes each rank sends, forward and backward, for
 this plan or for the all-to-all (head-sharded) plan.
@@ -61,7 +62,14 @@ def _arange(a: int, b: int, step: int = 1) -> torch.Tensor:
 
 
 def global_query_positions(pattern: Pattern, n: int) -> torch.Tensor:
-    parts = [torch.cat([_arange(0, min(g.first, n)), g.positions_tensor()]) for g in pattern.global_queries]
+    """Query rows of ``Global(queries=True)`` that see keys beyond the pattern's other spaces.
+
+    The explicit positions, and the first ``first`` rows when not causal.  When
+    causal, a row i < first sees only keys j <= i < first, all of them global
+    keys, so it is an ordinary row (the same split as the Triton kernels make).
+    """
+    parts = [torch.cat([_arange(0, 0 if pattern.causal else min(g.first, n)), g.positions_tensor()])
+             for g in pattern.global_queries]
     if not parts:
         return torch.zeros(0, dtype=torch.long)
     pos = torch.cat(parts).unique()
