@@ -338,7 +338,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--guard", type=float, default=20.0, help="skip a variant whose first call takes longer (s)")
-    ap.add_argument("--only", default="check,tune,a,b,c", help="comma list of: check (or quickcheck), tune, a, b, c, gqa")
+    ap.add_argument("--only", default="check,tune,a,b,c",
+                    help="comma list of: check (or quickcheck), tune, a, b, c, gqa")
     ap.add_argument("--max-n", type=int, default=1024 * K)
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)

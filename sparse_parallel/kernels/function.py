@@ -268,8 +268,8 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False):
     gpos = None
     if terms.explicit:
         gpos = torch.unique(torch.cat(list(terms.explicit.values())))
-        spaces.append(core.Space(k.detach()[:, gpos], v.detach()[:, gpos], 0, 1, gpos, torch.ones(len(gpos), dtype=torch.int8,
-                                                                               device=device)))
+        ones = torch.ones(len(gpos), dtype=torch.int8, device=device)
+        spaces.append(core.Space(k.detach()[:, gpos], v.detach()[:, gpos], 0, 1, gpos, ones))
         passes.append(core.Pass(len(spaces) - 1, P.MODE_EXPLICIT, [], True))
     main = core.Problem(terms, spaces, [ps for ps in passes if spaces[ps.space].nk > 0],
                         None, 0, cache=cached["main"], nq=n)

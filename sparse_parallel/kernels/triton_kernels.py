@@ -155,7 +155,9 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
     return acc, m_i, l_i
 
 
-@triton.jit
+# Lengths, offsets and strides of positions are run-time values: changing them must not recompile.
+@triton.jit(do_not_specialize=["qpos0", "nq", "n", "chunk", "W", "CB"]
+            + [f"{a}{i}" for i in range(6) for a in ("pp", "ks", "nk")])
 def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
                   O, sob, son, soh, sos, LSE, slb, slh, sls, LSE2, DELTA, sxb, sxh,
                   TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, chunk,
@@ -284,7 +286,7 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbas
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["qpos0", "nq", "n", "pos0", "kstr", "nk", "qchunk", "W", "CB"])
 def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
                  LSE2, DELTA, sxb, sxh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
                  K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, FPLAN, QPLAN, KBLK, KSTART, CPTR, CIDX,
@@ -348,7 +350,8 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
                 c = tl.load(CIDX + ci)
                 for u in range(0, CB // BM):
                     rows0 = c * CB + u * BM - qpos0
-                    dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, LSE2 + xoff, DELTA + xoff,
+                    dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn,
+                                        LSE2 + xoff, DELTA + xoff,
                                         QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                         HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, D, IEEE)
         else:
@@ -361,7 +364,8 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
                 flo = tl.load(FPLAN + qb * 4 + 2)
                 fhi = tl.load(FPLAN + qb * 4 + 3)
                 full = (t >= flo) & (t <= fhi)
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn, LSE2 + xoff, DELTA + xoff,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn,
+                                    LSE2 + xoff, DELTA + xoff,
                                     QPOS, qpos0, full, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, D, IEEE)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(hk, tl.int64) * soh
