@@ -75,7 +75,8 @@ def train(out: Path) -> int:
     if gpus:
         overrides.append("model.attention_backend=auto")
     where = f"{nprocs} GPU(s)" if gpus else f"{nprocs} CPU processes (gloo)"
-    print(f"training: {where}, sequence-parallel size {nprocs}, context 512 tokens, {STEPS} steps")
+    print(f"training: {where}, sequence-parallel size {nprocs}, context 512 tokens, 4 sequences per step, "
+          f"{STEPS} steps")
     ranks = local.start(str(CONFIG), overrides, nprocs, "auto", out / "logs", console=True)
     while all(p.poll() is None for p in ranks.procs) and len(_rows(run)) < STEPS // 2:
         time.sleep(0.2)
@@ -99,7 +100,7 @@ def report(run: Path) -> None:
     rows = _rows(run)
     print(f"\n{'step':>6}{'loss':>10}{'tokens/s':>12}")
     for r in rows:
-        if r["step"] == 1 or r["step"] % 25 == 0:
+        if r["step"] == 1 or r["step"] % 25 == 0 or r is rows[-1]:
             print(f"{r['step']:>6}{r['loss']:>10.4f}{r['tokens_per_s']:>12,.0f}")
     table = json.loads((run / "eval_by_position.json").read_text())
     print(f"\nheld-out loss by position (step {table['step']}):")

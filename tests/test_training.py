@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 from test_training_helpers import (losses, run_ranks, straight_run, tiny_config, token_cache,  # noqa: F401
