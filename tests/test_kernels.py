@@ -206,3 +206,32 @@ def test_public_entry_dispatches_to_triton():
     out, lse = sparse_attention(q, k, v, pat, backend="triton", return_lse=True)
     ref, ref_lse = sparse_attention(q.double(), k.double(), v.double(), pat, backend="reference", return_lse=True)
     assert (out.double() - ref).abs().max() < 1e-5 and (lse.double() - ref_lse).abs().max() < 1e-5
+
+
+def test_space_attention_bigbird_shard_with_a_global_row():
+    """A shard holding a global query row: ordinary rows (not contiguous) and the global row alone."""
+    pattern = Pattern(Window(8) | RandomBlocks(block=16, per_query_block=2, seed=1) | Global(positions=(50,)))
+    n, d, start, end = 96, 16, 32, 96
+    g = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(1, n, 1, d, generator=g, dtype=torch.float64).to(DEV) for _ in range(3))
+    bound = pattern.bind(n, 1)
+    rows = torch.tensor([p for p in range(start, end) if p != 50], device=DEV)
+    gp = torch.tensor([50], device=DEV)
+    cases = {
+        "ordinary rows": (rows, lambda kk, vv: [KeySpace(kk, vv, (0, 1)),
+                                                KeySpace(kk[:, gp], vv[:, gp], (2,), positions=gp)]),
+        "global row": (gp, lambda kk, vv: [KeySpace(kk[:, start:], vv[:, start:], (0, 1, 2),
+                                                    positions=torch.arange(start, end, device=DEV))]),
+    }
+    for name, (pos, spaces) in cases.items():
+        dout = torch.randn(1, len(pos), 1, d, generator=g, dtype=torch.float64).to(DEV)
+        dlse = torch.randn(1, 1, len(pos), generator=g, dtype=torch.float64).to(DEV)
+        args = (q[:, pos], k, v)
+        ref = _run(lambda a, b_, c: reference_space_attention(a, pos, spaces(b_, c), bound), args, dout, dlse)
+        low = _run(lambda a, b_, c: reference_space_attention(a, pos, spaces(b_, c), bound),
+                   [t.float() for t in args], dout, dlse)
+        got = _run(lambda a, b_, c: kernels().space_attention(a, pos, spaces(b_, c), bound),
+                   [t.float() for t in args], dout, dlse)
+        for label, a, r, lo in zip(("out", "lse", "dq", "dk", "dv"), [*got[:2], *got[2]], [*ref[:2], *ref[2]],
+                                   [*low[:2], *low[2]]):
+            _compare(f"{name}: {label}", _finite(a), _finite(r), _finite(lo), torch.float32)

@@ -161,6 +161,8 @@ def _check_block_alignment(prob: Problem, bm: int, bn: int):
     if prob.q_pos0 is None:
         raise NotImplementedError("block-list components with explicit (non-contiguous) query positions")
     bm = min(bm, cb)
+    if prob.q_pos0 // cb == (prob.q_pos0 + prob.nq - 1) // cb:
+        return bm, min(bn, cb)  # all rows in one block of the table: every query tile is too
     while bm > 16 and prob.q_pos0 % bm:
         bm //= 2
     if prob.q_pos0 % bm:

@@ -133,6 +133,23 @@ class _Function(torch.autograd.Function):
         return (None, None, None, dq) + tuple(b.to(t.dtype) for b, t in zip(bufs, inputs))
 
 
+def _block_pieces(q_pos: torch.Tensor, block: int) -> list:
+    """[start, end) index ranges of contiguous runs of ``q_pos``; a run starting off a multiple of 16
+    is cut at the next table-block boundary so that each piece's query tiles stay inside one block."""
+    breaks = torch.nonzero(q_pos[1:] != q_pos[:-1] + 1).flatten().add(1).tolist()
+    bounds = [0] + breaks + [len(q_pos)]
+    pieces = []
+    for a, b in zip(bounds, bounds[1:]):
+        start = int(q_pos[a])
+        if start % 16:
+            cut = min(b, a + (-start) % block)
+            pieces.append((a, cut))
+            a = cut
+        if a < b:
+            pieces.append((a, b))
+    return pieces
+
+
 def space_attention(q, q_pos, spaces, bound, scale=None):
     """Attention of queries at global positions ``q_pos`` over key spaces, on the Triton kernels.
 
@@ -144,7 +161,7 @@ def space_attention(q, q_pos, spaces, bound, scale=None):
     Not supported (NotImplementedError): query positions that are not increasing;
     query rows of ``Global(queries=True)`` mixed with ordinary rows (pass the global
     rows alone); block-list components served by a strided space or only partly by
-    one space, or with non-contiguous query positions; an arithmetic space holding
+    one space; an arithmetic space holding
     explicit ``Global.positions`` keys it serves (give them an explicit space).
     """
     _check_dtype(q)
@@ -166,6 +183,12 @@ def space_attention(q, q_pos, spaces, bound, scale=None):
         raise NotImplementedError("global query rows with more than one Global(queries=True) component")
     terms = P.build_terms(bound, device, all_rows_global=all_global)
     contiguous = nq > 0 and int(q_pos[-1] - q_pos[0]) == nq - 1
+    use_blocks = terms.table is not None and not all_global  # for global rows the Global term owns all
+    if use_blocks and not contiguous and any(set(ks.components) & set(terms.block_comps) for ks in spaces):
+        # Block passes need contiguous query tiles: run each contiguous piece alone.
+        pieces = _block_pieces(q_pos, terms.block)
+        parts = [space_attention(q[:, a:b], q_pos[a:b], spaces, bound, scale) for a, b in pieces]
+        return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
     kspaces, passes, inputs = [], [], []
     for si, ks in enumerate(spaces):
         if ks.k.dtype != q.dtype or ks.k.shape[0] != b or ks.k.shape[3] != d or hq % ks.k.shape[2]:
@@ -173,7 +196,7 @@ def space_attention(q, q_pos, spaces, bound, scale=None):
                              f"{q.dtype} (same batch, head dim, dtype; Hq a multiple of Hkv)")
         k, v = _kv(ks.k, ks.v)
         served = set(ks.components)
-        blocks = served & set(terms.block_comps)
+        blocks = served & set(terms.block_comps) if use_blocks else set()
         if blocks and blocks != set(terms.block_comps):
             raise NotImplementedError("a key space serving only some of several block-list components")
         positions = None
@@ -209,8 +232,6 @@ def space_attention(q, q_pos, spaces, bound, scale=None):
     if not kspaces or not passes or nq == 0:
         raise ValueError("space_attention needs at least one non-empty key space serving a component")
     prob = core.Problem(terms, kspaces, passes, q_pos, int(q_pos[0]) if contiguous else None)
-    if not contiguous and terms.table is not None:
-        raise NotImplementedError("block-list components with non-contiguous query positions")
 
     def grads(bufs, states):
         return [(bufs[2 * i], bufs[2 * i + 1], states[i]) for i in range(len(kspaces))]
