@@ -251,6 +251,25 @@ def test_submit_without_slurm(tmp_path, monkeypatch, capsys):
     assert "#SBATCH --requeue" in captured.out and "not checked" in captured.err
 
 
+def test_submit_with_an_unreachable_cluster(tmp_path, monkeypatch, capsys):
+    bindir = fake_slurm(tmp_path, monkeypatch, [])
+    (bindir / "sinfo").write_text("#!/bin/sh\necho 'sinfo: fatal: Could not establish a configuration source' >&2\n"
+                                  "exit 1\n")
+    cfg = write_config(tmp_path, sp=1)
+    assert cli.main(["submit", str(cfg)]) == 2
+    assert "sinfo failed (is the cluster up?)" in capsys.readouterr().err
+    assert not (bindir / "sbatch.args").exists()
+    assert cli.main(["submit", str(cfg), "--dry-run"]) == 0
+    assert "not checked" in capsys.readouterr().err
+
+
+def test_launch_takes_torchruns_spelling_of_nproc(tmp_path, capsys):
+    cfg = write_config(tmp_path, sp=2)
+    assert cli.main(["launch", "--nproc-per-node", "2", str(cfg), "--dry-run"]) == 0
+    cmd = shlex.split(capsys.readouterr().out)
+    assert cmd.count("--nproc-per-node") == 1 and cmd[cmd.index("--nproc-per-node") + 1] == "2"
+
+
 # ----------------------------------------------------------------------------------------------------- train
 
 def test_train_dry_run_reports_rank_and_derived_sizes(tmp_path, monkeypatch, capsys):

@@ -66,7 +66,8 @@ def add_parser(sub) -> None:
                        description="Start N training ranks on this machine (GPUs, or CPU ranks on gloo) "
                                    "through torchrun.  Unknown arguments are passed to torchrun.")
     p.add_argument("config", help="YAML training config")
-    p.add_argument("--nproc", type=int, required=True, help="ranks on this node (one per GPU)")
+    p.add_argument("--nproc", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int, required=True,
+                   help="ranks on this node (one per GPU)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (repeatable)")
     p.add_argument("--resume", default="auto", help="'auto', 'none' or a checkpoint path")

@@ -240,13 +240,14 @@ def run(args) -> int:
     if not template_path.is_file():
         raise FileNotFoundError(f"--template {template_path} does not exist")
 
-    partitions = query_sinfo()
-    if partitions is None:
+    try:
+        partitions = query_sinfo()
+        if partitions is None:
+            raise ValueError("sbatch/sinfo are not on PATH: this machine is not a Slurm submit host")
+    except ValueError as e:
         if not args.dry_run:
-            raise ValueError("sbatch/sinfo are not on PATH: this machine is not a Slurm submit host "
-                             "(--dry-run prints the script without a cluster)")
-        print("sparse-parallel submit: sinfo not found; partition, GPUs and CPUs per node not checked",
-              file=sys.stderr)
+            raise ValueError(f"{e} (--dry-run prints the script without a cluster)") from None
+        print(f"sparse-parallel submit: {e}; partition, GPUs and CPUs per node not checked", file=sys.stderr)
     else:
         check_against_cluster(spec, partitions)
 
