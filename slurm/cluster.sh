@@ -19,7 +19,15 @@ export SLURM_CONF=$CONF
 log() { echo "cluster.sh: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-alive() { [[ -f $1 ]] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# A pid file names a live daemon only if that pid still runs the program the file is named after
+# (slurmd.pid -> slurmd): a stale file whose pid was reused by another process is not ours to stop.
+alive() {
+    [[ -f $1 ]] || return 1
+    local pid name
+    pid=$(cat "$1")
+    name=$(basename "$1" .pid)
+    [[ $pid =~ ^[0-9]+$ ]] && [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$name" ]]
+}
 
 install_packages() {
     if command -v slurmctld >/dev/null && command -v slurmd >/dev/null && command -v munged >/dev/null \
