@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..api import sparse_attention
 from ..patterns import Pattern
@@ -42,8 +43,21 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (x[2i], x[2i+1]) of ``x [B, N, H, D]`` by the angles of its positions."""
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+    """Rotate pairs (x[2i], x[2i+1]) of ``x [B, N, H, D]`` by the angles of its positions.
+
+    Float32 arithmetic, ``chunk`` positions at a time: the float32 temporaries of a
+    million-token tensor would otherwise be several times its bf16 size.
+    """
+    if x.shape[1] <= chunk:
+        return _rotate(x, cos, sin)
+    out = torch.empty_like(x)
+    for s in range(0, x.shape[1], chunk):
+        out[:, s:s + chunk] = _rotate(x[:, s:s + chunk], cos[s:s + chunk], sin[s:s + chunk])
+    return out
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
@@ -89,16 +103,30 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+    With ``mlp_chunk`` > 0 and gradients on, the MLP runs ``mlp_chunk`` tokens at a
+    time, each chunk checkpointed: its hidden activations (8/3 x dim per token, three
+    of them) are then held for one chunk only, which is what lets a million-token
+    shard of a billion-parameter model fit on one GPU.
+    """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, pattern: Pattern,
-                 backend: str, eps: float):
+                 backend: str, eps: float, mlp_chunk: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(dim, eps)
         self.attn = Attention(dim, n_heads, n_kv_heads, pattern, backend)
         self.mlp_norm = RMSNorm(dim, eps)
         self.mlp = SwiGLU(dim, hidden)
+        self.mlp_chunk = mlp_chunk
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.mlp_norm(x))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = x + self.attn(self.attn_norm(x), cos, sin)
-        return x + self.mlp(self.mlp_norm(x))
+        n, step = x.shape[1], self.mlp_chunk
+        if not step or n <= step or not torch.is_grad_enabled():
+            return x + self._mlp(x)
+        parts = [checkpoint(self._mlp, x[:, s:s + step], use_reentrant=False) for s in range(0, n, step)]
+        return x + torch.cat(parts, dim=1)

@@ -43,7 +43,8 @@ class Transformer(nn.Module):
         hidden = mlp_hidden(cfg.dim, cfg.mlp_hidden)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(
-            Block(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hidden, p, cfg.attention_backend, cfg.norm_eps)
+            Block(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hidden, p, cfg.attention_backend, cfg.norm_eps,
+                  cfg.mlp_chunk if cfg.activation_checkpointing else 0)
             for p in patterns)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)

@@ -48,6 +48,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
     loss_chunk: int = 4096          #: tokens per cross-entropy chunk (bounds the logits held at once)
+    #: tokens per checkpointed MLP chunk under activation checkpointing (bounds the MLP's hidden
+    #: activations held at once; 0 = the whole shard at once)
+    mlp_chunk: int = 65536
     attention_backend: str = "auto"  #: "auto", "reference" or "triton" (see sparse_parallel.api)
     #: default pattern of every layer (a pattern dict, see sparse_parallel.patterns)
     pattern: dict = field(default_factory=lambda: {"components": [{"type": "window", "left": 64}]})
@@ -58,6 +61,7 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "loss_chunk"):
             _int(f"model.{name}", getattr(self, name), 1)
         _int("model.mlp_hidden", self.mlp_hidden, 0)
+        _int("model.mlp_chunk", self.mlp_chunk, 0)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
                              f"({self.n_kv_heads})")

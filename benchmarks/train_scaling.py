@@ -1,0 +1,258 @@
+"""End-to-end training throughput, maximum context and the alternatives, on GPUs.
+
+One process per GPU (``torchrun --nproc_per_node G benchmarks/train_scaling.py ...``, or plain
+``python`` for one GPU).  The sequence-parallel size is the world size, so the context is
+``tokens per GPU x GPUs``.  The model (default ~1B parameters: 16 layers, d_model 2048, 16 query /
+4 KV heads) is trained under DeepSpeed (bf16, ZeRO stage ``--zero``) on random tokens for a few
+steps; we report tokens/s, MFU (6 x matmul params + useful attention FLOPs, per the pattern) and
+peak memory, then probe the longest context that trains, and run the same model with the
+alternatives a user would pick (FlexAttention for the same pattern; dense causal SDPA) at the
+lengths they fit.  Prints a table and writes JSON (``--out``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from sparse_parallel.model import Transformer
+from sparse_parallel.model import layers as model_layers
+from sparse_parallel.patterns import Pattern
+from sparse_parallel.training.config import ModelConfig
+
+PATTERNS = {
+    "main": {"causal": True, "components": [{"type": "window", "left": 4096}, {"type": "strided", "stride": 64},
+                                            {"type": "global", "first": 128, "queries": False}]},
+    "dilated": {"causal": True, "components": [{"type": "dilated", "window": 4096, "levels": 4}]},
+}
+PEAK_TFLOPS = 989.0  # H200 dense bf16, the usual MFU denominator
+
+
+def model_config(args, pattern: dict, backend: str) -> ModelConfig:
+    cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
+                      n_kv_heads=args.kv_heads, activation_checkpointing=True, loss_chunk=16384,
+                      attention_backend=backend, pattern=pattern)
+    if hasattr(cfg, "mlp_chunk"):
+        cfg.mlp_chunk = args.mlp_chunk
+    cfg.validate()
+    return cfg
+
+
+# -- the alternatives, swapped in for the model's attention call ---------------------------------
+def _flex_attention_fn(pattern: Pattern, n: int, device):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        ok = q_idx < 0
+        for c in pattern.components:
+            ok = ok | c.allows(q_idx, kv_idx)
+        return ok & (kv_idx <= q_idx) if pattern.causal else ok
+
+    torch._dynamo.config.cache_size_limit = 64
+    torch._dynamo.config.accumulated_cache_size_limit = 512
+    block_mask = create_block_mask(mask_mod, None, None, n, n, device=device, _compile=True)
+    compiled = torch.compile(flex_attention)
+
+    def attend(q, k, v, _pattern, **kw):
+        out = compiled(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=block_mask,
+                       enable_gqa=True)
+        return out.transpose(1, 2)
+
+    return attend
+
+
+def _sdpa_dense(q, k, v, _pattern, **kw):
+    out = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
+def train_steps(args, pattern_name: str, n_local: int, attention: str, world: int, rank: int) -> dict:
+    """Build model + engine, run warm-up and timed steps; returns the measurements."""
+    import deepspeed
+
+    device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
+    pattern = PATTERNS[pattern_name]
+    n = n_local * world
+    original = model_layers.sparse_attention
+    if attention == "flex":
+        model_layers.sparse_attention = _flex_attention_fn(Pattern.from_dict(pattern), n, device)
+    elif attention == "sdpa":
+        model_layers.sparse_attention = _sdpa_dense
+    try:
+        torch.manual_seed(0)
+        cfg = model_config(args, pattern, "triton" if device.type == "cuda" else "reference")
+        with device:
+            model = Transformer(cfg)
+        if world > 1:
+            from sparse_parallel.model import apply_sequence_parallel
+            from sparse_parallel.parallel import SequenceParallel
+
+            apply_sequence_parallel(model, SequenceParallel())
+        ds_cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
+                  "train_batch_size": world, "bf16": {"enabled": device.type == "cuda"}, "gradient_clipping": 1.0,
+                  "zero_optimization": {"stage": args.zero},
+                  "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "torch_adam": True}},
+                  "steps_per_print": 1 << 30}
+        engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
+        start = rank * n_local
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        tokens = torch.randint(0, args.vocab, (1, n + 1), generator=gen)
+        x = tokens[:, start:start + n_local].to(device)
+        y = tokens[:, start + 1:start + n_local + 1].to(device)
+        pos = torch.arange(start, start + n_local, device=device)
+        times, losses = [], []
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        for step in range(args.warmup + args.steps):
+            sync()
+            t0 = time.perf_counter()
+            total, count = engine(x, y, pos)
+            loss = total / (count * world)
+            engine.backward(loss * world)
+            engine.step()
+            sync()
+            if step >= args.warmup:
+                times.append(time.perf_counter() - t0)
+            losses.append(loss.detach().item() * world)
+        step_s = sorted(times)[len(times) // 2]
+        flops_tok = model.flops_per_token(n) if attention != "sdpa" else _dense_flops_per_token(model, n)
+        useful_flops_tok = model.flops_per_token(n)
+        return {"pattern": pattern_name, "attention": attention, "gpus": world, "tokens_per_gpu": n_local,
+                "context": n, "step_s": step_s, "tokens_per_s": n / step_s,
+                "mfu": useful_flops_tok * n / step_s / world / (PEAK_TFLOPS * 1e12),
+                "executed_tflops_per_gpu": flops_tok * n / step_s / world / 1e12,
+                "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
+                "params": model.num_params(), "losses": losses, "status": "ok"}
+    finally:
+        model_layers.sparse_attention = original
+
+
+def _dense_flops_per_token(model: Transformer, n: int) -> float:
+    """Training FLOPs per token of the same model with dense causal attention."""
+    head_dim = model.cfg.dim // model.cfg.n_heads
+    sparse_attn = sum(layer.attn.pattern.describe(n, heads=model.cfg.n_heads, dim=head_dim)["useful_flops_fwd_bwd"]
+                      for layer in model.layers) / n
+    dense_attn = 3.5 * 4 * model.cfg.n_heads * head_dim * (n + 1) / 2 * len(model.layers)
+    return model.flops_per_token(n) - sparse_attn + dense_attn
+
+
+def attempt(args, *a) -> dict:
+    try:
+        return train_steps(args, *a)
+    except torch.OutOfMemoryError as e:
+        return {"pattern": a[0], "attention": a[2], "tokens_per_gpu": a[1], "status": "oom",
+                "error": str(e).splitlines()[0]}
+    except Exception as e:  # one failing variant must not cost the others their numbers
+        import traceback
+
+        traceback.print_exc()
+        return {"pattern": a[0], "attention": a[2], "tokens_per_gpu": a[1], "status": f"error: {e!r}"[:300]}
+    finally:
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--lengths", default="131072,1048576", help="tokens per GPU to measure throughput at")
+    ap.add_argument("--max-probe", default="1310720,1572864,2097152",
+                    help="tokens per GPU to try, longest first, for the longest context that trains")
+    ap.add_argument("--patterns", default="main,dilated")
+    ap.add_argument("--alternatives", default="sdpa:131072,flex:131072",
+                    help="attention:tokens_per_gpu pairs for the alternatives")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--heads", type=int, default=16)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--mlp-chunk", type=int, default=65536)
+    ap.add_argument("--zero", type=int, default=1)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--budget-s", type=float, default=480, help="start no new run after this many seconds")
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                    help="cpu: a gloo smoke run of the script itself (reference attention, float32)")
+    ap.add_argument("--out", default="benchmarks/results/train_scaling.json")
+    args = ap.parse_args()
+    if args.device == "cpu":
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29517")
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    rows = []
+    t_start = time.perf_counter()
+    meta = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "gpus": world, "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "deepspeed": __import__("deepspeed").__version__,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+            "model": {"layers": args.layers, "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads,
+                      "vocab": args.vocab, "zero": args.zero, "mlp_chunk": args.mlp_chunk}}
+
+    def record(row):
+        rows.append(row)
+        if rank == 0:
+            print(json.dumps(row), flush=True)
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+    def time_left() -> bool:
+        return time.perf_counter() - t_start < args.budget_s
+
+    # In order of importance, so that a time budget cuts the least important runs.
+    plan = [("main", n, "ours") for n in map(int, args.lengths.split(","))]
+    plan += [(spec.split(":")[0], int(spec.split(":")[1]), "alt") for spec in filter(None, args.alternatives.split(","))]
+    plan += [(name, n, "ours") for name in args.patterns.split(",") if name != "main"
+             for n in map(int, args.lengths.split(","))]
+    for what, n_local, kind in plan:
+        if not time_left():
+            record({"pattern": what, "tokens_per_gpu": n_local, "attention": kind, "status": "skipped (time budget)"})
+            continue
+        if kind == "alt":
+            record(attempt(args, "main", n_local, what, world, rank))
+        else:
+            record(attempt(args, what, n_local, "ours", world, rank))
+        if what == "main" and n_local == max(map(int, args.lengths.split(","))):
+            # Longest context that trains: probe downwards from the longest candidate.
+            for probe in sorted(map(int, args.max_probe.split(",")), reverse=True):
+                if not time_left():
+                    break
+                row = attempt(args, "main", probe, "ours", world, rank)
+                row["probe"] = True
+                record(row)
+                if row["status"] == "ok":
+                    break
+
+    if rank == 0:
+        print(f"\n{'pattern':<9}{'attention':<10}{'GPUs':>5}{'tok/GPU':>10}{'step s':>9}{'tok/s':>10}"
+              f"{'MFU':>7}{'peak GiB':>10}  status")
+        for r in rows:
+            if r["status"] == "ok":
+                print(f"{r['pattern']:<9}{r['attention']:<10}{r['gpus']:>5}{r['tokens_per_gpu']:>10}"
+                      f"{r['step_s']:>9.2f}{r['tokens_per_s']:>10.0f}{r['mfu']:>7.1%}{r['peak_mem_gib']:>10.1f}  ok")
+            else:
+                print(f"{r['pattern']:<9}{r['attention']:<10}{world:>5}{r['tokens_per_gpu']:>10}"
+                      f"{'':>9}{'':>10}{'':>7}{'':>10}  {r['status']}")
+        print(f"wall {time.perf_counter() - t_start:.0f} s")
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
