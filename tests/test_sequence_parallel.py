@@ -97,7 +97,12 @@ def _run_case(ctx, case, seed):
         same_inf = torch.equal(torch.isinf(g), torch.isinf(w))
         fin = ~torch.isinf(w)
         errs[name] = (g[fin] - w[fin]).abs().max().item() if same_inf and fin.any() else (0.0 if same_inf else 1.0)
-    return dict(errs=errs, sent=(sent_fwd, ctx.bytes_sent["backward"]), vol=(vol["forward"], vol["backward"]),
+    sent = (sent_fwd, ctx.bytes_sent["backward"])
+    with torch.no_grad():  # inference: no graph, same result
+        out_ng, _ = sequence_parallel_attention(qs, ks, vs, case["pattern"], ctx, backend="reference",
+                                                scale=case["scale"], exchange=case["exchange"])
+    errs["out without grad"] = (out_ng - out.detach()).abs().max().item() if out.numel() else 0.0
+    return dict(errs=errs, sent=sent, vol=(vol["forward"], vol["backward"]),
                 exchange=vol["exchange"])
 
 
