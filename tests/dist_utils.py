@@ -26,13 +26,15 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _entry(fn, rank, world_size, store_path, args, results, threads):
+def _entry(fn, rank, world_size, store_path, args, results, threads, backend):
     import torch.distributed as dist
 
     torch.set_num_threads(threads)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank % torch.cuda.device_count())
         store = dist.FileStore(store_path, world_size)
-        dist.init_process_group("gloo", store=store, rank=rank, world_size=world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         try:
             value = fn(rank, world_size, *args)
         finally:
@@ -42,14 +44,22 @@ def _entry(fn, rank, world_size, store_path, args, results, threads):
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run_ranks(fn, world_size: int, tmp_path, args: tuple = (), timeout: float = 120.0, threads: int = 1):
-    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks -> list of results by rank."""
+def run_ranks(fn, world_size: int, tmp_path, args: tuple = (), timeout: float = 120.0, threads: int = 1,
+              backend: str = "gloo"):
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned ranks -> list of results by rank.
+
+    ``backend`` "gloo" (CPU, the default) or "nccl" (rank r on GPU r % device count).
+    """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend must be 'gloo' or 'nccl', got {backend!r}")
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise ValueError("backend='nccl' needs CUDA (skip the test without it)")
     spawn = mp.get_context("spawn")
     results = spawn.Queue()
     store_path = os.path.join(str(tmp_path), f"store-{os.getpid()}-{time.monotonic_ns()}")
-    procs = [spawn.Process(target=_entry, args=(fn, r, world_size, store_path, args, results, threads),
+    procs = [spawn.Process(target=_entry, args=(fn, r, world_size, store_path, args, results, threads, backend),
                            daemon=True) for r in range(world_size)]
     for p in procs:
         p.start()
