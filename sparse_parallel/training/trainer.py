@@ -186,6 +186,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
     model = Transformer(cfg.model)
     if sp_ctx is not None:
         apply_sequence_parallel(model, sp_ctx)
+    # Counted before DeepSpeed partitions anything (ZeRO-3 leaves empty local tensors).
+    flops_tok, n_params = model.flops_per_token(d.context_length), model.num_params()
     same_world = found is not None and found.meta["world_size"] == world
     stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
     # ZeRO partitions optimizer state by world size: another world size loads DeepSpeed's
@@ -214,7 +216,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
                 "data_parallel": geo.data_parallel, "zero_stage": stage, "model": asdict(cfg.model),
                 "context_length": d.context_length, "time": time.time()}
 
-    flops_tok = model.flops_per_token(d.context_length)
     peak = peak_flops(cfg, device)
     writer = bar = None
     if rank == 0 and cfg.run.tensorboard:
@@ -225,7 +226,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
-    last_saved = step if found is not None else -1
+    # A checkpoint of this run needs no second save if preempted before the first step.
+    last_saved = step if found is not None and found.root.resolve() == ckpt_root.resolve() else -1
     t_start = time.time()
     tokens_seen = 0
     try:
@@ -295,7 +297,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
             evaluate.plot_loss(run_dir)
             rows = evaluate.read_metrics(run_dir)
             summary = {"steps": step, "final_loss": rows[-1]["loss"] if rows else None,
-                       "derived": asdict(d), "parameters": model.num_params(),
+                       "derived": asdict(d), "parameters": n_params,
                        "flops_per_token": flops_tok, "wall_s_this_process": time.time() - t_start,
                        "tokens_this_process": tokens_seen, "checkpoint": str(ckpt_root / ckpt.tag_for(step)),
                        "param_digests": digests}
