@@ -107,7 +107,7 @@ def check_compatible(found: Found, model_cfg: dict) -> None:
     saved = found.meta.get("model", {})
     model_cfg = json.loads(json.dumps(model_cfg))  # as saved: JSON has only string keys
     diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k)
-                  and k not in ("activation_checkpointing", "loss_chunk", "attention_backend"))
+                  and k not in ("activation_checkpointing", "loss_chunk", "mlp_chunk", "attention_backend"))
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {model_cfg.get(k)!r}" for k in diff)
         raise ValueError(f"checkpoint {found.path} is of another model: {detail}")

@@ -48,6 +48,9 @@ class ModelConfig:
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
     loss_chunk: int = 4096          #: tokens per cross-entropy chunk (bounds the logits held at once)
+    #: tokens per SwiGLU chunk, each recomputed in backward (0 -> whole shard); bounds the
+    #: 3 x hidden-width intermediates, the largest activations at a million tokens
+    mlp_chunk: int = 0
     #: tokens per checkpointed MLP chunk under activation checkpointing (bounds the MLP's hidden
     #: activations held at once; 0 = the whole shard at once)
     mlp_chunk: int = 65536
@@ -61,6 +64,7 @@ class ModelConfig:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "loss_chunk"):
             _int(f"model.{name}", getattr(self, name), 1)
         _int("model.mlp_hidden", self.mlp_hidden, 0)
+        _int("model.mlp_chunk", self.mlp_chunk, 0)
         _int("model.mlp_chunk", self.mlp_chunk, 0)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
