@@ -72,8 +72,6 @@ def train(out: Path) -> int:
                  "eval.buckets=8", "data.eval_sequences=32",
                  f"deepspeed.scheduler.params.total_num_steps={STEPS}",
                  f"deepspeed.scheduler.params.warmup_num_steps={STEPS // 20}"]
-    if gpus:
-        overrides.append("model.attention_backend=auto")
     where = f"{nprocs} GPU(s)" if gpus else f"{nprocs} CPU processes (gloo)"
     print(f"training: {where}, sequence-parallel size {nprocs}, context 512 tokens, 4 sequences per step, "
           f"{STEPS} steps")
