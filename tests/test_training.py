@@ -85,6 +85,15 @@ def test_sequence_and_data_parallel_loss_parity(tmp_path, straight_run, tokenize
             assert abs(loss - ref[step]) <= 1e-5 * abs(ref[step]), (name, step, loss, ref[step])
         digests = _param_digests(tmp_path / name)
         assert len(digests) == nprocs and len(set(digests)) == 1, (name, digests)
+    # The SP=2 x DP=2 checkpoint resumed by one process (SP and DP both change; ZeRO-1 state
+    # goes through the universal form) continues the straight run.
+    cfg = write_config(tmp_path / "sp1.yaml", tiny_config(tokenizer_path, tmp_path / "sp1", token_cache))
+    codes, out = run_ranks(cfg, resume=str(tmp_path / "sp2dp2/checkpoints/step00000004"))
+    assert codes == [0], out[-3000:]
+    got = losses(tmp_path / "sp1")
+    assert sorted(got) == [5, 6, 7, 8]
+    for step, loss in got.items():
+        assert abs(loss - ref[step]) <= 1e-5 * abs(ref[step]), ("resumed at SP=1", step, loss, ref[step])
 
 
 def test_resume_at_another_world_size(tmp_path, straight_run, tokenizer_path, token_cache):
