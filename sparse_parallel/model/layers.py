@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torch.utils.checkpoint import checkpoint
 
 from ..api import sparse_attention
 from ..patterns import Pattern
@@ -93,30 +92,14 @@ class Attention(nn.Module):
 
 
 class SwiGLU(nn.Module):
-    """``w_down(silu(w_gate x) * w_up x)``; with ``chunk`` > 0, ``chunk`` tokens at a time.
-
-    Chunks are checkpointed, so forward and backward hold one chunk's hidden-width
-    intermediates instead of the whole shard's.
-    """
-
-    def __init__(self, dim: int, hidden: int, chunk: int = 0):
+    def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.chunk = chunk
         self.w_gate = nn.Linear(dim, hidden, bias=False)
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n = x.shape[1]
-        if not self.chunk or n <= self.chunk:
-            return self._mlp(x)
-        grad = torch.is_grad_enabled()
-        parts = [checkpoint(self._mlp, x[:, s:s + self.chunk], use_reentrant=False) if grad
-                 else self._mlp(x[:, s:s + self.chunk]) for s in range(0, n, self.chunk)]
-        return torch.cat(parts, dim=1)
+        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
 
 
 class Block(nn.Module):

@@ -48,12 +48,13 @@ class ModelConfig:
     tie_embeddings: bool = True
     activation_checkpointing: bool = False
     loss_chunk: int = 4096          #: tokens per cross-entropy chunk (bounds the logits held at once)
-    #: tokens per SwiGLU chunk, each recomputed in backward (0 -> whole shard); bounds the
-    #: 3 x hidden-width intermediates, the largest activations at a million tokens
-    mlp_chunk: int = 0
     #: tokens per checkpointed MLP chunk under activation checkpointing (bounds the MLP's hidden
     #: activations held at once; 0 = the whole shard at once)
     mlp_chunk: int = 65536
+    #: with activation checkpointing, keep each layer's saved input in pinned host memory
+    #: (N x dim x 2 bytes per layer moved each way per step) for contexts whose layer inputs
+    #: do not fit on the GPU
+    offload_activations: bool = False
     attention_backend: str = "auto"  #: "auto", "reference" or "triton" (see sparse_parallel.api)
     #: default pattern of every layer (a pattern dict, see sparse_parallel.patterns)
     pattern: dict = field(default_factory=lambda: {"components": [{"type": "window", "left": 64}]})
@@ -65,7 +66,6 @@ class ModelConfig:
             _int(f"model.{name}", getattr(self, name), 1)
         _int("model.mlp_hidden", self.mlp_hidden, 0)
         _int("model.mlp_chunk", self.mlp_chunk, 0)
-        _int("model.mlp_chunk", self.mlp_chunk, 0)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
                              f"({self.n_kv_heads})")
@@ -73,7 +73,7 @@ class ModelConfig:
             raise ValueError(f"model.dim ({self.dim}) must be n_heads ({self.n_heads}) x an even head dim")
         _pos_float("model.rope_theta", self.rope_theta)
         _pos_float("model.norm_eps", self.norm_eps)
-        for name in ("tie_embeddings", "activation_checkpointing"):
+        for name in ("tie_embeddings", "activation_checkpointing", "offload_activations"):
             if not isinstance(getattr(self, name), bool):
                 _fail(f"model.{name}", "true or false", getattr(self, name))
         if self.attention_backend not in ("auto", "reference", "triton"):
