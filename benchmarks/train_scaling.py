@@ -38,8 +38,8 @@ def model_config(args, pattern: dict, backend: str) -> ModelConfig:
     cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
                       n_kv_heads=args.kv_heads, activation_checkpointing=True, loss_chunk=16384,
                       attention_backend=backend, pattern=pattern)
-    if hasattr(cfg, "mlp_chunk"):
-        cfg.mlp_chunk = args.mlp_chunk
+    cfg.mlp_chunk = args.mlp_chunk
+    cfg.offload_activations = args.offload
     cfg.validate()
     return cfg
 
@@ -178,6 +178,7 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--mlp-chunk", type=int, default=65536)
     ap.add_argument("--zero", type=int, default=1)
+    ap.add_argument("--offload", action="store_true", help="checkpointed layer inputs in host memory")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=480, help="start no new run after this many seconds")
@@ -203,7 +204,8 @@ def main() -> int:
             "triton": __import__("triton").__version__, "deepspeed": __import__("deepspeed").__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
             "model": {"layers": args.layers, "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads,
-                      "vocab": args.vocab, "zero": args.zero, "mlp_chunk": args.mlp_chunk}}
+                      "vocab": args.vocab, "zero": args.zero, "mlp_chunk": args.mlp_chunk,
+                      "offload_activations": args.offload}}
 
     def record(row):
         rows.append(row)
@@ -230,7 +232,7 @@ def main() -> int:
             record(attempt(args, what, n_local, "ours", world, rank))
         if what == "main" and n_local == max(map(int, args.lengths.split(","))):
             # Longest context that trains: probe downwards from the longest candidate.
-            for probe in sorted(map(int, args.max_probe.split(",")), reverse=True):
+            for probe in sorted((int(x) for x in args.max_probe.split(",") if x), reverse=True):
                 if not time_left():
                     break
                 row = attempt(args, "main", probe, "ours", world, rank)

@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..patterns import Pattern
 from .layers import Block, RMSNorm, rotary_tables
+from .offload import offloaded_checkpoint
 
 IGNORE_INDEX = -100
 
@@ -73,7 +74,10 @@ class Transformer(nn.Module):
         x = self.tok_embeddings(tokens)
         for layer in self.layers:
             if self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+                if self.cfg.offload_activations:
+                    x = offloaded_checkpoint(layer, x, cos, sin)
+                else:
+                    x = checkpoint(layer, x, cos, sin, use_reentrant=False)
             else:
                 x = layer(x, cos, sin)
         return self.norm(x)
