@@ -125,10 +125,17 @@ class DataConfig:
 
 @dataclass
 class ParallelConfig:
-    sequence_parallel: int = 1      #: ranks sharing one sequence; the world size must be a multiple
+    #: ranks sharing one sequence (the world size must be a multiple), or "all": every rank holds a
+    #: shard of one sequence, so adding GPUs lengthens the context (tokens_per_gpu x world size)
+    sequence_parallel: int | str = 1
 
     def validate(self) -> None:
-        _int("parallel.sequence_parallel", self.sequence_parallel, 1)
+        sp = self.sequence_parallel
+        if sp != "all" and (isinstance(sp, bool) or not isinstance(sp, int) or sp < 1):
+            _fail("parallel.sequence_parallel", "an integer >= 1 or 'all'", sp)
+
+    def size(self, world_size: int) -> int:
+        return world_size if self.sequence_parallel == "all" else self.sequence_parallel
 
 
 @dataclass
@@ -229,7 +236,7 @@ class TrainConfig:
 
     def derived(self, world_size: int) -> Derived:
         _int("world_size", world_size, 1)
-        sp = self.parallel.sequence_parallel
+        sp = self.parallel.size(world_size)
         if world_size % sp:
             raise ValueError(f"world size {world_size} is not a multiple of parallel.sequence_parallel={sp}")
         dp = world_size // sp

@@ -89,7 +89,7 @@ def build_geometry(rank: int, d: Derived):
     for g in range(d.data_parallel):  # every rank creates every group, in the same order
         group = dist.new_group(list(range(g * sp, (g + 1) * sp))) if sp > 1 else None
         if sp > 1 and g == rank // sp:
-            ctx = SequenceParallel(group)
+            ctx = SequenceParallel(group, seq_len=d.context_length)  # no per-call length all-reduce
     sp_rank = rank % sp
     if ctx is not None:
         start, end = ctx.shard_range(d.context_length)
