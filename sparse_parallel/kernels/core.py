@@ -35,14 +35,28 @@ class Config:
     stages: int = 3
     warps_kv: int = 8
     stages_kv: int = 2
-    #: dk/dv of a pass with few key tiles splits its query range once it has this many query tiles.
+    #: dk/dv of a pass with few key tiles splits its query range once it has this many query tiles
+    #: (the scheduling used when ``kv_balance`` is off).
     split_min_qtiles: int = 64
+    #: dk/dv scheduling of range passes: launch only the key tiles some query tile sees, and split
+    #: every key tile's query range into chunks of at most total/(sms*kv_waves) iterations (GQA heads
+    #: counted), so that a few long key tiles (global keys, the first tiles of a strided level, a GQA
+    #: group looping over its heads) do not leave the GPU idle behind them.  Off: one program per key
+    #: tile of the space, split by ``split_min_qtiles`` only when the space has few key tiles.
+    kv_balance: bool = True
+    kv_waves: int = 4
+    #: smallest chunk of a split (iterations); ``sms`` = 0: the device's multiprocessor count.
+    kv_min_chunk: int = 64
+    sms: int = 0
+    #: most bytes of float32 dk/dv partials a split may allocate.
+    kv_split_bytes: int = 1 << 30
 
 
 #: Per-device-type defaults; tests and benchmarks may replace them.
-CONFIGS = {"cuda": Config(bm=64, bn=64, warps=4, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3),
+CONFIGS = {"cuda": Config(bm=64, bn=64, warps=4, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3,
+                          kv_balance=False),
            "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1,
-                                          stages_kv=1, split_min_qtiles=4)}
+                         stages_kv=1, split_min_qtiles=4, kv_min_chunk=1, sms=1)}
 
 
 @dataclass
@@ -331,24 +345,36 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             grid0 = n_kt
         if grid0 == 0 or sp.nk == 0:
             continue
+        t0, qrel, split, qchunk = 0, 0, 1, 0
+        n_qt = P.n_tiles(nq, bm)
+        if ps.mode < P.MODE_BLOCK and cfg.kv_balance:
+            t0, t1, total, longest = _kv_extent(prob, i, bm, bn, qplan)
+            if longest == 0:
+                continue  # no query sees this pass's keys
+            grid0 = t1 - t0 + 1
+            split, qchunk = _kv_split(cfg, device, total, longest, hq // hkv, b * hkv,
+                                      min(sp.nk, (t1 + 1) * bn) - t0 * bn, d)
+            qrel = 1
+        elif ps.mode < P.MODE_BLOCK and grid0 * b * hkv < 264 and n_qt >= cfg.split_min_qtiles:
+            # Few key tiles seen by many query tiles (global keys): split the query range.
+            split = max(1, min(math.ceil(528 / (grid0 * b * hkv)), n_qt // max(1, cfg.split_min_qtiles // 4)))
+            qchunk = math.ceil(n_qt / split)
+        whole = t0 == 0 and grid0 == P.n_tiles(sp.nk, bn)
         if state["init"]:
             accum = True
-        elif ps.mode < P.MODE_BLOCK and dk.shape == state["base"][0].shape:
+        elif ps.mode < P.MODE_BLOCK and whole and dk.shape == state["base"][0].shape:
             accum = False  # a range pass writes every key tile of a whole buffer
         else:
             for t in state["base"]:
                 t.zero_()
             accum = True
         state["init"] = True
-        split, qchunk = 1, 0
-        n_qt = P.n_tiles(nq, bm)
-        if ps.mode < P.MODE_BLOCK and grid0 * b * hkv < 264 and n_qt >= cfg.split_min_qtiles:
-            # Few key tiles seen by many query tiles (global keys): split the query range.
-            split = max(1, min(math.ceil(528 / (grid0 * b * hkv)), n_qt // max(1, cfg.split_min_qtiles // 4)))
-            qchunk = math.ceil(n_qt / split)
-        out_k, out_v, acc = dk, dv, accum
+        # The launched key tiles' rows of dk/dv: [t0*bn, t0*bn + rows).
+        rows = min(sp.nk, (t0 + grid0) * bn) - t0 * bn
+        dk_rows, dv_rows = dk[:, t0 * bn:t0 * bn + rows], dv[:, t0 * bn:t0 * bn + rows]
+        out_k, out_v, acc = dk_rows, dv_rows, accum
         if split > 1:
-            out_k = torch.empty((split,) + tuple(dk.shape), dtype=torch.float32, device=device)
+            out_k = torch.empty((split,) + tuple(dk_rows.shape), dtype=torch.float32, device=device)
             out_v = torch.empty_like(out_k)
             acc = False
         _dkdv_kernel[(grid0, b * hkv, split)](
@@ -358,14 +384,58 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem,
             served, fplan, qplan, kblk, kstart, cptr, cidx,
             out_k, out_v, out_k.stride(-4), out_k.stride(-3), out_k.stride(-2), out_k.stride(0) if split > 1 else 0,
-            qchunk,
-            MODE=ps.mode, NT=len(prob.terms.rows), CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
+            qchunk, t0, qrel,
+            MODE=ps.mode, NT=_kv_terms(prob, ps, cfg), CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
             Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, BM=bm, BN=bn, D=d, IEEE=ieee,
             num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
-        if split > 1:
+        if split > 1:  # partials summed in a fixed order: deterministic
             if accum:
-                dk.add_(out_k.sum(0))
-                dv.add_(out_v.sum(0))
+                dk_rows.add_(out_k.sum(0))
+                dv_rows.add_(out_v.sum(0))
             else:
-                dk.copy_(out_k.sum(0))
-                dv.copy_(out_v.sum(0))
+                dk_rows.copy_(out_k.sum(0))
+                dv_rows.copy_(out_v.sum(0))
+
+
+def _kv_terms(prob: Problem, ps: Pass, cfg: Config) -> int:
+    """Terms the dk/dv ownership mask evaluates: for a range pass over structured terms only,
+    a pair's owner is decided by the terms up to the last served one (later terms cannot take it)."""
+    nt = len(prob.terms.rows)
+    if cfg.kv_balance and ps.mode == P.MODE_RANGE and not ps.member and ps.served:
+        return max(ps.served) + 1
+    return nt
+
+
+def _kv_extent(prob: Problem, i: int, bm: int, bn: int, qplan: torch.Tensor):
+    """(first, last key tile seen by a query tile, query tiles summed over key tiles, longest range).
+
+    One device-to-host read per plan (cached with it).
+    """
+    key = ("kvextent", i, bm, bn)
+    if key not in prob.cache:
+        cnt = (qplan[:, 1].long() - qplan[:, 0].long() + 1).clamp(min=0)
+        seen = torch.nonzero(cnt).flatten()
+        if len(seen) == 0:
+            prob.cache[key] = (0, -1, 0, 0)
+        else:
+            t0, t1, total, longest = torch.stack([seen[0], seen[-1], cnt.sum(), cnt.max()]).tolist()
+            prob.cache[key] = (t0, t1, total, longest)
+    return prob.cache[key]
+
+
+def _kv_split(cfg: Config, device, total: int, longest: int, group: int, programs: int, rows: int, d: int):
+    """(splits, query tiles per chunk) so that no dk/dv program runs much longer than its share.
+
+    A program walks ``group`` heads x its query tiles; the cap is the work of one
+    of ``sms * kv_waves`` equal shares, at least ``kv_min_chunk`` iterations.
+    """
+    sms = cfg.sms or (torch.cuda.get_device_properties(device).multi_processor_count
+                      if device.type == "cuda" else 1)
+    cap = max(cfg.kv_min_chunk, math.ceil(total * group * programs / (sms * cfg.kv_waves)))
+    qchunk = max(1, math.ceil(cap / group))
+    split = math.ceil(longest / qchunk)
+    per_split = 2 * 4 * rows * programs * d  # float32 dk and dv partials of the launched tiles
+    split = max(1, min(split, 256, cfg.kv_split_bytes // max(1, per_split)))
+    if split == 1:
+        return 1, 0
+    return split, math.ceil(longest / split)

@@ -14,7 +14,8 @@ Vocabulary (see ``plan.py``):
 - a tile inside a plan's *full* range needs no mask: every pair is owned.
 
 The forward and dq kernels fuse up to six passes of one query tile in one
-online-softmax loop; dk/dv runs one pass per launch, key-major.  Offsets that
+online-softmax loop; dk/dv runs one pass per launch, key-major, over the key
+tiles that some query sees, with long query ranges split into balanced chunks.  Offsets that
 can pass 2^31 (batch, head and tile bases) are int64.
 """
 import triton
@@ -47,7 +48,9 @@ def _owned(qp, kp, TERMS, NT: tl.constexpr, served, CAUSAL: tl.constexpr, n,
         hi_c = tl.load(TERMS + 6 * t + 3)
         m = tl.load(TERMS + 6 * t + 4)
         r = tl.load(TERMS + 6 * t + 5)
-        a = (kp >= lo_rel * qp + lo_c) & (kp <= hi_rel * qp + hi_c) & ((kp - r) % m == 0)
+        a = (kp >= lo_rel * qp + lo_c) & (kp <= hi_rel * qp + hi_c)
+        if m != 1:  # an integer remainder per pair costs more than the rest of the predicate
+            a = a & ((kp - r) % m == 0)
         srv = ((served >> t) & 1) != 0
         own = own | (a & (~seen) & srv)
         seen = seen | a
@@ -286,11 +289,11 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbas
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["qpos0", "nq", "n", "pos0", "kstr", "nk", "qchunk", "W", "CB"])
+@triton.jit(do_not_specialize=["qpos0", "nq", "n", "pos0", "kstr", "nk", "qchunk", "W", "CB", "t0", "qrel"])
 def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
                  LSE2, DELTA, sxb, sxh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
                  K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, FPLAN, QPLAN, KBLK, KSTART, CPTR, CIDX,
-                 DK, DV, sob, son, soh, sos, qchunk,
+                 DK, DV, sob, son, soh, sos, qchunk, t0, qrel,
                  MODE: tl.constexpr, NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
                  Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr,
                  BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
@@ -299,11 +302,14 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
     Range passes: key tile ``kb`` visits query tiles ``QPLAN[kb]``; block passes:
     program ``t`` takes sub-tile ``t % (CB/BN)`` of listed key block ``KBLK[t // (CB/BN)]``
     and visits the query blocks that list it (``CPTR``/``CIDX``, per table row).
-    Query heads of one KV group are summed here: no atomics, deterministic.  With
-    SPLIT, program ``(t, bhk, s)`` takes query tiles ``[s*qchunk, (s+1)*qchunk)`` and
-    writes a partial at ``s * sos`` (keys seen by very many query tiles: global keys).
+    Query heads of one KV group are summed here: no atomics, deterministic.  Range
+    passes launch key tiles ``t0 + program_id(0)`` and write at key index ``idx - t0*BN``
+    of DK/DV (a buffer of the launched tiles only).  With SPLIT, program ``(t, bhk, s)``
+    takes query tiles ``[base + s*qchunk, base + (s+1)*qchunk)``, ``base`` = 0 or, with
+    ``qrel`` = 1, the tile's first query tile, and writes a partial at ``s * sos`` (keys
+    seen by very many query tiles: global keys, strided levels).
     """
-    t = tl.program_id(0)
+    t = tl.program_id(0) + t0
     bhk = tl.program_id(1)
     split = tl.program_id(2)
     kvh = heads // group
@@ -358,8 +364,9 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
             q_lo = tl.load(QPLAN + t * 2)
             q_hi = tl.load(QPLAN + t * 2 + 1)
             if SPLIT:
-                q_lo = tl.maximum(q_lo, split * qchunk)
-                q_hi = tl.minimum(q_hi, split * qchunk + qchunk - 1)
+                base = q_lo * qrel + split * qchunk
+                q_lo = tl.maximum(q_lo, base)
+                q_hi = tl.minimum(q_hi, base + qchunk - 1)
             for qb in range(q_lo, q_hi + 1):
                 flo = tl.load(FPLAN + qb * 4 + 2)
                 fhi = tl.load(FPLAN + qb * 4 + 3)
@@ -369,7 +376,7 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
                                     QPOS, qpos0, full, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, D, IEEE)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(hk, tl.int64) * soh
-            + tl.cast(idx0, tl.int64) * son)
+            + tl.cast(idx0 - t0 * BN, tl.int64) * son)
     optr = (offs_n * son)[:, None] + offs_d[None, :]
     dk = dk * (qk_scale * 0.6931471805599453)
     if ACCUM:
