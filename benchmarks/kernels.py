@@ -59,7 +59,7 @@ def run(fn, q, k, v, dout, dlse):
     return [out.double(), lf.double()] + [t.grad.double() for t in ts]
 
 
-def correctness(results, quick=False):
+def correctness(results, quick=False, names=None, dtypes=(torch.bfloat16, torch.float16)):
     cases = [
         ("window512+global64+strided32 gqa", Window(512) | Global(first=64, queries=False) | Strided(32), 4, 2),
         ("dilated(256,3)", Dilated(window=256, levels=3), 4, 2),
@@ -71,6 +71,8 @@ def correctness(results, quick=False):
     ]
     if quick:
         cases = [cases[0], cases[4]]
+    if names is not None:
+        cases = [c for c in cases if c[0] in names]
     n, d = 4096, 128
     ok_all = True
     for name, pat, hq, hkv in cases:
@@ -81,7 +83,7 @@ def correctness(results, quick=False):
         dlse = torch.randn(1, hq, n, device="cuda", dtype=torch.float64, generator=g)
         bound = pat.bind(n, hq, q=q if pat.data_dependent else None, k=k if pat.data_dependent else None)
         ref = run(lambda *t: reference_attention(*t, bound), q, k, v, dout, dlse)
-        for dt in (torch.bfloat16, torch.float16):
+        for dt in dtypes:
             low = run(lambda *t: reference_attention(*t, bound), q.to(dt), k.to(dt), v.to(dt), dout, dlse)
             if pat.data_dependent:  # TopK picks blocks from the data: the kernel and the eager run see the same
                 bound_dt = pat.bind(n, hq, q=q.to(dt), k=k.to(dt))
@@ -270,6 +272,89 @@ def time_case(name, pat, n, hq, hkv, results, guard_s, flex=True, sdpa=False):
     torch.cuda.empty_cache()
 
 
+def _median_ms(fn, reps):
+    """Median of ``reps`` CUDA-event timings of fn (after one warm-up call)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s = torch.cuda.Event(enable_timing=True)
+        e = torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return sorted(times)[len(times) // 2]
+
+
+#: dk/dv variants compared by ``--only bwdcmp``: name -> Config changes from the CUDA default.
+KV_VARIANTS = [
+    ("old", {"kv_balance": False}),
+    ("balanced", {"kv_balance": True}),
+    ("balanced 64x64", {"kv_balance": True, "bm_kv": 64, "bn_kv": 64, "warps_kv": 4, "stages_kv": 2}),
+    ("balanced 64x128", {"kv_balance": True, "bm_kv": 64, "bn_kv": 128, "warps_kv": 8, "stages_kv": 2}),
+]
+
+
+def bwd_compare(results, budget_s, reps=5, cases=None, d=128):
+    """Old vs new dk/dv scheduling on the same inputs: fwd+bwd and backward-only medians.
+
+    Cases: (a) window 4096 and (b) w1024+g128+s64 at 256k, MHA 16/16 and GQA 16q/4kv.
+    Variants after the first two are skipped once the script has run ``budget_s`` seconds.
+    """
+    base = core.CONFIGS["cuda"]
+    wgs = Window(1024) | Global(first=128, queries=False) | Strided(64)
+    cases = cases or [("(b) w1024+g128+s64", wgs, 256 * K, 16, 4), ("(b) w1024+g128+s64", wgs, 256 * K, 16, 16),
+                      ("(a) window4096", Window(4096), 256 * K, 16, 16)]
+    for name, pat, n, hq, hkv in cases:
+        pat = as_pattern(pat)
+        fl = pat.describe(n, hq, d)["useful_flops_fwd"]
+        q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
+        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+        do = torch.randn_like(q)
+        grads = {}
+        for label, change in KV_VARIANTS:
+            if label not in ("old", "balanced") and time.time() - T0 > budget_s:
+                log(f"bwdcmp {name} {hq}/{hkv} {label}: skipped (time budget)")
+                continue
+            core.CONFIGS["cuda"] = core.Config(**{**vars(base), **change})
+            try:
+                def fb():
+                    o, _ = triton_attention(qs, ks, vs, pat)
+                    o.backward(do)
+
+                o, _ = triton_attention(qs, ks, vs, pat)
+
+                def bwd():
+                    torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True)
+
+                g = torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True)
+                ms_b = _median_ms(bwd, reps)
+                ms_fb = _median_ms(fb, reps)
+                for x in (qs, ks, vs):
+                    x.grad = None
+                if "old" in grads:  # same inputs: the variants must agree up to summation order
+                    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(g, grads["old"]))
+                else:
+                    diff = 0.0
+                if label == "old":
+                    grads["old"] = g
+                row = {"case": name, "n": n, "hq": hq, "hkv": hkv, "variant": label, "config": vars(core.CONFIGS["cuda"]),
+                       "bwd_ms": ms_b, "fwdbwd_ms": ms_fb, "fwdbwd_tflops": 3.5 * fl / ms_fb / 1e9,
+                       "max_grad_diff_vs_old": diff}
+                del o, g
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                row = {"case": name, "n": n, "hq": hq, "hkv": hkv, "variant": label, "error": repr(e)[:300]}
+            results["bwdcmp"].append(row)
+            log("bwdcmp", json.dumps({kk: (round(vv, 3) if isinstance(vv, float) and kk != "max_grad_diff_vs_old"
+                                           else vv) for kk, vv in row.items() if kk != "config"}))
+        del q, k, v, qs, ks, vs, do, grads
+        torch.cuda.empty_cache()
+    core.CONFIGS["cuda"] = base
+
+
 def tune(results, guard_s):
     """Pick tile sizes on window 4096 at 64k: forward/dq and dk/dv separately."""
     n, hq, d = 64 * K, 16, 128
@@ -339,8 +424,10 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--guard", type=float, default=20.0, help="skip a variant whose first call takes longer (s)")
     ap.add_argument("--only", default="check,tune,a,b,c",
-                    help="comma list of: check (or quickcheck), tune, a, b, c, gqa")
+                    help="comma list of: check (or quickcheck), tune, a, b, c, gqa, bwdcmp")
     ap.add_argument("--max-n", type=int, default=1024 * K)
+    ap.add_argument("--budget", type=float, default=110.0,
+                    help="bwdcmp: seconds after which only the old and balanced variants are timed")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     import torch._dynamo
@@ -353,7 +440,7 @@ def main():
 
     results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
                "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "command": " ".join(sys.argv), "correctness": [], "tuning": [], "timing": []}
+               "command": " ".join(sys.argv), "correctness": [], "tuning": [], "timing": [], "bwdcmp": []}
     only = set(args.only.split(","))
     path = os.path.join(args.out, "kernels.json")
 
@@ -363,6 +450,15 @@ def main():
 
     if "check" in only or "quickcheck" in only:
         results["correct"] = correctness(results, quick="check" not in only)
+        save()
+    if "bwdcmp" in only:
+        # The new dk/dv scheduling checked in bf16 against float64, then timed against the old one.
+        core.CONFIGS["cuda"] = core.Config(**{**vars(core.CONFIGS["cuda"]), "kv_balance": True})
+        results["correct"] = correctness(results, names=("window512+global64+strided32 gqa", "dilated(256,3)",
+                                                         "global queries+keys"), dtypes=(torch.bfloat16,))
+        core.CONFIGS["cuda"] = core.Config(**{**vars(core.CONFIGS["cuda"]), "kv_balance": False})
+        save()
+        bwd_compare(results, args.budget)
         save()
     if "tune" in only:
         tune(results, args.guard)
