@@ -235,3 +235,38 @@ def test_space_attention_bigbird_shard_with_a_global_row():
         for label, a, r, lo in zip(("out", "lse", "dq", "dk", "dv"), [*got[:2], *got[2]], [*ref[:2], *ref[2]],
                                    [*low[:2], *low[2]]):
             _compare(f"{name}: {label}", _finite(a), _finite(r), _finite(lo), torch.float32)
+
+
+def test_dkdv_scheduling_old_and_balanced(monkeypatch):
+    """Both dk/dv schedulings are exact; the balanced one splits the long query range of global keys."""
+    from sparse_parallel.kernels import core
+
+    pattern = Window(20) | Global(first=5, queries=False) | Strided(8)
+    cpu = core.CONFIGS["cpu"]
+    assert cpu.kv_balance
+    splits = []
+    real = core._kv_split
+
+    def spy(*a):
+        splits.append(real(*a)[0])
+        return real(*a)
+
+    monkeypatch.setattr(core, "_kv_split", spy)
+    check(pattern, n=70, hq=2, hkv=1, seed=3)
+    assert max(splits) > 1, f"no dk/dv pass was split: {splits}"
+    monkeypatch.setitem(core.CONFIGS, "cpu", core.Config(**{**vars(cpu), "kv_balance": False}))
+    check(pattern, n=70, hq=2, hkv=1, seed=3)
+
+
+def test_dkdv_split_caps_work_and_memory():
+    from sparse_parallel.kernels import core
+
+    cfg = core.Config(kv_min_chunk=64, sms=132, kv_waves=4)
+    # Global keys: 2 key tiles seen by 8192 query tiles each, 4 heads per KV head, 4 KV heads.
+    split, chunk = core._kv_split(cfg, None, 2 * 8192, 8192, 4, 4, 128, 128)
+    assert split > 1 and chunk * split >= 8192 and 4 * chunk <= 2 * 8192 * 4 * 4 / (132 * 4) + 4
+    # A window: short ranges, plenty of programs -> no split.
+    assert core._kv_split(cfg, None, 4096 * 130, 130, 1, 16, 4096 * 64, 128) == (1, 0)
+    # Partials never exceed kv_split_bytes.
+    small = core.Config(kv_min_chunk=1, sms=132, kv_split_bytes=3 * 2 * 4 * 128 * 4 * 128)
+    assert core._kv_split(small, None, 2 * 8192, 8192, 4, 4, 128, 128)[0] == 3

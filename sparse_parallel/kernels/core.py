@@ -53,8 +53,7 @@ class Config:
 
 
 #: Per-device-type defaults; tests and benchmarks may replace them.
-CONFIGS = {"cuda": Config(bm=64, bn=64, warps=4, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3,
-                          kv_balance=False),
+CONFIGS = {"cuda": Config(bm=64, bn=64, warps=4, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3),
            "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1,
                          stages_kv=1, split_min_qtiles=4, kv_min_chunk=1, sms=1)}
 
