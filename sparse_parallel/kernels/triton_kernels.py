@@ -1,7 +1,7 @@
 """The Triton kernels: forward, dq and dk/dv of attention over key spaces.
 
 Imported lazily (``TRITON_INTERPRET`` is read when a kernel is decorated).  The
-launchers in ``launch.py`` are the only callers.
+launchers in ``core.py`` are the only callers.
 
 Vocabulary (see ``plan.py``):
 - a *term* is one structured piece of the pattern: keys ``j`` with
