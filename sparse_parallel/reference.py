@@ -51,10 +51,9 @@ def attend_keys(q_c, k_c, v_c, allowed, scale):
     return out.reshape(b, c, hq, d), lse.squeeze(-1)
 
 
-def _chunk(bound: BoundPattern, q_c, k, v, start: int, scale: float):
-    end = start + q_c.shape[1]
-    cand = bound.candidates(start, end).to(q_c.device)
-    i = torch.arange(start, end, device=q_c.device)
+def _chunk(bound: BoundPattern, q_c, k, v, cand, start: int, scale: float):
+    """Queries ``[start, start + len)`` over ``cand``, a superset of the keys they may see."""
+    i = torch.arange(start, start + q_c.shape[1], device=q_c.device)
     allowed = bound.allows(i, cand)
     return attend_keys(q_c, k[:, cand], v[:, cand], allowed, scale)
 
@@ -68,14 +67,15 @@ def reference_attention(q, k, v, bound: BoundPattern, scale: float | None = None
     start = 0
     while start < n:
         end = min(n, start + chunk)
-        n_cand = len(bound.candidates(start, end))
-        # A chunk with long candidate lists (global query rows) is split to keep the tile bounded.
-        step = max(1, min(end - start, TILE_BUDGET // max(1, b * hq * n_cand)))
+        cand = bound.candidates(start, end).to(q.device)
+        # A chunk with long candidate lists (global query rows) is split to keep the tile bounded;
+        # the chunk's candidates remain a superset for every piece of it.
+        step = max(1, min(end - start, TILE_BUDGET // max(1, b * hq * len(cand))))
         q_c = q[:, start:start + step]
         if grad:
-            o, l = checkpoint(_chunk, bound, q_c, k, v, start, scale, use_reentrant=False)
+            o, l = checkpoint(_chunk, bound, q_c, k, v, cand, start, scale, use_reentrant=False)
         else:
-            o, l = _chunk(bound, q_c, k, v, start, scale)
+            o, l = _chunk(bound, q_c, k, v, cand, start, scale)
         outs.append(o)
         lses.append(l)
         start += step
