@@ -123,8 +123,8 @@ def train_steps(args, pattern_name: str, n_local: int, attention: str, world: in
                 times.append(time.perf_counter() - t0)
             losses.append(loss.detach().item() * world)
         step_s = sorted(times)[len(times) // 2]
-        flops_tok = model.flops_per_token(n) if attention != "sdpa" else _dense_flops_per_token(model, n)
         useful_flops_tok = model.flops_per_token(n)
+        flops_tok = useful_flops_tok if attention != "sdpa" else _dense_flops_per_token(model, n, useful_flops_tok)
         return {"pattern": pattern_name, "attention": attention, "gpus": world, "tokens_per_gpu": n_local,
                 "context": n, "step_s": step_s, "tokens_per_s": n / step_s,
                 "mfu": useful_flops_tok * n / step_s / world / (PEAK_TFLOPS * 1e12),
@@ -135,13 +135,14 @@ def train_steps(args, pattern_name: str, n_local: int, attention: str, world: in
         model_layers.sparse_attention = original
 
 
-def _dense_flops_per_token(model: Transformer, n: int) -> float:
-    """Training FLOPs per token of the same model with dense causal attention."""
+def _dense_flops_per_token(model: Transformer, n: int, useful_flops_tok: float) -> float:
+    """Training FLOPs per token of the same model with dense causal attention instead of its patterns."""
     head_dim = model.cfg.dim // model.cfg.n_heads
-    sparse_attn = sum(layer.attn.pattern.describe(n, heads=model.cfg.n_heads, dim=head_dim)["useful_flops_fwd_bwd"]
-                      for layer in model.layers) / n
+    sparse = {p: p.describe(n, heads=model.cfg.n_heads, dim=head_dim)["useful_flops_fwd_bwd"]
+              for p in {layer.attn.pattern for layer in model.layers}}
+    sparse_attn = sum(sparse[layer.attn.pattern] for layer in model.layers) / n
     dense_attn = 3.5 * 4 * model.cfg.n_heads * head_dim * (n + 1) / 2 * len(model.layers)
-    return model.flops_per_token(n) - sparse_attn + dense_attn
+    return useful_flops_tok - sparse_attn + dense_attn
 
 
 def attempt(args, *a) -> dict:
