@@ -34,12 +34,11 @@ LINK_GBPS = 222.0  # measured P2P on 2 x H200 over NVLink at 32 MB messages (sha
 GPU_GIB = 139.8
 
 
-def rank_keys(pattern: Pattern, n: int, start: int, end: int) -> float:
-    """Mean keys per query over positions [start, end) of a length-n sequence (exact, O(n))."""
+def keys_per_query(pattern: Pattern, n: int) -> torch.Tensor:
+    """Keys of every query of a length-n sequence (exact, O(n))."""
     from sparse_parallel.patterns.counting import per_query_counts
 
-    counts, _ = per_query_counts(pattern, n)
-    return float(counts[0, 0, start:end].double().mean())
+    return per_query_counts(pattern, n)[0][0, 0].double()
 
 
 def comm_seconds(layers: int, t: int, p: int, kv_heads: int, dim: int) -> float:
@@ -70,7 +69,7 @@ def main() -> None:
         for r in data["rows"]:
             if r["status"] == "ok" and r["attention"] == "ours" and r["pattern"] == "main" and r["gpus"] == 1:
                 n = r["tokens_per_gpu"]
-                points.append((n, r["step_s"], rank_keys(MAIN, n, 0, n), r["peak_mem_gib"]))
+                points.append((n, r["step_s"], float(keys_per_query(MAIN, n).mean()), r["peak_mem_gib"]))
     if len(points) < 2:
         raise SystemExit("need two measured one-GPU 'main' steps at different lengths")
     (t1, s1, k1, m1), (t2, s2, k2, m2) = sorted(points)[:1] + sorted(points)[-1:]
@@ -89,9 +88,10 @@ def main() -> None:
         base = None
         for p in map(int, args.gpus.split(",")):
             n = p * t
-            keys_last = rank_keys(MAIN, n, n - t, n) if n <= (1 << 25) else float("nan")
+            counts = keys_per_query(MAIN, n) if n <= (1 << 25) else None
+            keys_last = float(counts[n - t:].mean()) if counts is not None else float("nan")
+            keys_mean = float(counts.mean()) if counts is not None else float("nan")
             comm = comm_seconds(model["layers"], t, p, model["kv_heads"], model["dim"] // model["heads"])
-            keys_mean = rank_keys(MAIN, n, 0, n)
             step = a * t + b * t * keys_last + comm
             balanced = a * t + b * t * keys_mean
             base = step if p == 1 else base
