@@ -356,45 +356,47 @@ def bwd_compare(results, budget_s, reps=5, cases=None, d=128):
     core.CONFIGS["cuda"] = default
 
 
+def _sweep(results, kind, names, candidates, make_config, fn, guard_s):
+    """Time ``fn`` under each candidate tile config; record each; return the fastest candidate."""
+    best = None
+    for cand in candidates:
+        core.CONFIGS["cuda"] = make_config(*cand)
+        try:
+            ms, _ = bench(fn, guard_s)
+        except Exception as e:  # noqa: BLE001
+            log("tune", kind, *cand, "failed", repr(e)[:200])
+            continue
+        log(f"tune {kind} {cand}: {ms:.2f} ms")
+        results["tuning"].append({"kind": kind, **dict(zip(names, cand)), "ms": ms})
+        if best is None or ms < best[0]:
+            best = (ms, cand)
+    return best[1]
+
+
 def tune(results, guard_s):
-    """Pick tile sizes on window 4096 at 64k: forward/dq and dk/dv separately."""
+    """Pick tile sizes on window 4096 at 64k: forward/dq (bm, bn, warps, stages) and dk/dv
+    (bm_kv, bn_kv, warps_kv, stages_kv) separately."""
     n, hq, d = 64 * K, 16, 128
     pat = as_pattern(Window(4096))
     q, k, v = (torch.randn(1, n, hq, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     do = torch.randn_like(q)
-    best_f, best_b = None, None
-    for bm, bn, w, s in [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)]:
-        core.CONFIGS["cuda"] = core.Config(bm=bm, bn=bn, warps=w, stages=s)
-        try:
-            ms, _ = bench(lambda: triton_attention(q, k, v, pat), guard_s)
-        except Exception as e:  # noqa: BLE001
-            log("tune fwd", bm, bn, w, s, "failed", repr(e)[:200])
-            continue
-        log(f"tune fwd bm={bm} bn={bn} warps={w} stages={s}: {ms:.2f} ms")
-        results["tuning"].append({"kind": "fwd", "bm": bm, "bn": bn, "warps": w, "stages": s, "ms": ms})
-        if best_f is None or ms < best_f[0]:
-            best_f = (ms, bm, bn, w, s)
-    _, bm, bn, w, s = best_f
-    for bmk, bnk, wk, sk in [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3)]:
-        core.CONFIGS["cuda"] = core.Config(bm=bm, bn=bn, warps=w, stages=s, bm_kv=bmk, bn_kv=bnk, warps_kv=wk,
-                                           stages_kv=sk)
+    fwd = _sweep(results, "fwd", ("bm", "bn", "warps", "stages"), [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
+                 lambda bm, bn, w, s: core.Config(bm=bm, bn=bn, warps=w, stages=s),
+                 lambda: triton_attention(q, k, v, pat), guard_s)
 
-        def fb():
-            o, _ = triton_attention(qs, ks, vs, pat)
-            o.backward(do)
-        try:
-            ms, _ = bench(fb, guard_s)
-        except Exception as e:  # noqa: BLE001
-            log("tune bwd", bmk, bnk, wk, sk, "failed", repr(e)[:200])
-            continue
-        log(f"tune fwd+bwd bm_kv={bmk} bn_kv={bnk} warps={wk} stages={sk}: {ms:.2f} ms")
-        results["tuning"].append({"kind": "fwdbwd", "bm_kv": bmk, "bn_kv": bnk, "warps": wk, "stages": sk, "ms": ms})
-        if best_b is None or ms < best_b[0]:
-            best_b = (ms, bmk, bnk, wk, sk)
-    _, bmk, bnk, wk, sk = best_b
-    core.CONFIGS["cuda"] = core.Config(bm=bm, bn=bn, warps=w, stages=s, bm_kv=bmk, bn_kv=bnk, warps_kv=wk,
-                                       stages_kv=sk)
+    def with_kv(bmk, bnk, wk, sk):
+        bm, bn, w, s = fwd
+        return core.Config(bm=bm, bn=bn, warps=w, stages=s, bm_kv=bmk, bn_kv=bnk, warps_kv=wk, stages_kv=sk)
+
+    def fwd_bwd():
+        o, _ = triton_attention(qs, ks, vs, pat)
+        o.backward(do)
+
+    kv = _sweep(results, "fwdbwd", ("bm_kv", "bn_kv", "warps", "stages"),
+                [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3)],
+                with_kv, fwd_bwd, guard_s)
+    core.CONFIGS["cuda"] = with_kv(*kv)
     results["config"] = vars(core.CONFIGS["cuda"])
     log("chosen config", results["config"])
 
