@@ -1,0 +1,52 @@
+"""Bytes per rank of the pattern exchange vs the all-to-all, per attention layer (computed, no devices).
+
+python benchmarks/comm_volume.py -> table on stdout, JSON in benchmarks/results/comm_volume.json
+
+Busiest rank, forward + backward, bf16, H = Hkv = 16, D = 128, 512k tokens per rank, causal.  The
+numbers are what ``sparse_parallel.comm_volume`` returns; tests/test_sequence_parallel.py checks that
+they equal the bytes the exchange really sends.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import sparse_parallel as sp
+
+PATTERNS = {
+    "Window(4096) + Strided(64) + Global(128)": sp.Window(4096) | sp.Strided(64) | sp.Global(first=128),
+    "Window(4096)": sp.Pattern(sp.Window(4096)),
+    "Dilated(1024, 4)": sp.Pattern(sp.Dilated(1024, 4)),
+    "Window(256) + Global(64) + RandomBlocks(64, 3)": sp.Window(256) | sp.Global(first=64) | sp.RandomBlocks(64, 3),
+}
+TOKENS_PER_RANK, HEADS, DIM = 512 * 1024, 16, 128
+
+
+def busiest(pattern, n, p, exchange):
+    vol = sp.comm_volume(pattern, n, SimpleNamespace(world_size=p, rank=0), HEADS, DIM, torch.bfloat16,
+                         exchange=exchange)
+    per = vol["per_rank"]
+    return max(f + b for f, b in zip(per["forward"], per["backward"])), vol["exchange"]
+
+
+def main() -> None:
+    rows = []
+    print(f"{'pattern':<48}{'P':>3}{'N':>9}{'ours MiB':>11}{'all-to-all MiB':>16}{'ratio':>8}  auto")
+    for name, pattern in PATTERNS.items():
+        for p in (2, 4, 8):
+            n = p * TOKENS_PER_RANK
+            ours, _ = busiest(pattern, n, p, "pattern")
+            a2a, _ = busiest(pattern, n, p, "ulysses")
+            _, auto = busiest(pattern, n, p, "auto")
+            rows.append({"pattern": name, "P": p, "N": n, "ours_bytes": ours, "all_to_all_bytes": a2a, "auto": auto})
+            print(f"{name:<48}{p:>3}{n // 1024:>8}k{ours / 2**20:>11.1f}{a2a / 2**20:>16.0f}{a2a / ours:>7.1f}x  {auto}")
+    out = Path("benchmarks/results/comm_volume.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
