@@ -330,3 +330,30 @@ def test_signal_must_come_before_the_time_limit():
         JobSpec(time="3", signal_seconds=120)
     with pytest.raises(ValueError, match="--time must be"):
         JobSpec(time="1h")
+
+
+END_PROCESS_SCRIPT = """
+import sys
+import torch.distributed as dist
+from sparse_parallel.training.trainer import end_process, init_distributed
+if sys.argv[1] == "distributed":
+    init_distributed()  # one gloo rank
+    got = [None]
+    dist.all_gather_object(got, "digest")  # the kind of collective a finished run performs last
+    dist.destroy_process_group()
+    print("finished", got[0], end="")  # unflushed: end_process must flush it
+else:
+    print("nothing started", end="")
+end_process(85)
+"""
+
+
+@pytest.mark.parametrize("mode", ["distributed", "plain"])
+def test_end_process_keeps_the_exit_code_and_the_output(mode):
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PYTHONUNBUFFERED")}
+    env["DS_ACCELERATOR"] = "cpu"  # stdout to a pipe is block-buffered: only a flush brings the text out
+    proc = subprocess.run([sys.executable, "-c", END_PROCESS_SCRIPT, mode], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 85, proc.stderr[-2000:]
+    assert proc.stdout == ("finished digest" if mode == "distributed" else "nothing started")

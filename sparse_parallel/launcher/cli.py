@@ -40,5 +40,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def entry() -> None:
+    """The ``sparse-parallel`` program: :func:`main`, then the end of the process.  A process that trained
+    ends through ``training.end_process`` (it explains why); the trainer is imported only by then."""
+    code = main()
+    trainer = sys.modules.get("sparse_parallel.training.trainer")
+    if trainer is not None:
+        trainer.end_process(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

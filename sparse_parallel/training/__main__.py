@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .trainer import run
+from .trainer import end_process, run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,4 +23,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    end_process(main())

@@ -17,8 +17,10 @@ import hashlib
 import json
 import os
 import shutil
+import logging
 import signal
 import socket
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,6 +33,9 @@ from .config import Derived, TrainConfig, load_config
 
 #: Exit code after a preemption checkpoint: the job should be requeued and resumed.
 REQUEUE_EXIT_CODE = 85
+
+#: Set once this process has started a process group (see :func:`end_process`).
+_STARTED_PROCESS_GROUP = False
 
 #: Dense bf16 peak per device (TFLOP/s) for the MFU estimate, by device-name substring.
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -76,8 +81,34 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     if not dist.is_initialized():
+        global _STARTED_PROCESS_GROUP
         dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world)
+        _STARTED_PROCESS_GROUP = True
     return rank, world, local_rank, device
+
+
+def end_process(code: int) -> None:
+    """End a rank's process with ``code``; the command-line entry points call this last.
+
+    DeepSpeed keeps its process groups in module globals, so ``destroy_process_group`` does not stop
+    their communication threads, and such a thread may still be releasing a finished collective's
+    tensors while the interpreter shuts down: it then needs the interpreter lock of a dying interpreter
+    and the process aborts (SIGABRT, exit 134) after a run that did everything right.  A process that
+    started a process group therefore flushes its outputs, finalizes MPI when mpi4py initialized it,
+    and leaves with ``os._exit``, without interpreter shutdown.  Any other process exits normally.
+    """
+    if not _STARTED_PROCESS_GROUP:
+        sys.exit(code)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can be said anyway
+            pass
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        mpi.Finalize()
+    os._exit(code)
 
 
 def build_geometry(rank: int, d: Derived):
