@@ -20,7 +20,7 @@ def train_batch(self, consumed, *a, **k):
         os.kill(os.getpid(), signal.SIGUSR1)
     return orig(self, consumed, *a, **k)
 data.TokenStream.train_batch = train_batch
-sys.exit(entry.main(sys.argv[1:]))
+entry.end_process(entry.main(sys.argv[1:]))
 """
 
 
