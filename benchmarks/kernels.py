@@ -12,6 +12,8 @@ Run on the device machine:  PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --o
    create_block_mask(..., _compile=True); SDPA dense causal is the ceiling at 64k.
    A per-variant time guard skips what would take too long (reported as skipped).
 Writes kernels.json and kernels.png to --out, prints a table.
+
+``--only planops`` runs anywhere (CPU): the tensor operations of a cold plan per case -> plan_ops.json.
 """
 from __future__ import annotations
 
@@ -422,17 +424,71 @@ def plot(results, path):
     fig.savefig(path, dpi=110)
 
 
+#: Planning cases of ``--only planops``: the (a), (b) and (c)-dilated patterns at 1M tokens, 16q/4kv heads.
+PLAN_CASES = (("(a) window4096", Window(4096)), ("(b) w1024+g128+s64", Window(1024) | Global(first=128, queries=False)
+              | Strided(64)), ("(c) dilated(1024,4)", Dilated(window=1024, levels=4)))
+
+
+def plan_ops(n: int) -> list[dict]:
+    """Tensor operations of one cold plan (``prepare(..., plans=True)``), counted on the CPU.
+
+    On a GPU a non-view operation is about one kernel launch, so the count is what cold planning costs there
+    beyond its O(N/block) work; q/k/v are broadcast views (no memory), planning never reads their data.
+    """
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    views = {"slice", "select", "view", "expand", "alias", "unsqueeze", "squeeze", "t", "transpose", "permute",
+             "as_strided", "detach", "_unsafe_view"}
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = self.views = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.split(".")[0] in views:
+                self.views += 1
+            else:
+                self.ops += 1
+            return func(*args, **(kwargs or {}))
+
+    rows = []
+    for name, pat in PLAN_CASES:
+        q = torch.empty(1, 1, 16, 128).expand(1, n, 16, 128)
+        k = torch.empty(1, 1, 4, 128).expand(1, n, 4, 128)
+        kfunction._PLANS.clear()
+        with Count() as c:
+            prepare(q, k, k, pat, plans=True)
+        rows.append({"case": name, "n": n, "ops": c.ops, "view_ops": c.views})
+        log("planops", json.dumps(rows[-1]))
+    kfunction._PLANS.clear()
+    return rows
+
+
+def plan_ops_report(n: int, out: str) -> None:
+    rows = plan_ops(n)
+    with open(os.path.join(out, "plan_ops.json"), "w") as f:
+        json.dump({"torch": torch.__version__, "python": platform.python_version(), "command": " ".join(sys.argv),
+                   "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "plans": rows}, f, indent=1)
+    print("| case | N | tensor operations | view operations |\n|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['n'] // K}k | {r['ops']} | {r['view_ops']} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--guard", type=float, default=20.0, help="skip a variant whose first call takes longer (s)")
     ap.add_argument("--only", default="check,tune,a,b,c",
-                    help="comma list of: check (or quickcheck), tune, a, b, c, gqa, bwdcmp")
+                    help="comma list of: check (or quickcheck), tune, a, b, c, gqa, bwdcmp; or planops alone "
+                         "(operations of a cold plan, on the CPU)")
     ap.add_argument("--max-n", type=int, default=1024 * K)
     ap.add_argument("--budget", type=float, default=110.0,
                     help="bwdcmp: seconds after which only the old and balanced variants are timed")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.only == "planops":
+        return plan_ops_report(args.max_n, args.out)
     import torch._dynamo
     import triton
 

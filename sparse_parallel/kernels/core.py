@@ -143,7 +143,7 @@ def _range_plan(prob: Problem, i: int, bm: int, bn: int) -> torch.Tensor:
         bkey = ("bounds", bm)
         if bkey not in prob.cache:
             first, last = P.tile_rows(prob.q_pos, prob.q_pos0, prob.nq, bm, prob.terms.tensor.device)
-            prob.cache[bkey] = (first, last, (P.term_bounds(prob.terms, first), P.term_bounds(prob.terms, last)))
+            prob.cache[bkey] = (first, last, P.term_bounds(prob.terms, torch.cat([first, last])))
         first, last, bounds = prob.cache[bkey]
         prob.cache[key] = P.range_plan(prob.terms, ps.served, ps.member, first, last, sp.pos0, sp.kstr, sp.nk,
                                        sp.positions, bn, bounds)

@@ -123,19 +123,23 @@ def _exact_interval(terms: Terms, t: int, bounds, pos0: int, kstr: int):
     bad = torch.zeros_like(L, dtype=torch.bool)
     for u in range(t):
         el, eh = lo_all[u], hi_all[u]
-        disjoint = (eh < L) | (el > H) | (el > eh) | (L > H)
-        cov = covers(terms.rows[u], pos0, kstr)
-        trim_lo = ~disjoint & cov & (el <= L)
-        trim_hi = ~disjoint & cov & ~trim_lo & (eh >= H)
-        bad |= ~disjoint & ~trim_lo & ~trim_hi
+        overlap = (eh >= L) & (el <= H) & (el <= eh) & (L <= H)
+        case = case * 3
+        if not covers(terms.rows[u], pos0, kstr):  # term u takes some keys of the range, not a prefix/suffix
+            bad |= overlap
+            continue
+        trim_lo = overlap & (el <= L)
+        trim_hi = overlap & (eh >= H) & ~trim_lo
+        bad |= overlap & ~(trim_lo | trim_hi)
         L = torch.where(trim_lo, torch.maximum(L, eh + 1), L)
         H = torch.where(trim_hi, torch.minimum(H, el - 1), H)
-        case = case * 3 + trim_lo.long() + 2 * trim_hi.long()
+        case = case + trim_lo + 2 * trim_hi
     return L, H, torch.where(bad, -1, case)
 
 
-def _ceil_div(a, b):
-    return -torch.div(-a, b, rounding_mode="floor")
+def _ceil_div(a, b: int):
+    """ceil(a / b) for integer tensors ``a`` and a positive int ``b``."""
+    return torch.div(a + (b - 1), b, rounding_mode="floor")
 
 
 def _to_index(lo, hi, pos0, kstr, nk, positions):
@@ -144,7 +148,9 @@ def _to_index(lo, hi, pos0, kstr, nk, positions):
         ilo = torch.searchsorted(positions, lo)
         ihi = torch.searchsorted(positions, hi, right=True) - 1
         return ilo, ihi
-    ilo = _ceil_div(lo - pos0, kstr).clamp(min=0)
+    if kstr == 1:
+        return (lo - pos0).clamp(min=0), (hi - pos0).clamp(max=nk - 1)
+    ilo = torch.div(lo + (kstr - 1 - pos0), kstr, rounding_mode="floor").clamp(min=0)  # ceil((lo - pos0) / kstr)
     ihi = torch.div(hi - pos0, kstr, rounding_mode="floor").clamp(max=nk - 1)
     return ilo, ihi
 
@@ -161,14 +167,14 @@ def range_plan(terms: Terms, served: list, member: bool, first, last, pos0: int,
                positions, bn: int, bounds=None) -> torch.Tensor:
     """int32 ``[n_qtiles, 4]``: key-tile range and full (mask-free) key-tile range per query tile.
 
-    ``bounds`` = (``term_bounds(terms, first)``, ``term_bounds(terms, last)``), shared by passes.
+    ``bounds`` = ``term_bounds(terms, torch.cat([first, last]))``, shared by passes: the first and the
+    last row of every tile are evaluated together, so each step below is one device operation.
     """
     n, causal = terms.n, terms.causal
-    bf, bl = bounds if bounds is not None else (term_bounds(terms, first), term_bounds(terms, last))
-    los, his = [], []
-    for t in served:
-        los.append(bf[0][t])
-        his.append(bl[1][t])
+    m = len(first)
+    lo_b, hi_b = bounds if bounds is not None else term_bounds(terms, torch.cat([first, last]))
+    los = [lo_b[t, :m] for t in served]
+    his = [hi_b[t, m:] for t in served]
     if member:
         los.append(torch.zeros_like(first))
         his.append(last.clamp(max=n - 1) if causal else torch.full_like(last, n - 1))
@@ -177,10 +183,9 @@ def range_plan(terms: Terms, served: list, member: bool, first, last, pos0: int,
     kf_lo = torch.ones_like(first)
     kf_hi = torch.zeros_like(first)
     if len(served) == 1 and not member and positions is None and covers(terms.rows[served[0]], pos0, kstr):
-        t = served[0]
-        la, ha, ca = _exact_interval(terms, t, bf, pos0, kstr)
-        lb, hb, cb = _exact_interval(terms, t, bl, pos0, kstr)
-        exact = (ca == cb) & (ca >= 0)
+        L, H, case = _exact_interval(terms, served[0], (lo_b, hi_b), pos0, kstr)
+        la, lb, ha, hb = L[:m], L[m:], H[:m], H[m:]
+        exact = (case[:m] == case[m:]) & (case[:m] >= 0)
         lo = torch.where(exact, la, lo)
         hi = torch.where(exact, hb, hi)
         flo, fhi = _to_index(lb, ha, pos0, kstr, nk, None)

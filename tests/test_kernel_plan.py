@@ -1,0 +1,102 @@
+"""Tile plans (sparse_parallel/kernels/plan.py) against a brute-force reading of the terms.
+
+A range plan gives each query tile a key-tile range that must hold every key the pass owns, and a
+*full* range whose tiles the kernels walk without evaluating any mask, so every pair there must be
+owned by the pass's term.  A pair (i, j) is owned by term t when t allows it and no earlier term does.
+The checks read only the term rows, so they hold whatever pattern produced them; random patterns,
+lengths, tile sizes and key lattices (strided spaces with offsets) are drawn fresh each run.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from sparse_parallel.kernels import plan as P
+from sparse_parallel.patterns import Global, Pattern, Strided, Window
+
+
+def _allowed(row, causal: bool, n: int, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """[len(i), len(j)]: keys at positions j that term ``row`` allows to queries at positions i."""
+    lo_rel, lo_c, hi_rel, hi_c, m, r = row
+    i, j = i[:, None], j[None, :]
+    ok = (j >= lo_rel * i + lo_c) & (j <= hi_rel * i + hi_c) & (j % m == r) & (j >= 0) & (j < n)
+    return ok & (j <= i) if causal else ok
+
+
+def _random_pattern(rng: random.Random) -> Pattern:
+    comps = []
+    for _ in range(rng.randint(1, 4)):
+        kind = rng.choice(["window", "strided", "strided_span", "global"])
+        if kind == "window":
+            comps.append(Window(rng.randint(0, 40), right=rng.choice([0, 0, rng.randint(1, 9)])))
+        elif kind == "strided":
+            s = rng.randint(2, 9)
+            comps.append(Strided(s, offset=rng.randint(0, s - 1)))
+        elif kind == "strided_span":
+            s = rng.randint(2, 9)
+            comps.append(Strided(s, offset=rng.randint(0, s - 1), span=rng.randint(s, 120)))
+        else:
+            comps.append(Global(first=rng.randint(1, 12), queries=False))
+    return Pattern(tuple(comps), causal=rng.random() < 0.75)
+
+
+def test_range_plans_cover_owned_keys_and_full_tiles_are_owned():
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    checked_full = 0
+    for trial in range(60):
+        pattern = _random_pattern(rng)
+        n = rng.randint(1, 300)
+        terms = P.build_terms(pattern.bind(n, 1), "cpu")
+        bm, bn = rng.choice([16, 32]), rng.choice([16, 32])
+        q0 = rng.randint(0, n - 1)
+        nq = rng.randint(1, n - q0)
+        first, last = P.tile_rows(None, q0, nq, bm, "cpu")
+        bounds = P.term_bounds(terms, torch.cat([first, last]))
+        qpos = torch.arange(q0, q0 + nq)
+        allows = [_allowed(row, terms.causal, n, qpos, torch.arange(n)) for row in terms.rows]
+        for t in range(len(terms.rows)):
+            owned_pos = allows[t].clone()
+            for u in range(t):
+                owned_pos &= ~allows[u]
+            # the contiguous space, and the strided lattices of the pattern's own levels
+            lattices = {(0, 1)} | {(row[5], row[4]) for row in terms.rows if row[4] > 1}
+            for pos0, kstr in sorted(lattices):
+                if not P.covers(terms.rows[t], pos0, kstr):
+                    continue  # such a space cannot serve term t (the kernels never pair them)
+                kpos = torch.arange(pos0, max(pos0, n), kstr)
+                nk = len(kpos)
+                owned = owned_pos[:, kpos] if nk else owned_pos[:, :0]
+                plan = P.range_plan(terms, [t], False, first, last, pos0, kstr, nk, None, bn, bounds)
+                where = f"seed {seed} trial {trial}: {pattern} n={n} q0={q0} nq={nq} bm={bm} bn={bn} " \
+                        f"term {t} space ({pos0}, {kstr})"
+                for qt in range(len(first)):
+                    rows = owned[qt * bm:(qt + 1) * bm]
+                    kb_lo, kb_hi, kf_lo, kf_hi = plan[qt].tolist()
+                    keys = torch.nonzero(rows.any(0)).flatten()
+                    if len(keys):
+                        assert kb_lo * bn <= keys[0] and keys[-1] < (kb_hi + 1) * bn, where + f" tile {qt}"
+                    assert kb_lo <= kf_lo or kf_lo > kf_hi, where + f" tile {qt}: full range outside the range"
+                    assert kf_hi <= kb_hi or kf_lo > kf_hi, where + f" tile {qt}: full range outside the range"
+                    for kt in range(kf_lo, kf_hi + 1):
+                        block = rows[:, kt * bn:min((kt + 1) * bn, nk)]
+                        assert block.numel() and bool(block.all()), where + f" tile {qt}: key tile {kt} " \
+                                                                            "is walked unmasked but not owned"
+                        checked_full += 1
+    assert checked_full > 0, f"seed {seed}: no full tile was drawn, so the unmasked ranges went unchecked"
+
+
+@pytest.mark.parametrize("n", [1, 5, 64, 97])
+def test_transposed_plan_lists_every_query_tile_of_a_key_tile(n):
+    terms = P.build_terms(Pattern((Window(20), Strided(7, offset=3))).bind(n, 1), "cpu")
+    first, last = P.tile_rows(None, 0, n, 16, "cpu")
+    for t in range(len(terms.rows)):
+        plan = P.range_plan(terms, [t], False, first, last, 0, 1, n, None, 16)
+        n_kt = P.n_tiles(n, 16)
+        qplan = P.transpose_plan(plan, n_kt)
+        for kt in range(n_kt):
+            want = [qt for qt in range(len(first)) if plan[qt, 0] <= kt <= plan[qt, 1]]
+            q_lo, q_hi = qplan[kt].tolist()
+            assert want == list(range(q_lo, q_hi + 1)), (t, kt, want, (q_lo, q_hi))
