@@ -129,16 +129,8 @@ def bench(fn, guard_s):
     torch.cuda.synchronize()
     once = time.time() - t
     if once > 0.25:
-        times = [once]
-        for _ in range(2):
-            s = torch.cuda.Event(enable_timing=True)
-            e = torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            torch.cuda.synchronize()
-            times.append(s.elapsed_time(e) / 1000)
-        return sorted(times)[1] * 1000, first
+        times = [once * 1000, _event_ms(fn), _event_ms(fn)]
+        return sorted(times)[1], first
     return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"), first
 
 
@@ -274,20 +266,23 @@ def time_case(name, pat, n, hq, hkv, results, guard_s, flex=True, sdpa=False):
     torch.cuda.empty_cache()
 
 
+def _event_ms(fn) -> float:
+    """One call of fn timed by CUDA events (ms)."""
+    s = torch.cuda.Event(enable_timing=True)
+    e = torch.cuda.Event(enable_timing=True)
+    s.record()
+    fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e)
+
+
 def _median_ms(fn, reps):
     """Median of ``reps`` CUDA-event timings of fn (after one warm-up call)."""
     fn()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s = torch.cuda.Event(enable_timing=True)
-        e = torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return sorted(times)[len(times) // 2]
+    times = sorted(_event_ms(fn) for _ in range(reps))
+    return times[len(times) // 2]
 
 
 #: dk/dv variants compared by ``--only bwdcmp``: name -> Config changes from the CUDA default.

@@ -54,6 +54,24 @@ def _compare(name, got, ref64, ref_lo, dtype):
     assert err <= 2 * ref_err + FLOOR[dtype], f"{name}: error {err:.2e} vs same-dtype reference {ref_err:.2e}"
 
 
+def _check_spaces(name, q_rows, q_pos, k, v, spaces, bound, dout, dlse):
+    """space_attention (float32) against reference_space_attention in float64; the float32 reference
+    gives the error scale.  ``spaces(k, v)`` builds the key spaces from the (differentiated) k and v."""
+    def via(fn):
+        return lambda a, b_, c: fn(a, q_pos, spaces(b_, c), bound)
+
+    args = (q_rows, k, v)
+    args32 = [t.float() for t in args]
+    ref = _run(via(reference_space_attention), args, dout, dlse)
+    low = _run(via(reference_space_attention), args32, dout, dlse)
+    got = _run(via(kernels().space_attention), args32, dout, dlse)
+    for label, a, r, lo in zip(("out", "lse", "dq", "dk", "dv"), [*got[:2], *got[2]], [*ref[:2], *ref[2]],
+                               [*low[:2], *low[2]]):
+        if label in ("out", "lse"):  # rows with no keys: lse -inf in all three
+            a, r, lo = _finite(a), _finite(r), _finite(lo)
+        _compare(f"{name}: {label}", a, r, lo, torch.float32)
+
+
 def check(pattern, n, hq=2, hkv=1, b=1, d=16, dtype=torch.float32, seed=0):
     pattern = as_pattern(pattern)
     g = torch.Generator().manual_seed(seed)
@@ -130,16 +148,7 @@ def test_space_attention_matches_reference_spaces():
 
     dout = torch.randn(1, end - start, hq, d, generator=g, dtype=torch.float64).to(DEV)
     dlse = torch.randn(1, hq, end - start, generator=g, dtype=torch.float64).to(DEV)
-    ref = _run(lambda a, b_, c: reference_space_attention(a, q_pos, spaces(b_, c), bound),
-               (q[:, start:end], k, v), dout, dlse)
-    low = _run(lambda a, b_, c: reference_space_attention(a, q_pos, spaces(b_, c), bound),
-               (q[:, start:end].float(), k.float(), v.float()), dout, dlse)
-    got = _run(lambda a, b_, c: kernels().space_attention(a, q_pos, spaces(b_, c), bound),
-               (q[:, start:end].float(), k.float(), v.float()), dout, dlse)
-    for name, a, r, lo in zip(("out", "lse"), got[:2], ref[:2], low[:2]):
-        _compare(name, _finite(a), _finite(r), _finite(lo), torch.float32)
-    for name, a, r, lo in zip(("dq", "dk", "dv"), got[2], ref[2], low[2]):
-        _compare(name, a, r, lo, torch.float32)
+    _check_spaces("shard", q[:, start:end], q_pos, k, v, spaces, bound, dout, dlse)
 
 
 def test_space_attention_global_query_rows_alone():
@@ -186,15 +195,7 @@ def test_space_attention_block_lists_from_halo_and_fetched_blocks():
                                           KeySpace(kk[:, fetched], vv[:, fetched], (1,), positions=fetched)],
     }
     for name, spaces in layouts.items():
-        args = (q[:, start:end], k, v)
-        ref = _run(lambda a, b_, c: reference_space_attention(a, q_pos, spaces(b_, c), bound), args, dout, dlse)
-        low = _run(lambda a, b_, c: reference_space_attention(a, q_pos, spaces(b_, c), bound),
-                   [t.float() for t in args], dout, dlse)
-        got = _run(lambda a, b_, c: kernels().space_attention(a, q_pos, spaces(b_, c), bound),
-                   [t.float() for t in args], dout, dlse)
-        for label, a, r, lo in zip(("out", "lse", "dq", "dk", "dv"), [*got[:2], *got[2]], [*ref[:2], *ref[2]],
-                                   [*low[:2], *low[2]]):
-            _compare(f"{name}: {label}", _finite(a), _finite(r), _finite(lo), torch.float32)
+        _check_spaces(name, q[:, start:end], q_pos, k, v, spaces, bound, dout, dlse)
 
 
 def test_public_entry_dispatches_to_triton():
@@ -226,15 +227,7 @@ def test_space_attention_bigbird_shard_with_a_global_row():
     for name, (pos, spaces) in cases.items():
         dout = torch.randn(1, len(pos), 1, d, generator=g, dtype=torch.float64).to(DEV)
         dlse = torch.randn(1, 1, len(pos), generator=g, dtype=torch.float64).to(DEV)
-        args = (q[:, pos], k, v)
-        ref = _run(lambda a, b_, c: reference_space_attention(a, pos, spaces(b_, c), bound), args, dout, dlse)
-        low = _run(lambda a, b_, c: reference_space_attention(a, pos, spaces(b_, c), bound),
-                   [t.float() for t in args], dout, dlse)
-        got = _run(lambda a, b_, c: kernels().space_attention(a, pos, spaces(b_, c), bound),
-                   [t.float() for t in args], dout, dlse)
-        for label, a, r, lo in zip(("out", "lse", "dq", "dk", "dv"), [*got[:2], *got[2]], [*ref[:2], *ref[2]],
-                                   [*low[:2], *low[2]]):
-            _compare(f"{name}: {label}", _finite(a), _finite(r), _finite(lo), torch.float32)
+        _check_spaces(name, q[:, pos], pos, k, v, spaces, bound, dout, dlse)
 
 
 def test_dkdv_scheduling_old_and_balanced(monkeypatch):
