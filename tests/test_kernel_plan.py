@@ -100,3 +100,40 @@ def test_transposed_plan_lists_every_query_tile_of_a_key_tile(n):
             want = [qt for qt in range(len(first)) if plan[qt, 0] <= kt <= plan[qt, 1]]
             q_lo, q_hi = qplan[kt].tolist()
             assert want == list(range(q_lo, q_hi + 1)), (t, kt, want, (q_lo, q_hi))
+
+
+def test_transposed_full_range_is_exactly_the_query_tiles_that_walk_a_key_tile_unmasked():
+    """``transpose_full`` against a brute-force reading of the range plans of random patterns: a key
+    tile's full query range must hold only query tiles whose full range holds it (else dk/dv would
+    skip a needed mask), and, where those tiles are contiguous, all of them."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    exact = 0
+    for trial in range(60):
+        pattern = _random_pattern(rng)
+        n = rng.randint(1, 400)
+        terms = P.build_terms(pattern.bind(n, 1), "cpu")
+        bm, bn = rng.choice([16, 32]), rng.choice([16, 32])
+        first, last = P.tile_rows(None, 0, n, bm, "cpu")
+        for t in range(len(terms.rows)):
+            plan = P.range_plan(terms, [t], False, first, last, 0, 1, n, None, bn)
+            n_kt = P.n_tiles(n, bn)
+            full = P.transpose_full(plan, n_kt)
+            for kt in range(n_kt):
+                want = [qt for qt in range(len(first)) if plan[qt, 2] <= kt <= plan[qt, 3]]
+                f_lo, f_hi = full[kt].tolist()
+                got = list(range(f_lo, f_hi + 1))
+                where = f"seed {seed} trial {trial}: {pattern} n={n} bm={bm} bn={bn} term {t} key tile {kt}"
+                assert set(got) <= set(want), where + f": {got} not all full ({want})"
+                if want == list(range(want[0], want[-1] + 1)) if want else False:
+                    assert got == want, where + f": {got} != {want}"
+                    exact += 1
+    assert exact > 0, f"seed {seed}: no key tile had full query tiles"
+
+
+def test_transposed_full_range_of_non_contiguous_query_tiles_is_empty():
+    # Query tiles 0 and 2 walk key tile 0 unmasked, tile 1 does not: no contiguous range is exact.
+    plan = torch.tensor([[0, 1, 0, 0], [0, 1, 1, 0], [0, 1, 0, 1]], dtype=torch.int32)
+    full = P.transpose_full(plan, 2).tolist()
+    assert full[0][0] > full[0][1], full
+    assert full[1] == [2, 2], full

@@ -230,13 +230,13 @@ def test_space_attention_bigbird_shard_with_a_global_row():
         _check_spaces(name, q[:, pos], pos, k, v, spaces, bound, dout, dlse)
 
 
-def test_dkdv_scheduling_old_and_balanced(monkeypatch):
-    """Both dk/dv schedulings are exact; the balanced one splits the long query range of global keys."""
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_dq_fused_and_query_major_with_split_dkdv(monkeypatch, deterministic):
+    """dq from the dk/dv kernel (atomics) and from the query-major kernel are both exact, with the
+    long query range of the global keys split across programs."""
     from sparse_parallel.kernels import core
 
     pattern = Window(20) | Global(first=5, queries=False) | Strided(8)
-    cpu = core.CONFIGS["cpu"]
-    assert cpu.kv_balance
     splits = []
     real = core._kv_split
 
@@ -245,10 +245,9 @@ def test_dkdv_scheduling_old_and_balanced(monkeypatch):
         return real(*a)
 
     monkeypatch.setattr(core, "_kv_split", spy)
+    monkeypatch.setitem(core._DEFAULTS, "cpu", core._DEFAULTS["cpu"].replace(deterministic=deterministic))
     check(pattern, n=70, hq=2, hkv=1, seed=3)
     assert max(splits) > 1, f"no dk/dv pass was split: {splits}"
-    monkeypatch.setitem(core.CONFIGS, "cpu", core.Config(**{**vars(cpu), "kv_balance": False}))
-    check(pattern, n=70, hq=2, hkv=1, seed=3)
 
 
 def test_dkdv_split_caps_work_and_memory():

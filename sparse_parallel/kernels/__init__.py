@@ -36,20 +36,20 @@ def _require(device):
         raise RuntimeError(f"backend='triton' is not available: {why}")
 
 
-def triton_attention(q, k, v, pattern, scale=None):
+def triton_attention(q, k, v, pattern, scale=None, config=None):
     """q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` -> (out ``[B, N, Hq, D]``, lse ``[B, Hq, N]`` float32)."""
     _require(q.device)
     from .function import triton_attention as run
 
-    return run(q, k, v, pattern, scale=scale)
+    return run(q, k, v, pattern, scale=scale, config=config)
 
 
-def space_attention(q, q_pos, spaces, bound, scale=None):
+def space_attention(q, q_pos, spaces, bound, scale=None, config=None):
     """Triton twin of ``spaces.reference_space_attention`` -> (out, lse); see ``function.space_attention``."""
     _require(q.device)
     from .function import space_attention as run
 
-    return run(q, q_pos, spaces, bound, scale=scale)
+    return run(q, q_pos, spaces, bound, scale=scale, config=config)
 
 
 __all__ = ["available", "space_attention", "triton_attention"]

@@ -9,7 +9,7 @@ pass, accumulating into float32 gradient buffers in a fixed order.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -19,12 +19,13 @@ MAX_SLOTS = 6
 LOG2E = 1.4426950408889634
 
 
-@dataclass
+@dataclass(frozen=True)
 class Config:
-    """Tile sizes: forward/dq tiles (bm x bn), dk/dv tiles (bm_kv x bn_kv).
+    """Tile sizes and backward scheduling of the kernels.
 
-    The CUDA defaults are the fastest of the candidates measured by
-    ``benchmarks/kernels.py`` on an H200 (window 4096, 64k tokens, bf16, D=128).
+    Forward (and the query-major dq of ``deterministic``) tiles are ``bm x bn``; dk/dv
+    tiles ``bm_kv x bn_kv``.  The CUDA defaults are the fastest candidates measured by
+    ``benchmarks/kernels.py --only tune`` on an H200 (bf16, D=128).
     """
 
     bm: int = 128
@@ -35,15 +36,13 @@ class Config:
     stages: int = 3
     warps_kv: int = 8
     stages_kv: int = 2
-    #: dk/dv of a pass with few key tiles splits its query range once it has this many query tiles
-    #: (the scheduling used when ``kv_balance`` is off).
-    split_min_qtiles: int = 64
-    #: dk/dv scheduling of range passes: launch only the key tiles some query tile sees, and split
-    #: every key tile's query range into chunks of at most total/(sms*kv_waves) iterations (GQA heads
-    #: counted), so that a few long key tiles (global keys, the first tiles of a strided level, a GQA
-    #: group looping over its heads) do not leave the GPU idle behind them.  Off: one program per key
-    #: tile of the space, split by ``split_min_qtiles`` only when the space has few key tiles.
-    kv_balance: bool = True
+    #: dq by a query-major kernel that recomputes QK^T and dP (bitwise reproducible) instead of
+    #: float32 atomic additions from the dk/dv kernel (two matrix products fewer per tile pair).
+    deterministic: bool = False
+    #: dk/dv of range passes: every key tile's query range is split into chunks of at most
+    #: total/(sms*kv_waves) iterations (GQA heads counted), so that a few long key tiles (global
+    #: keys, the first tiles of a strided level, a GQA group looping over its heads) do not leave
+    #: the GPU idle behind them.
     kv_waves: int = 4
     #: smallest chunk of a split (iterations); ``sms`` = 0: the device's multiprocessor count.
     kv_min_chunk: int = 64
@@ -51,11 +50,27 @@ class Config:
     #: most bytes of float32 dk/dv partials a split may allocate.
     kv_split_bytes: int = 1 << 30
 
+    def replace(self, **changes) -> "Config":
+        return replace(self, **changes)
 
-#: Per-device-type defaults; tests and benchmarks may replace them.
-CONFIGS = {"cuda": Config(bm=64, bn=64, warps=4, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3),
-           "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1,
-                         stages_kv=1, split_min_qtiles=4, kv_min_chunk=1, sms=1)}
+
+#: Defaults per device type; pass a Config to the entry points to use another.
+_DEFAULTS = {"cuda": Config(bm=128, bn=64, warps=8, stages=3, bm_kv=64, bn_kv=128, warps_kv=8, stages_kv=2),
+             "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1,
+                           stages_kv=1, kv_min_chunk=1, sms=1)}
+
+
+def default_config(device) -> Config:
+    """The tile configuration used when none is given, for ``device`` (a torch.device or string)."""
+    return _DEFAULTS["cuda" if torch.device(device).type == "cuda" else "cpu"]
+
+
+def multiprocessors(cfg: Config, device) -> int:
+    """``cfg.sms``, or the multiprocessor count read from the device."""
+    if cfg.sms:
+        return cfg.sms
+    device = torch.device(device)
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 @dataclass
@@ -77,7 +92,7 @@ class Space:
 @dataclass
 class Pass:
     space: int
-    mode: int
+    mode: P.PassKind
     served: list  # structured term indices
     member: bool = False
 
@@ -156,7 +171,7 @@ def _slot_args(prob: Problem, i: int, bm: int, bn: int, device):
     d32 = _dummy(device)
     kpos = sp.positions.to(torch.int32).contiguous() if sp.positions is not None else d32
     kmem = sp.member if sp.member is not None else _dummy(device, torch.int8)
-    if ps.mode in (P.MODE_BLOCK, P.MODE_BLOCK_EXPLICIT):
+    if ps.mode in (P.PassKind.BLOCK, P.PassKind.BLOCK_EXPLICIT):
         key = ("starts", ps.space)
         if key not in prob.cache:
             prob.cache[key] = P.block_starts(prob.terms.table, prob.terms.block, sp.pos0, sp.kstr, sp.positions)
@@ -168,7 +183,7 @@ def _slot_args(prob: Problem, i: int, bm: int, bn: int, device):
 
 
 def _check_block_alignment(prob: Problem, bm: int, bn: int):
-    if not prob.has_block or not any(ps.mode >= P.MODE_BLOCK for ps in prob.passes):
+    if not prob.has_block or not any(ps.mode.is_block for ps in prob.passes):
         return bm, bn
     cb = prob.terms.block
     if prob.q_pos0 is None:
@@ -216,7 +231,7 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
         for s in range(MAX_SLOTS):
             if s < len(group):
                 slots += _slot_args(prob, group[s], bm, bn, device)
-                modes.append(prob.passes[group[s]].mode)
+                modes.append(prob.passes[group[s]].mode.value)
             else:
                 slots += [q, q, 0, 0, 0, 0, 1, 0, _dummy(device), _dummy(device, torch.int8), 0, _dummy(device),
                           _dummy(device)]
@@ -263,23 +278,53 @@ def merge(outs: torch.Tensor, lses: torch.Tensor, dtype):
     return out.to(dtype), lse
 
 
+def _kv_tiles(prob: Problem, cfg: Config):
+    """dk/dv tile sizes (bm, bn): block passes need tiles inside one table block."""
+    bm, bn = cfg.bm_kv, cfg.bn_kv
+    if prob.has_block and any(ps.mode.is_block for ps in prob.passes):
+        bm, bn = min(bm, prob.terms.block), min(bn, prob.terms.block)
+    return bm, bn
+
+
+def _kv_plans(prob: Problem, i: int, bm: int, bn: int):
+    """(query-tile range, full query-tile range) per key tile of range pass ``i`` (cached)."""
+    key = ("qplan", i, bm, bn)
+    if key not in prob.cache:
+        fplan = _range_plan(prob, i, bm, bn)
+        n_kt = P.n_tiles(prob.spaces[prob.passes[i].space].nk, bn)
+        prob.cache[key] = (P.transpose_plan(fplan, n_kt), P.transpose_full(fplan, n_kt))
+    return prob.cache[key]
+
+
 def build_plans(prob: Problem, cfg: Config):
     """Every range plan the forward and backward will use (they are otherwise built on first use)."""
     bm, bn = _check_block_alignment(prob, cfg.bm, cfg.bn)
-    bmk, bnk = cfg.bm_kv, cfg.bn_kv
-    if prob.has_block and any(ps.mode >= P.MODE_BLOCK for ps in prob.passes):
-        bmk, bnk = min(bmk, prob.terms.block), min(bnk, prob.terms.block)
+    bmk, bnk = _kv_tiles(prob, cfg)
     for i, ps in enumerate(prob.passes):
-        if ps.mode < P.MODE_BLOCK:
+        if not ps.mode.is_block:
             _range_plan(prob, i, bm, bn)
-            key = ("qplan", i, bmk, bnk)
-            if key not in prob.cache:
-                n_kt = P.n_tiles(prob.spaces[ps.space].nk, bnk)
-                prob.cache[key] = P.transpose_plan(_range_plan(prob, i, bmk, bnk), n_kt)
+            _kv_plans(prob, i, bmk, bnk)
 
 
 def forward(prob: Problem, q, scale, cfg: Config):
     return _launch_query(prob, q, scale, cfg, 0)
+
+
+def _prepare_backward(out, dout, lse, dlse):
+    """(delta, lse2) ``[B, H, N]`` float32: ``rowsum(dout * out) - dlse`` and ``lse * log2(e)``."""
+    from .triton_kernels import _bwd_prep_kernel
+
+    b, nq, hq, d = out.shape
+    lse = lse.contiguous()
+    delta = torch.empty(b, hq, nq, dtype=torch.float32, device=out.device)
+    lse2 = torch.empty_like(delta)
+    dl = dlse.contiguous() if dlse is not None else lse
+    bm = 64
+    _bwd_prep_kernel[(P.n_tiles(nq, bm), b * hq)](
+        out, out.stride(0), out.stride(1), out.stride(2), dout, dout.stride(0), dout.stride(1), dout.stride(2),
+        lse, dl, lse.stride(0), lse.stride(1), delta, lse2, nq, hq,
+        HAS_DLSE=dlse is not None, BM=bm, D=d, num_warps=4)
+    return delta, lse2
 
 
 def backward(prob: Problem, q, out, lse, dout, dlse, scale, cfg: Config, grads: list):
@@ -287,19 +332,21 @@ def backward(prob: Problem, q, out, lse, dout, dlse, scale, cfg: Config, grads: 
 
     ``state`` (shared by spaces that are views of one buffer) holds ``init`` and
     ``base`` = the whole (dk32, dv32) buffers, zeroed unless a range pass writes them first.
+    Unless ``cfg.deterministic``, the dk/dv kernel also produces dq (float32 atomics).
     """
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1).transpose(1, 2)
-    if dlse is not None:
-        delta = delta - dlse.float()
-    delta = delta.contiguous()
-    lse2 = torch.where(torch.isinf(lse), float("inf"), lse.float() * LOG2E).contiguous()
-    dq = _launch_query(prob, q, scale, cfg, 1, do=dout, lse2=lse2, delta=delta)
-    _launch_dkdv(prob, q, dout, lse2, delta, scale, cfg, grads)
-    return dq
+    delta, lse2 = _prepare_backward(out, dout, lse, dlse)
+    if cfg.deterministic:
+        dq = _launch_query(prob, q, scale, cfg, 1, do=dout, lse2=lse2, delta=delta)
+        _launch_dkdv(prob, q, dout, lse2, delta, scale, cfg, grads, None)
+        return dq
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    _launch_dkdv(prob, q, dout, lse2, delta, scale, cfg, grads, dq32)
+    return dq32.to(q.dtype)
 
 
-def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: list):
+def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: list, dq32):
+    """One key-major launch per pass; with ``dq32`` every launch also adds its dq into it."""
     from .triton_kernels import _dkdv_kernel
 
     b, nq, hq, d = q.shape
@@ -307,9 +354,10 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
     ieee = q.dtype == torch.float32
     tbl, stb, sth, stq, w, cb = _block_args(prob, device)
     qpos = _qpos32(prob)
-    bm, bn = cfg.bm_kv, cfg.bn_kv
-    if prob.has_block and any(ps.mode >= P.MODE_BLOCK for ps in prob.passes):
-        bm, bn = min(bm, cb), min(bn, cb)
+    bm, bn = _kv_tiles(prob, cfg)
+    fuse = dq32 is not None
+    dqb = dq32 if fuse else _dummy(device, torch.float32)
+    dq_strides = (dq32.stride(0), dq32.stride(1), dq32.stride(2)) if fuse else (0, 0, 0)
     for i, ps in enumerate(prob.passes):
         sp = prob.spaces[ps.space]
         hkv = sp.k.shape[2]
@@ -317,7 +365,8 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
         d32 = _dummy(device)
         kpos = sp.positions.to(torch.int32).contiguous() if sp.positions is not None else d32
         kmem = sp.member if sp.member is not None else _dummy(device, torch.int8)
-        if ps.mode >= P.MODE_BLOCK:
+        t0, split, qchunk = 0, 1, 0
+        if ps.mode.is_block:
             key = ("kblocks", i)
             if key not in prob.cache:
                 kb_, ks_ = P.key_blocks(cb, sp.pos0, sp.nk, sp.positions)
@@ -328,40 +377,27 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             if key not in prob.cache:
                 prob.cache[key] = P.transposed_table(prob.terms.table, n_kb)
             cptr, cidx, ctb, cth = prob.cache[key]
-            fplan = qplan = d32
+            qplan = qfplan = d32
             served = prob.terms.block_bit
             grid0 = len(kblk) * (cb // bn)
+            whole = False
         else:
-            fplan = _range_plan(prob, i, bm, bn)
-            n_kt = P.n_tiles(sp.nk, bn)
-            key = ("qplan", i, bm, bn)
-            if key not in prob.cache:
-                prob.cache[key] = P.transpose_plan(fplan, n_kt)
-            qplan = prob.cache[key]
+            qplan, qfplan = _kv_plans(prob, i, bm, bn)
             kblk = kstart = cptr = cidx = d32
             ctb = cth = 0
             served = prob.served_bits(ps)
-            grid0 = n_kt
-        if grid0 == 0 or sp.nk == 0:
-            continue
-        t0, qrel, split, qchunk = 0, 0, 1, 0
-        n_qt = P.n_tiles(nq, bm)
-        if ps.mode < P.MODE_BLOCK and cfg.kv_balance:
             t0, t1, total, longest = _kv_extent(prob, i, bm, bn, qplan)
             if longest == 0:
                 continue  # no query sees this pass's keys
             grid0 = t1 - t0 + 1
             split, qchunk = _kv_split(cfg, device, total, longest, hq // hkv, b * hkv,
                                       min(sp.nk, (t1 + 1) * bn) - t0 * bn, d)
-            qrel = 1
-        elif ps.mode < P.MODE_BLOCK and grid0 * b * hkv < 264 and n_qt >= cfg.split_min_qtiles:
-            # Few key tiles seen by many query tiles (global keys): split the query range.
-            split = max(1, min(math.ceil(528 / (grid0 * b * hkv)), n_qt // max(1, cfg.split_min_qtiles // 4)))
-            qchunk = math.ceil(n_qt / split)
-        whole = t0 == 0 and grid0 == P.n_tiles(sp.nk, bn)
+            whole = t0 == 0 and grid0 == P.n_tiles(sp.nk, bn)
+        if grid0 == 0 or sp.nk == 0:
+            continue
         if state["init"]:
             accum = True
-        elif ps.mode < P.MODE_BLOCK and whole and dk.shape == state["base"][0].shape:
+        elif whole and dk.shape == state["base"][0].shape:
             accum = False  # a range pass writes every key tile of a whole buffer
         else:
             for t in state["base"]:
@@ -379,15 +415,16 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
         _dkdv_kernel[(grid0, b * hkv, split)](
             q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
             qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, lse2, delta, lse2.stride(0), lse2.stride(1),
+            dqb, *dq_strides,
             prob.terms.tensor, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, ctb, cth,
             sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem,
-            served, fplan, qplan, kblk, kstart, cptr, cidx,
+            served, qplan, qfplan, kblk, kstart, cptr, cidx,
             out_k, out_v, out_k.stride(-4), out_k.stride(-3), out_k.stride(-2), out_k.stride(0) if split > 1 else 0,
-            qchunk, t0, qrel,
-            MODE=ps.mode, NT=_kv_terms(prob, ps, cfg), CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
-            Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, BM=bm, BN=bn, D=d, IEEE=ieee,
-            num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
-        if split > 1:  # partials summed in a fixed order: deterministic
+            qchunk, t0,
+            MODE=ps.mode.value, NT=_kv_terms(prob, ps), CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
+            Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, FUSE_DQ=fuse, BM=bm, BN=bn, D=d,
+            IEEE=ieee, num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
+        if split > 1:  # partials summed in a fixed order
             if accum:
                 dk_rows.add_(out_k.sum(0))
                 dv_rows.add_(out_v.sum(0))
@@ -396,13 +433,12 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
                 dv_rows.copy_(out_v.sum(0))
 
 
-def _kv_terms(prob: Problem, ps: Pass, cfg: Config) -> int:
+def _kv_terms(prob: Problem, ps: Pass) -> int:
     """Terms the dk/dv ownership mask evaluates: for a range pass over structured terms only,
     a pair's owner is decided by the terms up to the last served one (later terms cannot take it)."""
-    nt = len(prob.terms.rows)
-    if cfg.kv_balance and ps.mode == P.MODE_RANGE and not ps.member and ps.served:
+    if ps.mode == P.PassKind.RANGE and not ps.member and ps.served:
         return max(ps.served) + 1
-    return nt
+    return len(prob.terms.rows)
 
 
 def _kv_extent(prob: Problem, i: int, bm: int, bn: int, qplan: torch.Tensor):
@@ -428,8 +464,7 @@ def _kv_split(cfg: Config, device, total: int, longest: int, group: int, program
     A program walks ``group`` heads x its query tiles; the cap is the work of one
     of ``sms * kv_waves`` equal shares, at least ``kv_min_chunk`` iterations.
     """
-    sms = cfg.sms or (torch.cuda.get_device_properties(device).multi_processor_count
-                      if device.type == "cuda" else 1)
+    sms = multiprocessors(cfg, device) if device is not None else (cfg.sms or 1)
     cap = max(cfg.kv_min_chunk, math.ceil(total * group * programs / (sms * cfg.kv_waves)))
     qchunk = max(1, math.ceil(cap / group))
     split = math.ceil(longest / qchunk)

@@ -23,10 +23,6 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PLANS: dict = {}
 
 
-def _config(device) -> core.Config:
-    return core.CONFIGS["cuda" if device.type == "cuda" else "cpu"]
-
-
 def _check_dtype(q):
     if q.dtype not in DTYPES:
         raise ValueError(f"the Triton kernels take q/k/v in float16, bfloat16 or float32, got {q.dtype}")
@@ -67,9 +63,9 @@ def _global_row_positions(bound, device) -> torch.Tensor:
     return rows[rows < bound.n]
 
 
-def _split_for(n_qtiles: int, bh: int, nk: int, bn: int) -> int:
-    """Key splits for long (global) rows: enough programs to fill the GPU."""
-    want = math.ceil(264 / max(1, n_qtiles * bh))
+def _split_for(n_qtiles: int, bh: int, nk: int, bn: int, sms: int) -> int:
+    """Key splits for long (global) rows: enough programs for two per multiprocessor."""
+    want = math.ceil(2 * sms / max(1, n_qtiles * bh))
     return max(1, min(want, math.ceil(nk / (4 * bn))))
 
 
@@ -150,13 +146,15 @@ def _block_pieces(q_pos: torch.Tensor, block: int) -> list:
     return pieces
 
 
-def space_attention(q, q_pos, spaces, bound, scale=None):
+def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | None = None):
     """Attention of queries at global positions ``q_pos`` over key spaces, on the Triton kernels.
 
     q ``[B, Nq, Hq, D]``, ``q_pos [Nq]`` sorted; each space's k/v ``[B, Nk, Hkv, D]``.
     Returns (out ``[B, Nq, Hq, D]``, lse ``[B, Hq, Nq]`` float32), differentiable in q and
     every space's k and v, with gradients from both out and lse.  Semantics as in
     ``spaces.reference_space_attention``.
+
+    ``config`` (tile sizes, backward scheduling) defaults to ``core.default_config(q.device)``.
 
     Not supported (NotImplementedError): query positions that are not increasing;
     query rows of ``Global(queries=True)`` mixed with ordinary rows (pass the global
@@ -187,7 +185,7 @@ def space_attention(q, q_pos, spaces, bound, scale=None):
     if use_blocks and not contiguous and any(set(ks.components) & set(terms.block_comps) for ks in spaces):
         # Block passes need contiguous query tiles: run each contiguous piece alone.
         pieces = _block_pieces(q_pos, terms.block)
-        parts = [space_attention(q[:, a:b], q_pos[a:b], spaces, bound, scale) for a, b in pieces]
+        parts = [space_attention(q[:, a:b], q_pos[a:b], spaces, bound, scale, config) for a, b in pieces]
         return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
     kspaces, passes, inputs = [], [], []
     for si, ks in enumerate(spaces):
@@ -221,14 +219,14 @@ def space_attention(q, q_pos, spaces, bound, scale=None):
             continue
         mine = [t for t, c in enumerate(terms.comp) if c in served]
         if positions is None:
-            passes += [core.Pass(si, P.MODE_RANGE, [t]) for t in mine]
+            passes += [core.Pass(si, P.PassKind.RANGE, [t]) for t in mine]
             if blocks:
-                passes.append(core.Pass(si, P.MODE_BLOCK, []))
+                passes.append(core.Pass(si, P.PassKind.BLOCK, []))
         else:
             if mine or member is not None:
-                passes.append(core.Pass(si, P.MODE_EXPLICIT, mine, member is not None))
+                passes.append(core.Pass(si, P.PassKind.EXPLICIT, mine, member is not None))
             if blocks:
-                passes.append(core.Pass(si, P.MODE_BLOCK_EXPLICIT, []))
+                passes.append(core.Pass(si, P.PassKind.BLOCK_EXPLICIT, []))
     if not kspaces or not passes or nq == 0:
         raise ValueError("space_attention needs at least one non-empty key space serving a component")
     prob = core.Problem(terms, kspaces, passes, q_pos, int(q_pos[0]) if contiguous else None)
@@ -238,23 +236,27 @@ def space_attention(q, q_pos, spaces, bound, scale=None):
 
     layout = {"problems": [{"prob": prob, "rows": None, "grads": grads}],
               "buffer_of": {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))}}
-    return _Function.apply(layout, scale, _config(device), q, *inputs)
+    cfg = config if config is not None else core.default_config(device)
+    return _Function.apply(layout, scale, cfg, q, *inputs)
 
 
-def triton_attention(q, k, v, pattern, scale=None):
-    """Whole-sequence sparse attention: q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` -> (out, lse)."""
-    layout, scale, cfg = prepare(q, k, v, pattern, scale)
+def triton_attention(q, k, v, pattern, scale=None, config: core.Config | None = None):
+    """Whole-sequence sparse attention: q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` -> (out, lse).
+
+    ``config`` (tile sizes, backward scheduling) defaults to ``core.default_config(q.device)``.
+    """
+    layout, scale, cfg = prepare(q, k, v, pattern, scale, config=config)
     return _Function.apply(layout, scale, cfg, q, *_kv(k, v))
 
 
-def prepare(q, k, v, pattern, scale=None, plans: bool = False):
+def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Config | None = None):
     """Plan ``triton_attention`` (tables, terms, passes); ``plans`` also builds every tile plan now."""
     _check_dtype(q)
     pattern = as_pattern(pattern)
     b, n, hq, d = q.shape
     device = q.device
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    cfg = _config(device)
+    cfg = config if config is not None else core.default_config(device)
     # Plans depend on the pattern and the shapes only (not on the data, except TopKBlocks): reuse them.
     key = None if pattern.data_dependent else (pattern, n, hq, k.shape[2], str(device), tuple(vars(cfg).items()))
     cached = _PLANS.get(key) if key is not None else None
@@ -280,18 +282,18 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False):
                 views[key] = len(spaces)
                 spaces.append(core.Space(k[:, comp.offset::comp.stride], v[:, comp.offset::comp.stride],
                                          comp.offset, comp.stride))
-            passes.append(core.Pass(views[key], P.MODE_RANGE, [t]))
+            passes.append(core.Pass(views[key], P.PassKind.RANGE, [t]))
         else:
-            passes.append(core.Pass(0, P.MODE_RANGE, [t]))
+            passes.append(core.Pass(0, P.PassKind.RANGE, [t]))
     passes.sort(key=lambda ps: ps.space != 0)  # full-K range passes first: they initialise dk/dv
     if terms.table is not None:
-        passes.append(core.Pass(0, P.MODE_BLOCK, []))
+        passes.append(core.Pass(0, P.PassKind.BLOCK, []))
     gpos = None
     if terms.explicit:
         gpos = torch.unique(torch.cat(list(terms.explicit.values())))
         ones = torch.ones(len(gpos), dtype=torch.int8, device=device)
         spaces.append(core.Space(k.detach()[:, gpos], v.detach()[:, gpos], 0, 1, gpos, ones))
-        passes.append(core.Pass(len(spaces) - 1, P.MODE_EXPLICIT, [], True))
+        passes.append(core.Pass(len(spaces) - 1, P.PassKind.EXPLICIT, [], True))
     main = core.Problem(terms, spaces, [ps for ps in passes if spaces[ps.space].nk > 0],
                         None, 0, cache=cached["main"], nq=n)
     explicit_space = len(spaces) - 1 if gpos is not None else None
@@ -313,8 +315,8 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False):
     if len(rows):
         gterms = P.Terms([(0, 0, 0, P.BIG, 1, 0)], [0], pattern.causal, n,
                          tensor=torch.tensor([0, 0, 0, P.BIG, 1, 0], dtype=torch.int32, device=device))
-        split = _split_for(P.n_tiles(len(rows), cfg.bm), b * hq, n, cfg.bn)
-        gprob = core.Problem(gterms, [core.Space(k, v)], [core.Pass(0, P.MODE_RANGE, [0])], rows, None, split,
+        split = _split_for(P.n_tiles(len(rows), cfg.bm), b * hq, n, cfg.bn, core.multiprocessors(cfg, device))
+        gprob = core.Problem(gterms, [core.Space(k, v)], [core.Pass(0, P.PassKind.RANGE, [0])], rows, None, split,
                              cache=cached["global"])
         problems.append({"prob": gprob, "rows": rows,
                          "grads": lambda bufs, states: [(bufs[0], bufs[1], states["kv"])]})

@@ -17,6 +17,7 @@ tile for the backward.  Everything is O(N / block) torch work on the device.
 """
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass, field
 
@@ -28,7 +29,19 @@ from ..patterns.counting import _merged_table
 #: "no bound" for the int32 term arithmetic in the kernels (positions stay below it).
 BIG = 1 << 30
 
-MODE_RANGE, MODE_EXPLICIT, MODE_BLOCK, MODE_BLOCK_EXPLICIT = 1, 2, 3, 4
+
+
+class PassKind(enum.IntEnum):
+    """How a pass walks its key space; the kernels read the same values as compile-time constants."""
+
+    RANGE = 1  # a range of key tiles of an arithmetic space (positions pos0 + kstr * index)
+    EXPLICIT = 2  # a range of key tiles of a space with explicit positions
+    BLOCK = 3  # the key blocks listed by the block table, arithmetic space
+    BLOCK_EXPLICIT = 4  # the same over an explicit space
+
+    @property
+    def is_block(self) -> bool:
+        return self >= PassKind.BLOCK
 
 
 @dataclass
@@ -207,6 +220,27 @@ def transpose_plan(plan: torch.Tensor, n_ktiles: int) -> torch.Tensor:
     q_lo = torch.searchsorted(hi_m, kb)
     q_hi = torch.searchsorted(lo_m, kb, right=True) - 1
     return torch.stack([q_lo, q_hi], 1).to(torch.int32).contiguous()
+
+
+def transpose_full(plan: torch.Tensor, n_ktiles: int) -> torch.Tensor:
+    """int32 ``[n_ktiles, 2]``: the query tiles for which each key tile lies in the *full* range.
+
+    Exact: a key tile gets the contiguous range of query tiles whose full range holds it, or an
+    empty range (1, 0) when those query tiles are not contiguous (the kernels then mask them all).
+    The candidate range comes from running extrema of the per-tile full bounds and is accepted
+    only when it holds exactly as many query tiles as hold the key tile (counted by sorting).
+    """
+    flo, fhi = plan[:, 2].long(), plan[:, 3].long()
+    some = flo <= fhi
+    hi_m = torch.cummax(torch.where(some, fhi, -1), 0).values
+    lo_m = torch.flip(torch.cummin(torch.flip(torch.where(some, flo, BIG), (0,)), 0).values, (0,))
+    kb = torch.arange(n_ktiles, device=plan.device)
+    a = torch.searchsorted(hi_m, kb)
+    b = torch.searchsorted(lo_m, kb, right=True) - 1
+    holding = (torch.searchsorted(torch.sort(flo[some]).values, kb, right=True)
+               - torch.searchsorted(torch.sort(fhi[some]).values, kb))
+    ok = (b >= a) & (holding == b - a + 1)
+    return torch.stack([torch.where(ok, a, 1), torch.where(ok, b, 0)], 1).to(torch.int32).contiguous()
 
 
 def block_starts(table: torch.Tensor, block: int, pos0: int, kstr: int, positions) -> torch.Tensor:

@@ -7,10 +7,10 @@ Vocabulary (see ``plan.py``):
 - a *term* is one structured piece of the pattern: keys ``j`` with
   ``lo_rel*i + lo_c <= j <= hi_rel*i + hi_c`` and ``j = r (mod m)``; terms are
   evaluated in order and a pair belongs to the first term that allows it;
-- a *pass* walks one key space for one set of served terms: MODE 1 a range of
-  key tiles of an arithmetic space (positions ``pos0 + kstr*idx``), MODE 2 a
-  range of an explicit space (positions loaded), MODE 3/4 the key blocks listed
-  by the block table (arithmetic / explicit space);
+- a *pass* walks one key space for one set of served terms; its ``MODE`` is a
+  ``plan.PassKind``: RANGE a range of key tiles of an arithmetic space (positions
+  ``pos0 + kstr*idx``), EXPLICIT a range of an explicit space (positions loaded),
+  BLOCK / BLOCK_EXPLICIT the key blocks listed by the block table;
 - a tile inside a plan's *full* range needs no mask: every pair is owned.
 
 The forward and dq kernels fuse up to six passes of one query tile in one
@@ -20,6 +20,12 @@ can pass 2^31 (batch, head and tile bases) are int64.
 """
 import triton
 import triton.language as tl
+
+from .plan import PassKind
+
+RANGE = tl.constexpr(PassKind.RANGE.value)
+EXPLICIT = tl.constexpr(PassKind.EXPLICIT.value)
+BLOCK = tl.constexpr(PassKind.BLOCK.value)
 
 
 @triton.jit
@@ -35,9 +41,9 @@ def _owned(qp, kp, TERMS, NT: tl.constexpr, served, CAUSAL: tl.constexpr, n,
            KIND: tl.constexpr, member, HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB):
     """Pairs (qp, kp) owned by the pass: its first allowing term is served.
 
-    KIND 1: range pass over structured terms; 2: the same plus the explicit
-    global-key term (``member``), which comes after the block term; 3: block
-    pass (the tile is listed for the row, so the block term allows it).
+    KIND (a ``PassKind``) RANGE: range pass over structured terms; EXPLICIT: the same
+    plus the explicit global-key term (``member``), which comes after the block term;
+    BLOCK: block pass (the tile is listed for the row, so the block term allows it).
     """
     seen = (qp < -1) & (kp < -1)
     own = seen
@@ -54,9 +60,9 @@ def _owned(qp, kp, TERMS, NT: tl.constexpr, served, CAUSAL: tl.constexpr, n,
         srv = ((served >> t) & 1) != 0
         own = own | (a & (~seen) & srv)
         seen = seen | a
-    if KIND == 3:
+    if KIND == BLOCK:
         own = own | (~seen)
-    if KIND == 2:
+    if KIND == EXPLICIT:
         if HAS_BLOCK:
             cqb = qp // CB
             kbk = kp // CB
@@ -71,13 +77,26 @@ def _owned(qp, kp, TERMS, NT: tl.constexpr, served, CAUSAL: tl.constexpr, n,
 
 
 @triton.jit
+def _segments(lo, hi, flo, fhi):
+    """Cut the tile range [lo, hi] into masked [lo, flo), full [flo, fhi], masked (fhi, hi].
+
+    The full range is clipped to [lo, hi]; an empty one leaves [lo, hi] to the masked segments.
+    """
+    flo = tl.minimum(tl.maximum(flo, lo), hi + 1)
+    fhi = tl.maximum(tl.minimum(fhi, hi), flo - 1)
+    return flo, fhi
+
+
+@triton.jit
 def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, kbase, vbase, skn, pos0, kstr, nk, KPOS, KMEM,
-          full, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale,
+          MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale,
           HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB,
           MODE: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PHASE: tl.constexpr):
     """One key tile for one query tile: online softmax (PHASE 0) or dq accumulation (PHASE 1).
 
     ``idx`` = the tile's first key index (scalar); ``e`` the listed key block (block passes).
+    ``MASKED`` is a compile-time flag so that the loop over a plan's full tiles has no
+    branch in its body and is software-pipelined like a dense attention loop.
     """
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
@@ -87,17 +106,17 @@ def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, kbase, vbase, skn, pos0, k
     k = tl.load(kbase + toff, mask=kmask[:, None], other=0.0)
     v = tl.load(vbase + toff, mask=kmask[:, None], other=0.0)
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
-    if full == 0:
-        if MODE == 1 or MODE == 3:
+    if MASKED:
+        if MODE == RANGE or MODE == BLOCK:
             kp = pos0 + kstr * kidx
         else:
             kp = tl.load(KPOS + kidx, mask=kmask, other=-1)
-        if MODE == 2:
+        if MODE == EXPLICIT:
             mem = tl.load(KMEM + kidx, mask=kmask, other=0)
         else:
             mem = kmask
-        if MODE >= 3:
-            ok = _owned(qp[:, None], kp[None, :], TERMS, NT, served, CAUSAL, n, 3, mem[None, :],
+        if MODE >= BLOCK:
+            ok = _owned(qp[:, None], kp[None, :], TERMS, NT, served, CAUSAL, n, BLOCK, mem[None, :],
                         HAS_BLOCK, TBLH, stq, W, CB)
             ok = ok & ((kp // CB) == e)[None, :]
         else:
@@ -130,7 +149,7 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
     """All key tiles of one pass for one query tile."""
     kbase = K + tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
     vbase = V + tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
-    if MODE >= 3:
+    if MODE >= BLOCK:
         crow = (row0 // CB) * stq
         for w in range(0, W):
             e = tl.load(TBLH + crow + w)
@@ -138,7 +157,7 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
                 st = tl.load(TSTH + crow + w)
                 for u in range(0, CB // BN):
                     acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, st + u * BN, kbase, vbase,
-                                          skn, pos0, kstr, nk, KPOS, KMEM, False, e, served, TERMS, NT,
+                                          skn, pos0, kstr, nk, KPOS, KMEM, True, e, served, TERMS, NT,
                                           CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
                                           MODE, BN, D, IEEE, PHASE)
     else:
@@ -149,10 +168,20 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
         if SPLIT:
             lo = tl.maximum(lo, split * chunk)
             hi = tl.minimum(hi, split * chunk + chunk - 1)
-        for kb in range(lo, hi + 1):
-            full = (kb >= flo) & (kb <= fhi)
+        flo, fhi = _segments(lo, hi, flo, fhi)
+        for kb in range(lo, flo):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kbase, vbase,
-                                  skn, pos0, kstr, nk, KPOS, KMEM, full, -1, served, TERMS, NT,
+                                  skn, pos0, kstr, nk, KPOS, KMEM, True, -1, served, TERMS, NT,
+                                  CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
+                                  MODE, BN, D, IEEE, PHASE)
+        for kb in range(flo, fhi + 1):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kbase, vbase,
+                                  skn, pos0, kstr, nk, KPOS, KMEM, False, -1, served, TERMS, NT,
+                                  CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
+                                  MODE, BN, D, IEEE, PHASE)
+        for kb in range(fhi + 1, hi + 1):
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kbase, vbase,
+                                  skn, pos0, kstr, nk, KPOS, KMEM, True, -1, served, TERMS, NT,
                                   CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
                                   MODE, BN, D, IEEE, PHASE)
     return acc, m_i, l_i
@@ -252,10 +281,13 @@ def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, g
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbase, dbase, QPOS, qpos0, full, e,
-               served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale, mem,
-               HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB, MODE: tl.constexpr, Q_EXPLICIT: tl.constexpr,
-               BM: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbase, dbase, dqbase, sqqn,
+               QPOS, qpos0, MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr,
+               n, qk_scale, mem, HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB, MODE: tl.constexpr,
+               Q_EXPLICIT: tl.constexpr, FUSE_DQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
+               IEEE: tl.constexpr):
+    """One query tile against the program's key tile: dk/dv accumulate; with FUSE_DQ the tile's
+    dq contribution ``ds @ k`` is added atomically (float32) instead of recomputed query-major."""
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, D)
     rows = rows0 + offs_m
@@ -267,13 +299,13 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbas
     lse2 = tl.load(lbase + rows, mask=rmask, other=0.0)
     delta = tl.load(dbase + rows, mask=rmask, other=0.0)
     st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM]
-    if full == 0:
+    if MASKED:
         if Q_EXPLICIT:
             qp = tl.load(QPOS + rows, mask=rmask, other=0)
         else:
             qp = qpos0 + rows
-        if MODE >= 3:
-            ok = _owned(qp[None, :], kp[:, None], TERMS, NT, served, CAUSAL, n, 3, mem[:, None],
+        if MODE >= BLOCK:
+            ok = _owned(qp[None, :], kp[:, None], TERMS, NT, served, CAUSAL, n, BLOCK, mem[:, None],
                         HAS_BLOCK, TBLH, stq, W, CB)
             ok = ok & ((kp // CB) == e)[:, None]
         else:
@@ -285,29 +317,34 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbas
     dv = dv + _dot(pt.to(do.dtype), do, IEEE)
     dpt = _dot(v, tl.trans(do), IEEE)
     dst = pt * (dpt - delta[None, :])
-    dk = dk + _dot(dst.to(q.dtype), q, IEEE)
+    dst_lo = dst.to(q.dtype)
+    dk = dk + _dot(dst_lo, q, IEEE)
+    if FUSE_DQ:
+        dq = _dot(tl.trans(dst_lo), k, IEEE) * (qk_scale * 0.6931471805599453)
+        dqp = dqbase + tl.cast(rows0, tl.int64) * sqqn + (offs_m * sqqn)[:, None] + offs_d[None, :]
+        tl.atomic_add(dqp, dq, mask=rmask[:, None], sem="relaxed")
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["qpos0", "nq", "n", "pos0", "kstr", "nk", "qchunk", "W", "CB", "t0", "qrel"])
+@triton.jit(do_not_specialize=["qpos0", "nq", "n", "pos0", "kstr", "nk", "qchunk", "W", "CB", "t0"])
 def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
-                 LSE2, DELTA, sxb, sxh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
-                 K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, FPLAN, QPLAN, KBLK, KSTART, CPTR, CIDX,
-                 DK, DV, sob, son, soh, sos, qchunk, t0, qrel,
+                 LSE2, DELTA, sxb, sxh, DQ, sqqb, sqqn, sqqh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
+                 K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, QPLAN, QFPLAN, KBLK, KSTART, CPTR, CIDX,
+                 DK, DV, sob, son, soh, sos, qchunk, t0,
                  MODE: tl.constexpr, NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
-                 Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, SPLIT: tl.constexpr, BM: tl.constexpr,
-                 BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+                 Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, SPLIT: tl.constexpr, FUSE_DQ: tl.constexpr,
+                 BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
     """Key-major dk/dv of one pass: a key tile walks the query tiles that can see it.
 
-    Range passes: key tile ``kb`` visits query tiles ``QPLAN[kb]``; block passes:
-    program ``t`` takes sub-tile ``t % (CB/BN)`` of listed key block ``KBLK[t // (CB/BN)]``
-    and visits the query blocks that list it (``CPTR``/``CIDX``, per table row).
-    Query heads of one KV group are summed here: no atomics, deterministic.  Range
-    passes launch key tiles ``t0 + program_id(0)`` and write at key index ``idx - t0*BN``
-    of DK/DV (a buffer of the launched tiles only).  With SPLIT, program ``(t, bhk, s)``
-    takes query tiles ``[base + s*qchunk, base + (s+1)*qchunk)``, ``base`` = 0 or, with
-    ``qrel`` = 1, the tile's first query tile, and writes a partial at ``s * sos`` (keys
-    seen by very many query tiles: global keys, strided levels).
+    Range passes: key tile ``kb`` visits query tiles ``QPLAN[kb]``, of which ``QFPLAN[kb]``
+    need no mask; block passes: program ``t`` takes sub-tile ``t % (CB/BN)`` of listed key
+    block ``KBLK[t // (CB/BN)]`` and visits the query blocks that list it (``CPTR``/``CIDX``,
+    per table row).  Query heads of one KV group are summed here, so dk/dv need no atomics.
+    Range passes launch key tiles ``t0 + program_id(0)`` and write at key index
+    ``idx - t0*BN`` of DK/DV (a buffer of the launched tiles only).  With SPLIT, program
+    ``(t, bhk, s)`` takes query tiles ``[q_lo + s*qchunk, q_lo + (s+1)*qchunk)`` and writes a
+    partial at ``s * sos`` (keys seen by very many query tiles: global keys, strided levels).
+    With FUSE_DQ every visited tile also adds its dq contribution into the float32 ``DQ``.
     """
     t = tl.program_id(0) + t0
     bhk = tl.program_id(1)
@@ -317,7 +354,7 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
     hk = bhk % kvh
     offs_n = tl.arange(0, BN)
     offs_d = tl.arange(0, D)
-    if MODE >= 3:
+    if MODE >= BLOCK:
         per = CB // BN
         e = tl.load(KBLK + t // per)
         idx0 = tl.load(KSTART + t // per) + (t % per) * BN
@@ -330,13 +367,13 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
     toff = tl.cast(idx0, tl.int64) * skn + (offs_n * skn)[:, None] + offs_d[None, :]
     k = tl.load(K + kbase + toff, mask=kmask[:, None], other=0.0)
     v = tl.load(V + kbase + toff, mask=kmask[:, None], other=0.0)
-    if MODE == 1 or MODE == 3:
+    if MODE == RANGE or MODE == BLOCK:
         kp = pos0 + kstr * kidx
     else:
         kp = tl.load(KPOS + kidx, mask=kmask, other=-1)
-    if MODE >= 3:
+    if MODE >= BLOCK:
         kmask = kmask & ((kp // CB) == e)
-    if MODE == 2:
+    if MODE == EXPLICIT:
         mem = tl.load(KMEM + kidx, mask=kmask, other=0)
     else:
         mem = kmask
@@ -346,9 +383,10 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
         h = hk * group + g
         qbase = Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh
         dobase = DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh
+        dqbase = DQ + tl.cast(b, tl.int64) * sqqb + tl.cast(h, tl.int64) * sqqh
         xoff = tl.cast(b, tl.int64) * sxb + tl.cast(h, tl.int64) * sxh
         TBLH = TBL + tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
-        if MODE >= 3:
+        if MODE >= BLOCK:
             crow = tl.cast(b, tl.int64) * ctb + tl.cast(h, tl.int64) * cth + e
             c0 = tl.load(CPTR + crow)
             c1 = tl.load(CPTR + crow + 1)
@@ -357,24 +395,32 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
                 for u in range(0, CB // BM):
                     rows0 = c * CB + u * BM - qpos0
                     dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn,
-                                        LSE2 + xoff, DELTA + xoff,
-                                        QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                        HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, D, IEEE)
+                                        LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
+                                        QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
+                                        HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE)
         else:
             q_lo = tl.load(QPLAN + t * 2)
             q_hi = tl.load(QPLAN + t * 2 + 1)
             if SPLIT:
-                base = q_lo * qrel + split * qchunk
-                q_lo = tl.maximum(q_lo, base)
+                base = q_lo + split * qchunk
+                q_lo = base
                 q_hi = tl.minimum(q_hi, base + qchunk - 1)
-            for qb in range(q_lo, q_hi + 1):
-                flo = tl.load(FPLAN + qb * 4 + 2)
-                fhi = tl.load(FPLAN + qb * 4 + 3)
-                full = (t >= flo) & (t <= fhi)
+            f_lo, f_hi = _segments(q_lo, q_hi, tl.load(QFPLAN + t * 2), tl.load(QFPLAN + t * 2 + 1))
+            for qb in range(q_lo, f_lo):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn,
-                                    LSE2 + xoff, DELTA + xoff,
-                                    QPOS, qpos0, full, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, D, IEEE)
+                                    LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
+                                    QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE)
+            for qb in range(f_lo, f_hi + 1):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn,
+                                    LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
+                                    QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE)
+            for qb in range(f_hi + 1, q_hi + 1):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn,
+                                    LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
+                                    QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(hk, tl.int64) * soh
             + tl.cast(idx0 - t0 * BN, tl.int64) * son)
     optr = (offs_n * son)[:, None] + offs_d[None, :]
@@ -382,5 +428,31 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
     if ACCUM:
         dk = dk + tl.load(DK + ooff + optr, mask=kmask[:, None], other=0.0)
         dv = dv + tl.load(DV + ooff + optr, mask=kmask[:, None], other=0.0)
-    tl.store(DK + ooff + optr, dk, mask=kmask[:, None])
-    tl.store(DV + ooff + optr, dv, mask=kmask[:, None])
+    tl.store(DK + ooff + optr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
+    tl.store(DV + ooff + optr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+
+
+@triton.jit(do_not_specialize=["nq"])
+def _bwd_prep_kernel(O, sob, son, soh, DO, sdb, sdn, sdh, LSE, DLSE, slb, slh, DELTA, LSE2, nq, heads,
+                     HAS_DLSE: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
+    """Per query row: ``delta = rowsum(do * o) - dlse`` and ``lse2 = lse * log2(e)`` (+inf for empty
+    rows, so that their probabilities are 0), read straight from the low-precision o and do."""
+    qb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // heads
+    h = bh % heads
+    rows = qb * BM + tl.arange(0, BM)
+    rmask = rows < nq
+    offs_d = tl.arange(0, D)
+    o = tl.load(O + tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh
+                + tl.cast(rows, tl.int64)[:, None] * son + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh
+                 + tl.cast(rows, tl.int64)[:, None] * sdn + offs_d[None, :], mask=rmask[:, None], other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    xoff = tl.cast(b, tl.int64) * slb + tl.cast(h, tl.int64) * slh + rows
+    lse = tl.load(LSE + xoff, mask=rmask, other=0.0)
+    if HAS_DLSE:
+        delta = delta - tl.load(DLSE + xoff, mask=rmask, other=0.0).to(tl.float32)
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+    tl.store(DELTA + xoff, delta, mask=rmask)
+    tl.store(LSE2 + xoff, lse2, mask=rmask)
