@@ -23,8 +23,8 @@ LOG2E = 1.4426950408889634
 class Config:
     """Tile sizes and backward scheduling of the kernels.
 
-    Forward (and the query-major dq of ``deterministic``) tiles are ``bm x bn``; dk/dv
-    tiles ``bm_kv x bn_kv``.  The CUDA defaults are the fastest candidates measured by
+    Forward tiles are ``bm x bn``, dk/dv tiles ``bm_kv x bn_kv`` and the tiles of the
+    query-major dq kernel ``bm_dq x bn_dq``.  The CUDA defaults are the fastest candidates measured by
     ``benchmarks/kernels.py --only tune`` on an H200 (bf16, D=128).
     """
 
@@ -36,6 +36,10 @@ class Config:
     stages: int = 3
     warps_kv: int = 8
     stages_kv: int = 2
+    bm_dq: int = 64
+    bn_dq: int = 64
+    warps_dq: int = 4
+    stages_dq: int = 3
     #: dq by a query-major kernel that recomputes QK^T and dP (bitwise reproducible) instead of
     #: float32 atomic additions from the dk/dv kernel (two matrix products fewer per tile pair).
     deterministic: bool = False
@@ -55,9 +59,10 @@ class Config:
 
 
 #: Defaults per device type; pass a Config to the entry points to use another.
-_DEFAULTS = {"cuda": Config(bm=128, bn=64, warps=8, stages=3, bm_kv=64, bn_kv=128, warps_kv=8, stages_kv=2),
-             "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1,
-                           stages_kv=1, kv_min_chunk=1, sms=1)}
+_DEFAULTS = {"cuda": Config(bm=128, bn=64, warps=8, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3,
+                            deterministic=True),
+             "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1, stages_kv=1,
+                           bm_dq=16, bn_dq=16, warps_dq=1, stages_dq=1, kv_min_chunk=1, sms=1)}
 
 
 def default_config(device) -> Config:
@@ -206,7 +211,9 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
     b, nq, hq, d = q.shape
     device = q.device
     hkv = prob.spaces[0].k.shape[2]
-    bm, bn = _check_block_alignment(prob, cfg.bm, cfg.bn)
+    tiles = (cfg.bm, cfg.bn, cfg.warps, cfg.stages) if phase == 0 else (cfg.bm_dq, cfg.bn_dq, cfg.warps_dq,
+                                                                         cfg.stages_dq)
+    bm, bn = _check_block_alignment(prob, tiles[0], tiles[1])
     ieee = q.dtype == torch.float32
     tbl, stb, sth, stq, w, cb = _block_args(prob, device)
     split = prob.split
@@ -252,7 +259,7 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
             *slots, *modes,
             NT=len(prob.terms.rows), CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
             Q_EXPLICIT=prob.q_pos0 is None, SPLIT=split > 1, BM=bm, BN=bn, D=d, IEEE=ieee, PHASE=phase,
-            num_warps=cfg.warps, num_stages=cfg.stages)
+            num_warps=tiles[2], num_stages=tiles[3])
         results.append((out, lse))
     if phase == 1:
         if len(results) == 1 and results[0][0].shape[0] == 1:
@@ -299,10 +306,13 @@ def _kv_plans(prob: Problem, i: int, bm: int, bn: int):
 def build_plans(prob: Problem, cfg: Config):
     """Every range plan the forward and backward will use (they are otherwise built on first use)."""
     bm, bn = _check_block_alignment(prob, cfg.bm, cfg.bn)
+    bmq, bnq = _check_block_alignment(prob, cfg.bm_dq, cfg.bn_dq)
     bmk, bnk = _kv_tiles(prob, cfg)
     for i, ps in enumerate(prob.passes):
         if not ps.mode.is_block:
             _range_plan(prob, i, bm, bn)
+            if cfg.deterministic:
+                _range_plan(prob, i, bmq, bnq)
             _kv_plans(prob, i, bmk, bnk)
 
 
