@@ -60,7 +60,7 @@ class Config:
 
 #: Defaults per device type; pass a Config to the entry points to use another.
 _DEFAULTS = {"cuda": Config(bm=128, bn=64, warps=8, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3,
-                            deterministic=True),
+                            bm_dq=128, bn_dq=64, warps_dq=8, stages_dq=3, deterministic=True),
              "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1, stages_kv=1,
                            bm_dq=16, bn_dq=16, warps_dq=1, stages_dq=1, kv_min_chunk=1, sms=1)}
 
