@@ -1,35 +1,56 @@
-"""Triton sparse-attention kernels on one GPU: correctness, then speed against FlexAttention and SDPA.
+"""Triton sparse-attention kernels on one GPU: correctness, tile tuning, and speed against FlexAttention.
 
-Run on the device machine:  PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT
+Run on the device machine (one H200), e.g. the issue's goal cases, then the others, then correctness:
 
-1. Correctness (bf16 and fp16, N=4096, GQA 4q/2kv, D=128): out, lse, dq, dk, dv of the
-   kernels against float64, error <= 2x the eager reference's in the same dtype; outputs
-   land in NaN-poisoned memory, so an unwritten element shows.
-2. Tile-size tuning on window 4096 at 64k (forward and backward configs separately).
-3. Timing (B=1, H=16 or GQA 16q/4kv, D=128, bf16, causal), medians of do_bench:
-   useful TFLOP/s = 4*B*H*pairs*D fwd, 3.5x that fwd+bwd, pairs from Pattern.describe;
-   peak memory of fwd+bwd; planning time.  FlexAttention is torch.compile'd with
-   create_block_mask(..., _compile=True); SDPA dense causal is the ceiling at 64k.
-   A per-variant time guard skips what would take too long (reported as skipped).
-Writes kernels.json and kernels.png to --out, prints a table.
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT --only time --cases goal --no-merged --budget 420
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT --only time --cases rest --no-sdpa
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT --only check,tune
 
-``--only planops`` runs anywhere (CPU): the tensor operations of a cold plan per case -> plan_ops.json.
+``--cases`` takes all, goal, rest, case names, keys (``window4096@1M``) or indices (``--list`` shows them).
+
+Sections (``--only``, comma list):
+- ``check`` / ``quickcheck``: out, lse, dq, dk, dv in bf16 and fp16 against float64, each within 2x the
+  error of the eager reference in the same dtype; head dims 64 and 128, GQA; outputs land in NaN-poisoned
+  memory, so an unwritten element shows.
+- ``tune``: forward candidates (bm, bn, warps, stages), then backward candidates (bm_kv, bn_kv, warps_kv,
+  stages_kv), each passed as ``config=``; reported, not installed.
+- ``time``: per case (B=1, bf16, causal, d128; heads 16/16 and 16/4) ours forward and forward+backward
+  (medians of do_bench), peak memory and cold plan time; FlexAttention with one mask; FlexAttention split
+  by hand over compact key sets (see ``flex_case.py``), unmerged and LSE-merged; SDPA dense causal at 64k
+  once, as the ceiling.  Useful TFLOP/s = 4*B*Hq*pairs_per_head*D forward, 3.5x that forward+backward.
+- ``planops`` (alone, CPU): tensor operations of one cold plan per case -> plan_ops.json.
+
+Every FlexAttention variant of every case is compiled and timed in a fresh process
+(``benchmarks/flex_case.py``): a process past torch.compile's recompile limit runs Flex degraded.
+``--budget`` skips (and records as skipped) the cases that would start after that many seconds.
+Writes kernels.json and kernels.png to ``--out`` and prints a markdown table.
+
+``--smoke`` runs the whole flow tiny on the CPU (N=256, Triton interpreter, float16/float32, Flex forward
+only) to exercise the plumbing; its times mean nothing.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
+import re
+import subprocess
 import sys
 import time
-import traceback
+from dataclasses import dataclass
 
-import torch
+SMOKE = "--smoke" in sys.argv
+if SMOKE:  # must precede the first triton import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import torch  # noqa: E402
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from flex_case import FLEX_PEAK_FLOPS, bench, split_parts  # noqa: E402
 from sparse_parallel.kernels import core  # noqa: E402
 from sparse_parallel.kernels import function as kfunction  # noqa: E402
 from sparse_parallel.kernels.function import prepare, triton_attention  # noqa: E402
@@ -45,8 +66,66 @@ def log(*a):
     print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
 
 
+# -- cases -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One timed pattern at one length; ``goal`` cases are the issue's targets and run first."""
+
+    name: str
+    pattern: Pattern
+    n: int
+    goal: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}@{size_label(self.n)}"
+
+
+def size_label(n: int) -> str:
+    return f"{n // (K * K)}M" if n % (K * K) == 0 else (f"{n // K}k" if n % K == 0 else str(n))
+
+
+WSG = Window(1024) | Strided(64) | Global(first=128, queries=False)
+CASES = (
+    Case("window4096", as_pattern(Window(4096)), 1024 * K, goal=True),
+    Case("w1024+s64+g128", WSG, 256 * K, goal=True),
+    Case("w1024+s64+g128", WSG, 1024 * K, goal=True),
+    Case("dilated(1024,4)", as_pattern(Dilated(window=1024, levels=4)), 256 * K, goal=True),
+    Case("window4096", as_pattern(Window(4096)), 256 * K),
+    Case("random(64,3)+w512", RandomBlocks(block=64, per_query_block=3) | Window(512), 256 * K),
+    Case("topk(64,16)", as_pattern(TopKBlocks(block=64, k=16)), 64 * K),
+)
+#: The same shapes of pattern, shrunk for ``--smoke`` (N=256 under the interpreter).
+SMOKE_CASES = (
+    Case("window64", as_pattern(Window(64)), 256, goal=True),
+    Case("w32+s8+g16", Window(32) | Strided(8) | Global(first=16, queries=False), 256, goal=True),
+    Case("dilated(16,2)", as_pattern(Dilated(window=16, levels=2)), 256, goal=True),
+    Case("random(16,2)+w16", RandomBlocks(block=16, per_query_block=2) | Window(16), 256),
+    Case("topk(16,4)", as_pattern(TopKBlocks(block=16, k=4)), 256),
+)
+HEADS = {"16/16": (16, 16), "16/4": (16, 4)}
+
+
+def select_jobs(cases, spec: str, heads: list[str]) -> list[tuple[Case, str]]:
+    """(case, heads label) jobs in run order: goal cases first, each in both head layouts.
+
+    ``spec``: ``all``, ``goal``, ``rest``, or a comma list of case names, keys (``name@256k``) or indices.
+    """
+    picked = []
+    for token in re.split(r",(?![^()]*\))", spec):  # names such as dilated(1024,4) hold commas
+        for index, case in enumerate(cases):
+            if (token == "all" or (token == "goal" and case.goal) or (token == "rest" and not case.goal)
+                    or token in (case.name, case.key, str(index))) and case not in picked:
+                picked.append(case)
+    picked.sort(key=lambda c: not c.goal)
+    return [(case, h) for case in picked for h in heads]
+
+
+# -- correctness -----------------------------------------------------------------------------------------
 def poison():
-    """Fill the allocator's free memory with NaN so that unwritten outputs show."""
+    """Fill the allocator's free memory with NaN so that unwritten outputs show (CUDA only)."""
+    if not torch.cuda.is_available():
+        return
     free = torch.cuda.mem_get_info()[0]
     x = torch.empty(int(min(free * 0.5, 24e9)) // 4, dtype=torch.float32, device="cuda")
     x.fill_(float("nan"))
@@ -54,6 +133,7 @@ def poison():
 
 
 def run(fn, q, k, v, dout, dlse):
+    """[out, lse, dq, dk, dv] in float64 of ``fn``, with gradients from both out and lse."""
     ts = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out, lse = fn(*ts)
     lf = torch.where(torch.isinf(lse), 0.0, lse)
@@ -61,367 +141,341 @@ def run(fn, q, k, v, dout, dlse):
     return [out.double(), lf.double()] + [t.grad.double() for t in ts]
 
 
-def correctness(results, quick=False, names=None, dtypes=(torch.bfloat16, torch.float16)):
-    cases = [
-        ("window512+global64+strided32 gqa", Window(512) | Global(first=64, queries=False) | Strided(32), 4, 2),
-        ("dilated(256,3)", Dilated(window=256, levels=3), 4, 2),
-        ("random(64,3)+window256", RandomBlocks(block=64, per_query_block=3) | Window(256), 4, 2),
-        ("topk(64,4)", TopKBlocks(block=64, k=4), 4, 2),
-        ("global queries+keys", Window(128) | Global(first=16, positions=(1000, 3001)), 4, 2),
-        ("strided(64,63) masked rows", Strided(64, 63) | Window(0), 4, 2),
-        ("noncausal window+strided", Pattern(Window(300, 200) | Strided(48, 5, span=2000), causal=False), 4, 4),
-    ]
-    if quick:
-        cases = [cases[0], cases[4]]
-    if names is not None:
-        cases = [c for c in cases if c[0] in names]
-    n, d = 4096, 128
+#: (name, pattern, Hq, Hkv, D) of the correctness section.
+CHECK_CASES = (
+    ("window512+global64+strided32 gqa d128", Window(512) | Global(first=64, queries=False) | Strided(32), 4, 2, 128),
+    ("window512+global64+strided32 gqa4 d64", Window(512) | Global(first=64, queries=False) | Strided(32), 8, 2, 64),
+    ("dilated(256,3) d128", Dilated(window=256, levels=3), 4, 4, 128),
+    ("dilated(256,3) gqa d64", Dilated(window=256, levels=3), 4, 2, 64),
+    ("random(64,3)+window256 gqa d128", RandomBlocks(block=64, per_query_block=3) | Window(256), 4, 2, 128),
+    ("topk(64,4) gqa d64", TopKBlocks(block=64, k=4), 4, 2, 64),
+    ("topk(64,4) d128", TopKBlocks(block=64, k=4), 4, 4, 128),
+    ("global queries+keys gqa d128", Window(128) | Global(first=16, positions=(1000, 3001)), 4, 2, 128),
+    ("strided(64,63) masked rows d64", Strided(64, 63) | Window(0), 4, 4, 64),
+    ("noncausal window+strided d128", Pattern(Window(300, 200) | Strided(48, 5, span=2000), causal=False), 4, 4, 128),
+)
+
+
+def correctness(results, quick=False, n=4096, dtypes=(torch.bfloat16, torch.float16), device="cuda"):
+    """Kernels against float64; error <= 2x the same-dtype eager reference's (both against float64)."""
+    cases = [CHECK_CASES[i] for i in (0, 3, 7)] if quick else CHECK_CASES
     ok_all = True
-    for name, pat, hq, hkv in cases:
+    for name, pat, hq, hkv, d in cases:
         pat = as_pattern(pat)
-        g = torch.Generator(device="cuda").manual_seed(int(time.time()) % 10000)
-        q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.float64, generator=g) for h in (hq, hkv, hkv))
-        dout = torch.randn(1, n, hq, d, device="cuda", dtype=torch.float64, generator=g)
-        dlse = torch.randn(1, hq, n, device="cuda", dtype=torch.float64, generator=g)
-        bound = pat.bind(n, hq, q=q if pat.data_dependent else None, k=k if pat.data_dependent else None)
-        ref = run(lambda *t: reference_attention(*t, bound), q, k, v, dout, dlse)
+        g = torch.Generator(device=device).manual_seed(1234)
+        q, k, v = (torch.randn(1, n, h, d, device=device, dtype=torch.float64, generator=g) for h in (hq, hkv, hkv))
+        dout = torch.randn(1, n, hq, d, device=device, dtype=torch.float64, generator=g)
+        dlse = torch.randn(1, hq, n, device=device, dtype=torch.float64, generator=g)
+        ref = None
         for dt in dtypes:
-            low = run(lambda *t: reference_attention(*t, bound), q.to(dt), k.to(dt), v.to(dt), dout, dlse)
-            if pat.data_dependent:  # TopK picks blocks from the data: the kernel and the eager run see the same
-                bound_dt = pat.bind(n, hq, q=q.to(dt), k=k.to(dt))
-                ref_dt = run(lambda *t: reference_attention(*t, bound_dt), q.to(dt).double(), k.to(dt).double(),
-                             v.to(dt).double(), dout, dlse)
-                low = run(lambda *t: reference_attention(*t, bound_dt), q.to(dt), k.to(dt), v.to(dt), dout, dlse)
-            else:
-                ref_dt = ref
+            # TopK picks blocks from the data: the float64 reference must see the same (rounded) inputs.
+            ql, kl, vl = (t.to(dt) for t in (q, k, v))
+            src = (ql.double(), kl.double(), vl.double()) if pat.data_dependent else (q, k, v)
+            bound = pat.bind(n, hq, q=ql if pat.data_dependent else None, k=kl if pat.data_dependent else None)
+            if ref is None or pat.data_dependent:
+                ref = run(lambda *t: reference_attention(*t, bound), *src, dout, dlse)
+            low = run(lambda *t: reference_attention(*t, bound), ql, kl, vl, dout, dlse)
             poison()
-            got = run(lambda *t: triton_attention(*t, pat), q.to(dt), k.to(dt), v.to(dt), dout, dlse)
-            row = {"case": name, "dtype": str(dt).split(".")[-1]}
+            got = run(lambda *t: triton_attention(*t, pat), ql, kl, vl, dout, dlse)
+            row = {"case": name, "dtype": str(dt).split(".")[-1], "n": n}
             good = True
-            for label, a, r, lo in zip(("out", "lse", "dq", "dk", "dv"), got, ref_dt, low):
-                err = (a - r).abs().max().item()
-                rerr = (lo - r).abs().max().item()
-                finite = bool(torch.isfinite(a).all())
+            for label, a, r, lo in zip(("out", "lse", "dq", "dk", "dv"), got, ref, low):
+                err, rerr = (a - r).abs().max().item(), (lo - r).abs().max().item()
                 row[label] = [err, rerr]
-                good &= finite and err <= 2 * rerr + 1e-6
+                good &= bool(torch.isfinite(a).all()) and err <= 2 * rerr + 1e-6
             row["ok"] = good
             ok_all &= good
             results["correctness"].append(row)
-            log(f"check {name:36s} {row['dtype']:9s} " + " ".join(
+            log(f"check {name:40s} {row['dtype']:9s} " + " ".join(
                 f"{lb}={row[lb][0]:.1e}/{row[lb][1]:.1e}" for lb in ("out", "lse", "dq", "dk", "dv"))
                 + ("  OK" if good else "  FAIL"))
     return ok_all
 
 
-def bench(fn, guard_s):
-    """Median ms of fn; slow functions get a few plain timed runs instead of do_bench."""
-    import triton
-
-    torch.cuda.synchronize()
-    t = time.time()
-    fn()
-    torch.cuda.synchronize()
-    first = time.time() - t
-    if first > guard_s:
-        return None, first
-    t = time.time()
-    fn()
-    torch.cuda.synchronize()
-    once = time.time() - t
-    if once > 0.25:
-        times = [once * 1000, _event_ms(fn), _event_ms(fn)]
-        return sorted(times)[1], first
-    return triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"), first
+# -- tuning ----------------------------------------------------------------------------------------------
+FWD_CANDIDATES = ((128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3))
+BWD_CANDIDATES = ((64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3))
+SMOKE_FWD_CANDIDATES = ((16, 16, 1, 1), (32, 32, 1, 1))
+SMOKE_BWD_CANDIDATES = ((16, 16, 1, 1), (16, 32, 1, 1))
 
 
-def flex_mask(pat: Pattern, n, hq, q, k):
-    """A mask_mod for FlexAttention equal to the pattern (tables as tensors)."""
-    comps = pat.components
-    bound = pat.bind(n, hq, q=q if pat.data_dependent else None, k=k if pat.data_dependent else None,
-                     device="cuda")
-    tables = [t.to(torch.int32).cuda() for t in bound.tables]
-
-    def mask_mod(b, h, qi, kv):
-        ok = kv < 0
-        ti = 0
-        for c in comps:
-            if isinstance(c, Window):
-                ok = ok | ((qi - kv <= c.left) & (kv - qi <= c.right))
-            elif isinstance(c, Strided):
-                a = (kv % c.stride) == c.offset
-                if c.span is not None:
-                    a = a & (qi - kv < c.span) & (kv - qi < c.span)
-                ok = ok | a
-            elif isinstance(c, Global):
-                ok = ok | (kv < c.first)
-            else:
-                tab = tables[ti]
-                ti += 1
-                hh = h if tab.shape[1] > 1 else 0
-                row = tab[0, hh, qi // c.block]
-                kb = kv // c.block
-                for w in range(tab.shape[-1]):
-                    ok = ok | (row[w] == kb)
-        return ok & (kv <= qi)
-
-    return mask_mod
-
-
-def time_case(name, pat, n, hq, hkv, results, guard_s, flex=True, sdpa=False):
-    pat = as_pattern(pat)
-    d = 128
-    desc = pat.describe(n, hq, d)  # TopKBlocks alone: exact without the data (k blocks per query block)
-    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
-    pairs = desc["pairs"]
-    fl = desc["useful_flops_fwd"]
-    row = {"case": name, "n": n, "hq": hq, "hkv": hkv, "pairs": pairs, "density": desc["density_of_causal"]}
-    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-    do = torch.randn_like(q)
-
-    torch.cuda.synchronize()
-    prepare(q, k, v, pat, plans=True)
-    kfunction._PLANS.clear()  # time a cold plan (tables, terms, every tile plan)
-    torch.cuda.synchronize()
-    t = time.time()
-    prepare(q, k, v, pat, plans=True)
-    torch.cuda.synchronize()
-    row["plan_ms"] = (time.time() - t) * 1000
-
-    def ours_f():
-        with torch.no_grad():
-            triton_attention(q, k, v, pat)
-
-    def ours_fb():
-        o, _ = triton_attention(qs, ks, vs, pat)
-        o.backward(do)
-
-    variants = [("ours", ours_f, ours_fb)]
-    if flex:
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-
-            fa = torch.compile(flex_attention)
-            mm = flex_mask(pat, n, hq, q, k)
-            torch.cuda.synchronize()
-            t = time.time()
-            bm = create_block_mask(mm, None, hq if pat.per_head else None, n, n, device="cuda", _compile=True)
-            torch.cuda.synchronize()
-            row["flex_mask_s"] = time.time() - t
-            qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-            qts, kts, vts = (x.clone().requires_grad_() for x in (qt, kt, vt))
-            dot = do.transpose(1, 2)
-            gqa = hq != hkv
-
-            def flex_f():
-                with torch.no_grad():
-                    fa(qt, kt, vt, block_mask=bm, enable_gqa=gqa)
-
-            def flex_fb():
-                o = fa(qts, kts, vts, block_mask=bm, enable_gqa=gqa)
-                o.backward(dot)
-
-            variants.append(("flex", flex_f, flex_fb))
-        except Exception as e:  # noqa: BLE001
-            row["flex_error"] = repr(e)[:300]
-    if sdpa:
-        import torch.nn.functional as F
-
-        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
-        qts, kts, vts = (x.clone().requires_grad_() for x in (qt, kt, vt))
-        dot = do.transpose(1, 2)
-        dense_fl = 4 * hq * (n * (n + 1) // 2) * d
-
-        def sd_f():
-            with torch.no_grad():
-                F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, enable_gqa=hq != hkv)
-
-        def sd_fb():
-            F.scaled_dot_product_attention(qts, kts, vts, is_causal=True, enable_gqa=hq != hkv).backward(dot)
-
-        variants.append(("sdpa_dense", sd_f, sd_fb))
-    for label, f, fb in variants:
-        scale_fl = dense_fl if label == "sdpa_dense" else fl
-        try:
-            ms, first = bench(f, guard_s)
-            row[f"{label}_fwd_ms"] = ms
-            row[f"{label}_fwd_tflops"] = scale_fl / ms / 1e9 if ms else None
-            row[f"{label}_fwd_first_s"] = first
-            if ms is None:
-                row[f"{label}_skipped"] = f"first call {first:.1f}s > guard {guard_s}s"
-                continue
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            ms2, _ = bench(fb, guard_s)
-            row[f"{label}_fwdbwd_ms"] = ms2
-            row[f"{label}_fwdbwd_tflops"] = 3.5 * scale_fl / ms2 / 1e9 if ms2 else None
-            row[f"{label}_peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
-        except Exception as e:  # noqa: BLE001
-            row[f"{label}_error"] = repr(e)[:300]
-            traceback.print_exc()
-        for x in (qs, ks, vs):
-            x.grad = None
-    results["timing"].append(row)
-    log("time", json.dumps({kk: (round(vv, 3) if isinstance(vv, float) else vv) for kk, vv in row.items()}))
-    del q, k, v, qs, ks, vs, do
-    torch.cuda.empty_cache()
-
-
-def _event_ms(fn) -> float:
-    """One call of fn timed by CUDA events (ms)."""
-    s = torch.cuda.Event(enable_timing=True)
-    e = torch.cuda.Event(enable_timing=True)
-    s.record()
-    fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e)
-
-
-def _median_ms(fn, reps):
-    """Median of ``reps`` CUDA-event timings of fn (after one warm-up call)."""
-    fn()
-    torch.cuda.synchronize()
-    times = sorted(_event_ms(fn) for _ in range(reps))
-    return times[len(times) // 2]
-
-
-#: dk/dv variants compared by ``--only bwdcmp``: name -> Config changes from the CUDA default.
-KV_VARIANTS = [
-    ("old", {"kv_balance": False}),
-    ("balanced", {"kv_balance": True}),
-    ("balanced 64x64", {"kv_balance": True, "bm_kv": 64, "bn_kv": 64, "warps_kv": 4, "stages_kv": 2}),
-    ("balanced 64x128", {"kv_balance": True, "bm_kv": 64, "bn_kv": 128, "warps_kv": 8, "stages_kv": 2}),
-]
-
-
-def bwd_compare(results, budget_s, reps=5, cases=None, d=128):
-    """Old vs new dk/dv scheduling on the same inputs: fwd+bwd and backward-only medians.
-
-    Cases: (a) window 4096 and (b) w1024+g128+s64 at 256k, MHA 16/16 and GQA 16q/4kv.
-    Variants after the first two are skipped once the script has run ``budget_s`` seconds.
-    """
-    base = core.Config(**{**vars(core.CONFIGS["cuda"]), "kv_balance": False})
-    default = core.CONFIGS["cuda"]
-    wgs = Window(1024) | Global(first=128, queries=False) | Strided(64)
-    cases = cases or [("(b) w1024+g128+s64", wgs, 256 * K, 16, 4), ("(b) w1024+g128+s64", wgs, 256 * K, 16, 16),
-                      ("(a) window4096", Window(4096), 256 * K, 16, 16)]
-    for name, pat, n, hq, hkv in cases:
-        pat = as_pattern(pat)
-        fl = pat.describe(n, hq, d)["useful_flops_fwd"]
-        q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16) for h in (hq, hkv, hkv))
-        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
-        do = torch.randn_like(q)
-        grads = {}
-        for label, change in KV_VARIANTS:
-            if label not in ("old", "balanced") and time.time() - T0 > budget_s:
-                log(f"bwdcmp {name} {hq}/{hkv} {label}: skipped (time budget)")
-                continue
-            core.CONFIGS["cuda"] = core.Config(**{**vars(base), **change})
-            try:
-                def fb():
-                    o, _ = triton_attention(qs, ks, vs, pat)
-                    o.backward(do)
-
-                o, _ = triton_attention(qs, ks, vs, pat)
-
-                def bwd():
-                    torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True)
-
-                g = torch.autograd.grad(o, (qs, ks, vs), do, retain_graph=True)
-                ms_b = _median_ms(bwd, reps)
-                ms_fb = _median_ms(fb, reps)
-                for x in (qs, ks, vs):
-                    x.grad = None
-                if "old" in grads:  # same inputs: the variants must agree up to summation order
-                    diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(g, grads["old"]))
-                else:
-                    diff = 0.0
-                if label == "old":
-                    grads["old"] = g
-                row = {"case": name, "n": n, "hq": hq, "hkv": hkv, "variant": label, "config": vars(core.CONFIGS["cuda"]),
-                       "bwd_ms": ms_b, "fwdbwd_ms": ms_fb, "fwdbwd_tflops": 3.5 * fl / ms_fb / 1e9,
-                       "max_grad_diff_vs_old": diff}
-                del o, g
-            except Exception as e:  # noqa: BLE001
-                traceback.print_exc()
-                row = {"case": name, "n": n, "hq": hq, "hkv": hkv, "variant": label, "error": repr(e)[:300]}
-            results["bwdcmp"].append(row)
-            log("bwdcmp", json.dumps({kk: (round(vv, 3) if isinstance(vv, float) and kk != "max_grad_diff_vs_old"
-                                           else vv) for kk, vv in row.items() if kk != "config"}))
-        del q, k, v, qs, ks, vs, do, grads
-        torch.cuda.empty_cache()
-    core.CONFIGS["cuda"] = default
-
-
-def _sweep(results, kind, names, candidates, make_config, fn, guard_s):
-    """Time ``fn`` under each candidate tile config; record each; return the fastest candidate."""
+def _sweep(results, kind, names, candidates, make_config, run_with, guard_s):
+    """Time ``run_with(config)`` for each candidate; record each; return the fastest candidate's Config."""
     best = None
     for cand in candidates:
-        core.CONFIGS["cuda"] = make_config(*cand)
+        cfg = make_config(*cand)
         try:
-            ms, _ = bench(fn, guard_s)
-        except Exception as e:  # noqa: BLE001
-            log("tune", kind, *cand, "failed", repr(e)[:200])
+            ms, _ = bench(lambda: run_with(cfg), guard_s)
+        except Exception as e:  # noqa: BLE001 - a candidate Triton cannot compile is just not a candidate
+            log("tune", kind, cand, "failed", repr(e)[:200])
             continue
-        log(f"tune {kind} {cand}: {ms:.2f} ms")
+        log(f"tune {kind} {dict(zip(names, cand))}: {fmt(ms, 2)} ms")
         results["tuning"].append({"kind": kind, **dict(zip(names, cand)), "ms": ms})
-        if best is None or ms < best[0]:
-            best = (ms, cand)
-    return best[1]
+        if ms is not None and (best is None or ms < best[0]):
+            best = (ms, cfg)
+    return best[1] if best else None
 
 
-def tune(results, guard_s):
-    """Pick tile sizes on window 4096 at 64k: forward/dq (bm, bn, warps, stages) and dk/dv
-    (bm_kv, bn_kv, warps_kv, stages_kv) separately."""
-    n, hq, d = 64 * K, 16, 128
+def tune(results, guard_s, device, n=64 * K, heads=16, d=128):
+    """Tile sizes on window 4096: forward (bm, bn, warps, stages), then dk/dv on the best forward."""
     pat = as_pattern(Window(4096))
-    q, k, v = (torch.randn(1, n, hq, d, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(1, n, heads, d, device=device, dtype=torch.bfloat16) for _ in range(3))
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     do = torch.randn_like(q)
-    fwd = _sweep(results, "fwd", ("bm", "bn", "warps", "stages"), [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 64, 4, 3)],
-                 lambda bm, bn, w, s: core.Config(bm=bm, bn=bn, warps=w, stages=s),
-                 lambda: triton_attention(q, k, v, pat), guard_s)
+    base = core.default_config(device)
+    fwd_c, bwd_c = (SMOKE_FWD_CANDIDATES, SMOKE_BWD_CANDIDATES) if SMOKE else (FWD_CANDIDATES, BWD_CANDIDATES)
 
-    def with_kv(bmk, bnk, wk, sk):
-        bm, bn, w, s = fwd
-        return core.Config(bm=bm, bn=bn, warps=w, stages=s, bm_kv=bmk, bn_kv=bnk, warps_kv=wk, stages_kv=sk)
+    def forward(cfg):
+        with torch.no_grad():
+            triton_attention(q, k, v, pat, config=cfg)
 
-    def fwd_bwd():
-        o, _ = triton_attention(qs, ks, vs, pat)
+    def forward_backward(cfg):
+        o, _ = triton_attention(qs, ks, vs, pat, config=cfg)
         o.backward(do)
 
-    kv = _sweep(results, "fwdbwd", ("bm_kv", "bn_kv", "warps", "stages"),
-                [(64, 128, 8, 2), (32, 128, 4, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 3)],
-                with_kv, fwd_bwd, guard_s)
-    core.CONFIGS["cuda"] = with_kv(*kv)
-    results["config"] = vars(core.CONFIGS["cuda"])
-    log("chosen config", results["config"])
+    best = _sweep(results, "fwd", ("bm", "bn", "warps", "stages"), fwd_c,
+                  lambda bm, bn, w, s: base.replace(bm=bm, bn=bn, warps=w, stages=s), forward, guard_s) or base
+    best = _sweep(results, "fwdbwd", ("bm_kv", "bn_kv", "warps_kv", "stages_kv"), bwd_c,
+                  lambda bm, bn, w, s: best.replace(bm_kv=bm, bn_kv=bn, warps_kv=w, stages_kv=s),
+                  forward_backward, guard_s) or best
+    results["tuned_config"] = vars(best)
+    results["default_config"] = vars(base)
+    log("fastest config", vars(best), "(device default:", vars(base), ")")
 
 
-def plot(results, path):
+# -- timing ----------------------------------------------------------------------------------------------
+def ours_row(case: Case, hq: int, hkv: int, d: int, guard_s: float, device: str) -> dict:
+    """Our kernels on one case: plan time, forward and forward+backward ms, peak memory."""
+    pat = case.pattern
+    n = case.n
+    dtype = torch.float16 if SMOKE else torch.bfloat16  # bf16 tl.dot is wrong in the interpreter
+    q, k, v = (torch.randn(1, n, h, d, device=device, dtype=dtype) for h in (hq, hkv, hkv))
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    do = torch.randn_like(q)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    row = {}
+    prepare(q, k, v, pat, plans=True)
+    kfunction._PLANS.clear()  # time a cold plan (tables, terms, every tile plan)
+    sync()
+    t = time.perf_counter()
+    prepare(q, k, v, pat, plans=True)
+    sync()
+    row["plan_ms"] = (time.perf_counter() - t) * 1000
+
+    def fwd():
+        with torch.no_grad():
+            triton_attention(q, k, v, pat, config=None)
+
+    def fwd_bwd():
+        o, _ = triton_attention(qs, ks, vs, pat, config=None)
+        o.backward(do)
+
+    row["fwd_ms"], row["fwd_first_s"] = bench(fwd, guard_s, compiles=False)
+    if row["fwd_ms"] is None:
+        row["skipped"] = f"first forward {row['fwd_first_s']:.1f} s > guard {guard_s} s"
+        return row
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    row["fwdbwd_ms"], row["fwdbwd_first_s"] = bench(fwd_bwd, guard_s, compiles=False)
+    if device == "cuda":
+        row["peak_gb"] = (torch.cuda.max_memory_allocated() - base) / 1e9
+    return row
+
+
+def flex_spec(case: Case, hq: int, hkv: int, d: int, variant: str, args, device: str) -> dict:
+    """The JSON spec that ``flex_case.py`` runs (in a process of its own)."""
+    return {"pattern": case.pattern.to_dict(), "n": case.n, "hq": hq, "hkv": hkv, "d": d, "variant": variant,
+            "device": device, "dtype": "float32" if SMOKE else "bfloat16", "guard_s": args.guard,
+            "verify_n": 256 if SMOKE else 4096, "merged": not args.no_merged}
+
+
+def flex_worker(spec: dict, timeout_s: float) -> dict:
+    """Run one Flex variant in a fresh Python process; its result dict (or the error)."""
+    cmd = [sys.executable, os.path.join(HERE, "flex_case.py"), json.dumps(spec)]
+    env = dict(os.environ)
+    if SMOKE:  # the CPU is shared: keep inductor's compile workers and OpenMP to one thread
+        env.update(OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired:
+        return {"variant": spec["variant"], "error": f"worker timed out after {timeout_s:.0f} s"}
+    for line in proc.stdout.splitlines()[::-1]:
+        if line.startswith("FLEX_RESULT "):
+            res = json.loads(line[len("FLEX_RESULT "):])
+            if "error" in res:
+                res["stderr_tail"] = proc.stderr[-1500:]
+            return res
+    return {"variant": spec["variant"], "error": f"worker rc={proc.returncode}, no result",
+            "stderr_tail": proc.stderr[-1500:]}
+
+
+def single_mask_hopeless(case: Case, hq: int, d: int, guard_s: float) -> str | None:
+    """Why one-mask Flex is not worth starting, or None.
+
+    An unbounded strided level with stride <= 128 puts a key in every 128-key block, so Flex computes
+    the whole causal triangle; past the guard it is skipped without spending a process on it.
+    """
+    if not any(isinstance(c, Strided) and c.span is None and c.stride <= 128 for c in case.pattern.components):
+        return None
+    flops = 4.0 * hq * case.n * case.n / 2 * d
+    if 4.5 * flops / FLEX_PEAK_FLOPS <= guard_s:
+        return None
+    return f"computes the whole causal triangle: >= {flops / FLEX_PEAK_FLOPS:.0f} s per forward"
+
+
+def time_job(case: Case, heads: str, args, device: str) -> dict:
+    """Ours, one-mask Flex and hand-split Flex on one case; the row kernels.json records."""
+    hq, hkv = HEADS[heads]
+    d = 128
+    if SMOKE:
+        hq, hkv, d = hq // 4, hkv // 4, 32
+    desc = case.pattern.describe(case.n, hq, d)  # TopKBlocks alone: exact without the data
+    row = {"case": case.name, "key": case.key, "n": case.n, "heads": heads, "hq": hq, "hkv": hkv, "d": d,
+           "goal": case.goal, "pairs_per_head": desc["pairs"] / hq, "useful_flops_fwd": desc["useful_flops_fwd"],
+           "density": desc["density_of_causal"]}
+    try:
+        row["ours"] = ours_row(case, hq, hkv, d, args.guard, device)
+    except Exception as e:  # noqa: BLE001 - record and go on to the baselines
+        row["ours"] = {"error": repr(e)[:400]}
+        log("ours failed:", repr(e)[:400])
+    if device == "cuda":
+        torch.cuda.empty_cache()  # leave the memory to the Flex process
+    why = single_mask_hopeless(case, hq, d, args.guard)
+    spec = flex_spec(case, hq, hkv, d, "single", args, device)
+    row["flex_single"] = {"skipped": why} if why else flex_worker(spec, args.worker_timeout)
+    parts = split_parts(case.pattern, case.n)
+    if parts is None:
+        row["flex_split"] = {"skipped": "no compact key sets (block lists)"}
+    elif len(parts) == 1:
+        row["flex_split"] = {"skipped": "one key set: the same as one mask"}
+    else:
+        row["flex_split"] = flex_worker({**spec, "variant": "split"}, args.worker_timeout)
+    add_derived(row)
+    return row
+
+
+def add_derived(row: dict) -> None:
+    """Useful TFLOP/s per variant and ours-vs-best-Flex ratios (flex_ms / ours_ms: > 1, ours faster)."""
+    fl = row["useful_flops_fwd"]
+    variants = {"ours": row["ours"], "single": row["flex_single"], "split": row["flex_split"]}
+    split = row["flex_split"]
+    if split.get("merged_fwdbwd_ms"):
+        variants["merged"] = {"fwd_ms": split.get("merged_fwd_ms"), "fwdbwd_ms": split["merged_fwdbwd_ms"]}
+    for name, r in variants.items():
+        if r.get("fwd_ms"):
+            row[f"{name}_fwd_tflops"] = fl / r["fwd_ms"] / 1e9
+        if r.get("fwdbwd_ms"):
+            row[f"{name}_fwdbwd_tflops"] = 3.5 * fl / r["fwdbwd_ms"] / 1e9
+    for phase in ("fwd", "fwdbwd"):
+        flex = [r[f"{phase}_ms"] for r in (row["flex_single"], row["flex_split"]) if r.get(f"{phase}_ms")]
+        ours = row["ours"].get(f"{phase}_ms")
+        row[f"ratio_{phase}"] = min(flex) / ours if flex and ours else None
+
+
+def sdpa_row(device: str, guard_s: float, n=64 * K, heads=16, d=128) -> dict:
+    """SDPA dense causal (the ceiling): forward and forward+backward at 64k, 16/16 heads, d128."""
+    import torch.nn.functional as F
+
+    if SMOKE:
+        n, heads, d = 256, 4, 32
+    dtype = torch.float32 if SMOKE else torch.bfloat16
+    q, k, v = (torch.randn(1, heads, n, d, device=device, dtype=dtype) for _ in range(3))
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    do = torch.randn_like(q)
+    fl = 4.0 * heads * (n * (n + 1) // 2) * d
+
+    def fwd():
+        with torch.no_grad():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def fwd_bwd():
+        F.scaled_dot_product_attention(qs, ks, vs, is_causal=True).backward(do)
+
+    row = {"n": n, "hq": heads, "hkv": heads, "d": d}
+    row["fwd_ms"], _ = bench(fwd, guard_s)
+    row["fwdbwd_ms"], _ = bench(fwd_bwd, guard_s)
+    row["fwd_tflops"] = fl / row["fwd_ms"] / 1e9
+    row["fwdbwd_tflops"] = 3.5 * fl / row["fwdbwd_ms"] / 1e9
+    return row
+
+
+# -- output ----------------------------------------------------------------------------------------------
+def fmt(x, p=1):
+    return "-" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))
+
+
+def _ms(r: dict, key: str) -> str:
+    """A variant's time, or why there is none (skipped / error / CPU forward only)."""
+    if r.get(key) is not None:
+        return fmt(r[key])
+    for why in ("error", "skipped", "skipped_cpu"):
+        if r.get(why):
+            return "err" if why == "error" else "skip"
+    return "-"
+
+
+def print_table(results) -> None:
+    hdr = ("case", "N", "heads", "ours fwd", "ours f+b", "Flex fwd", "Flex f+b", "split fwd", "split f+b",
+           "merged f+b", "fwd ratio", "f+b ratio", "ours f+b TF", "best Flex f+b TF", "ours GB", "Flex GB",
+           "plan ms", "split covers")
+    print("times in ms; ratio = best Flex ms / ours ms (> 1: ours faster); TF = useful TFLOP/s")
+    print("| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr))
+    for r in results["timing"]:
+        if "ours" not in r:
+            print(f"| {r['case']} | {size_label(r['n'])} | {r['heads']} | {r.get('skipped', r.get('error'))} |")
+            continue
+        o, s, h = r["ours"], r["flex_single"], r["flex_split"]
+        best_tf = max([x for x in (r.get("single_fwdbwd_tflops"), r.get("split_fwdbwd_tflops")) if x] or [None],
+                      key=lambda x: x or 0)
+        flex_gb = max([x for x in (s.get("peak_gb"), h.get("peak_gb")) if x] or [None], key=lambda x: x or 0)
+        cover = h.get("exact_cover", "-" if "skipped" in h else "?")
+        cells = [r["case"], size_label(r["n"]), f"{r['hq']}/{r['hkv']}", _ms(o, "fwd_ms"), _ms(o, "fwdbwd_ms"),
+                 _ms(s, "fwd_ms"), _ms(s, "fwdbwd_ms"), _ms(h, "fwd_ms"), _ms(h, "fwdbwd_ms"),
+                 _ms(h, "merged_fwdbwd_ms"), fmt(r.get("ratio_fwd"), 2), fmt(r.get("ratio_fwdbwd"), 2),
+                 fmt(r.get("ours_fwdbwd_tflops"), 0), fmt(best_tf, 0), fmt(o.get("peak_gb")), fmt(flex_gb),
+                 fmt(o.get("plan_ms"), 2), str(cover)]
+        print("| " + " | ".join(cells) + " |")
+    sd = results.get("sdpa")
+    if sd and "fwd_ms" in sd:
+        print(f"| SDPA dense causal (ceiling) | {size_label(sd['n'])} | {sd['hq']}/{sd['hkv']} | "
+              f"{fmt(sd['fwd_ms'])} | {fmt(sd['fwdbwd_ms'])} | | | | | | | | {fmt(sd['fwdbwd_tflops'], 0)} | | | "
+              "| | |")
+
+
+def plot(results, path) -> None:
+    """Bar chart: useful fwd+bwd TFLOP/s per case, ours vs one-mask Flex vs hand-split Flex."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = results["timing"]
-    labels = [f"{r['case']}\n{r['n'] // K}k h{r['hq']}/{r['hkv']}" for r in rows]
-    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 1.1), 5))
-    xs = range(len(rows))
-    for off, key, lab in ((-0.2, "ours_fwdbwd_tflops", "ours"), (0.2, "flex_fwdbwd_tflops", "FlexAttention")):
-        ax.bar([x + off for x in xs], [r.get(key) or 0 for r in rows], width=0.4, label=lab)
-    ax.set_xticks(list(xs))
+    rows = [r for r in results["timing"] if "ours" in r]
+    labels = [f"{r['case']}\n{size_label(r['n'])} {r['hq']}/{r['hkv']}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(8, len(rows) * 1.2), 5))
+    series = (("ours_fwdbwd_tflops", "ours"), ("single_fwdbwd_tflops", "Flex, one mask"),
+              ("split_fwdbwd_tflops", "Flex, hand-split (unmerged)"))
+    width = 0.8 / len(series)
+    for i, (key, label) in enumerate(series):
+        ax.bar([x + (i - 1) * width for x in range(len(rows))], [r.get(key) or 0 for r in rows], width=width,
+               label=label)
+    sd = results.get("sdpa") or {}
+    if sd.get("fwdbwd_tflops"):
+        ax.axhline(sd["fwdbwd_tflops"], color="gray", ls="--", lw=1, label="SDPA dense causal 64k")
+    ax.set_xticks(list(range(len(rows))))
     ax.set_xticklabels(labels, fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("useful TFLOP/s, fwd+bwd (bf16, D=128)")
-    ax.set_title(f"sparse attention on {results['device']}")
-    ax.legend()
+    ax.set_ylabel("useful TFLOP/s, fwd+bwd")
+    ax.set_title(f"sparse attention, B=1 causal, on {results['device']}")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
-#: Planning cases of ``--only planops``: the (a), (b) and (c)-dilated patterns at 1M tokens, 16q/4kv heads.
-PLAN_CASES = (("(a) window4096", Window(4096)), ("(b) w1024+g128+s64", Window(1024) | Global(first=128, queries=False)
-              | Strided(64)), ("(c) dilated(1024,4)", Dilated(window=1024, levels=4)))
+# -- planning operations (CPU) ---------------------------------------------------------------------------
+#: Planning cases of ``--only planops``: at 1M tokens, 16q/4kv heads.
+PLAN_CASES = (("window4096", Window(4096)), ("w1024+s64+g128", WSG),
+              ("dilated(1024,4)", Dilated(window=1024, levels=4)))
 
 
 def plan_ops(n: int) -> list[dict]:
@@ -467,35 +521,50 @@ def plan_ops_report(n: int, out: str) -> None:
                    "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "plans": rows}, f, indent=1)
     print("| case | N | tensor operations | view operations |\n|---|---|---|---|")
     for r in rows:
-        print(f"| {r['case']} | {r['n'] // K}k | {r['ops']} | {r['view_ops']} |")
+        print(f"| {r['case']} | {size_label(r['n'])} | {r['ops']} | {r['view_ops']} |")
+
+
+# -- main ------------------------------------------------------------------------------------------------
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--only", default="check,tune,time",
+                    help="comma list of: check (or quickcheck), tune, time; or planops alone (CPU)")
+    ap.add_argument("--cases", default="all", help="all, goal, rest, or a comma list of case names, "
+                    "keys (name@256k) or indices into the case list")
+    ap.add_argument("--heads", default="16/16,16/4", help="comma list of head layouts: 16/16, 16/4")
+    ap.add_argument("--no-sdpa", action="store_true", help="do not time the SDPA dense causal ceiling")
+    ap.add_argument("--no-merged", action="store_true",
+                    help="hand-split Flex: skip the LSE-merged variant (saves its compile, ~15 s a case)")
+    ap.add_argument("--guard", type=float, default=20.0, help="skip a variant whose first call takes longer (s)")
+    ap.add_argument("--budget", type=float, default=1e9,
+                    help="seconds after which cases not yet started are skipped (and recorded as skipped)")
+    ap.add_argument("--worker-timeout", type=float, default=300.0, help="seconds one Flex process may take")
+    ap.add_argument("--max-n", type=int, default=1024 * K, help="planops: sequence length")
+    ap.add_argument("--smoke", action="store_true", help="the whole flow tiny on the CPU (interpreter)")
+    ap.add_argument("--list", action="store_true", help="print the cases with their indices and exit")
+    return ap.parse_args()
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--guard", type=float, default=20.0, help="skip a variant whose first call takes longer (s)")
-    ap.add_argument("--only", default="check,tune,a,b,c",
-                    help="comma list of: check (or quickcheck), tune, a, b, c, gqa, bwdcmp; or planops alone "
-                         "(operations of a cold plan, on the CPU)")
-    ap.add_argument("--max-n", type=int, default=1024 * K)
-    ap.add_argument("--budget", type=float, default=110.0,
-                    help="bwdcmp: seconds after which only the old and balanced variants are timed")
-    args = ap.parse_args()
+    args = parse_args()
     os.makedirs(args.out, exist_ok=True)
-    if args.only == "planops":
+    only = set(args.only.split(","))
+    if args.list:
+        for index, case in enumerate(SMOKE_CASES if SMOKE else CASES):
+            print(index, case.key, "(goal)" if case.goal else "")
+        return None
+    if only == {"planops"}:
         return plan_ops_report(args.max_n, args.out)
-    import torch._dynamo
     import triton
 
-    # Every case has its own mask and shape: without room for recompiles, FlexAttention silently falls
-    # back to its unfused path (which materialises N x N and runs out of memory).
-    torch._dynamo.config.recompile_limit = 256
-    torch._dynamo.config.accumulated_recompile_limit = 4096
-
-    results = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "command": " ".join(sys.argv), "correctness": [], "tuning": [], "timing": [], "bwdcmp": []}
-    only = set(args.only.split(","))
+    if SMOKE:
+        torch.set_num_threads(1)  # a shared 2-core machine
+    device = "cpu" if SMOKE else "cuda"
+    results = {"device": "cpu (smoke)" if SMOKE else torch.cuda.get_device_name(), "torch": torch.__version__,
+               "triton": triton.__version__, "python": platform.python_version(),
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
+               "args": vars(args), "correctness": [], "tuning": [], "timing": []}
     path = os.path.join(args.out, "kernels.json")
 
     def save():
@@ -503,69 +572,35 @@ def main():
             json.dump(results, f, indent=1)
 
     if "check" in only or "quickcheck" in only:
-        results["correct"] = correctness(results, quick="check" not in only)
-        save()
-    if "bwdcmp" in only:
-        # The balanced dk/dv scheduling (the default) checked in bf16 against float64, then timed
-        # against the old one (kv_balance=False) on the same inputs.
-        core.CONFIGS["cuda"] = core.Config(**{**vars(core.CONFIGS["cuda"]), "kv_balance": True})
-        results["correct"] = correctness(results, names=("window512+global64+strided32 gqa", "dilated(256,3)",
-                                                         "global queries+keys"), dtypes=(torch.bfloat16,))
-        save()
-        bwd_compare(results, args.budget)
+        if SMOKE:  # bf16 tl.dot is wrong in the interpreter; small sizes keep it quick
+            results["correct"] = correctness(results, quick=True, n=256, dtypes=(torch.float16,), device=device)
+        else:
+            results["correct"] = correctness(results, quick="check" not in only)
         save()
     if "tune" in only:
-        tune(results, args.guard)
+        tune(results, args.guard, device, **({"n": 256, "heads": 2, "d": 32} if SMOKE else {}))
         save()
-    sizes = [n for n in (64 * K, 256 * K, 1024 * K) if n <= args.max_n]
-    wgs = Window(1024) | Global(first=128, queries=False) | Strided(64)
-    jobs = []
-    if "a" in only:
-        jobs += [("(a) window4096", Window(4096), n, 16, 16, {"sdpa": n == 64 * K}) for n in sizes]
-    if "b" in only:
-        jobs += [("(b) w1024+g128+s64", wgs, n, 16, 16, {"flex": n <= 256 * K}) for n in sizes]
-    if "gqa" in only:
-        jobs += [("(a) window4096", Window(4096), 256 * K, 16, 4, {}),
-                 ("(b) w1024+g128+s64", wgs, 256 * K, 16, 4, {})]
-    if "c" in only:
-        jobs += [("(c) dilated(1024,4)", Dilated(window=1024, levels=4), 256 * K, 16, 16, {}),
-                 ("(c) random(64,3)+w512", RandomBlocks(block=64, per_query_block=3) | Window(512), 256 * K, 16, 16,
-                  {}),
-                 ("(c) topk(64,16)", TopKBlocks(block=64, k=16), 64 * K, 16, 16, {})]
-    for name, pat, n, hq, hkv, kw in jobs:
-        try:
-            time_case(name, pat, n, hq, hkv, results, args.guard, **kw)
-        except Exception as e:  # noqa: BLE001
-            traceback.print_exc()
-            results["timing"].append({"case": name, "n": n, "hq": hq, "hkv": hkv, "error": repr(e)[:300]})
-        save()
-        try:
-            plot(results, os.path.join(args.out, "kernels.png"))
-        except Exception:  # noqa: BLE001
-            traceback.print_exc()
-    print_table(results)
-
-
-def fmt(x, p=1):
-    return "-" if x is None else (f"{x:.{p}f}" if isinstance(x, float) else str(x))
-
-
-def print_table(results):
-    hdr = ("case", "N", "Hq/Hkv", "ours fwd ms", "ours f+b ms", "ours fwd TF", "ours f+b TF", "flex f+b TF",
-           "ratio", "ours GB", "flex GB", "plan ms")
-    print("| " + " | ".join(hdr) + " |")
-    print("|" + "---|" * len(hdr))
-    for r in results["timing"]:
-        o, f = r.get("ours_fwdbwd_tflops"), r.get("flex_fwdbwd_tflops")
-        print("| " + " | ".join([r["case"], f"{r['n'] // K}k", f"{r['hq']}/{r['hkv']}", fmt(r.get("ours_fwd_ms")),
-                                 fmt(r.get("ours_fwdbwd_ms")), fmt(r.get("ours_fwd_tflops"), 0),
-                                 fmt(o, 0), fmt(f, 1), fmt(o / f if o and f else None, 2),
-                                 fmt(r.get("ours_peak_gb")), fmt(r.get("flex_peak_gb")), fmt(r.get("plan_ms"), 2)])
-              + " |")
-        if r.get("sdpa_dense_fwdbwd_tflops"):
-            print(f"|   SDPA dense causal | {r['n'] // K}k | | {fmt(r.get('sdpa_dense_fwd_ms'))} | "
-                  f"{fmt(r.get('sdpa_dense_fwdbwd_ms'))} | {fmt(r.get('sdpa_dense_fwd_tflops'), 0)} | "
-                  f"{fmt(r.get('sdpa_dense_fwdbwd_tflops'), 0)} | | | | | |")
+    if "time" in only:
+        if not args.no_sdpa:
+            results["sdpa"] = sdpa_row(device, args.guard)
+            log("sdpa", json.dumps(results["sdpa"]))
+        for case, heads in select_jobs(SMOKE_CASES if SMOKE else CASES, args.cases, args.heads.split(",")):
+            if time.time() - T0 > args.budget:
+                results["timing"].append({"case": case.name, "key": case.key, "n": case.n, "heads": heads,
+                                          "skipped": f"time budget {args.budget:.0f} s spent"})
+                log("skip", case.key, heads, "(budget)")
+                continue
+            log("case", case.key, heads)
+            row = time_job(case, heads, args, device)
+            results["timing"].append(row)
+            log("time", json.dumps(row, default=str)[:1500])
+            save()
+            try:
+                plot(results, os.path.join(args.out, "kernels.png"))
+            except Exception as e:  # noqa: BLE001 - the chart is a convenience, the JSON is the record
+                log("plot failed:", repr(e)[:200])
+        print_table(results)
+    save()
 
 
 if __name__ == "__main__":
