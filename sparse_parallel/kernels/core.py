@@ -102,6 +102,44 @@ class Pass:
     member: bool = False
 
 
+class GradBuffers:
+    """float32 dk/dv of one k/v input pair, shared by every key space that views it.
+
+    The first dk/dv launch into them either writes every row (no zeroing needed) or finds
+    them zeroed; later launches accumulate.
+    """
+
+    def __init__(self, dk: torch.Tensor, dv: torch.Tensor):
+        self.dk, self.dv, self.written = dk, dv, False
+
+    def before_launch(self, writes_all_rows: bool) -> bool:
+        """Whether the next launch must accumulate (zeroing the buffers first where needed)."""
+        if self.written:
+            return True
+        self.written = True
+        if writes_all_rows:
+            return False
+        self.dk.zero_()
+        self.dv.zero_()
+        return True
+
+    def finish(self):
+        """Gradients of keys no pass saw are zero."""
+        if not self.written:
+            self.dk.zero_()
+            self.dv.zero_()
+            self.written = True
+
+
+@dataclass
+class SpaceGrad:
+    """Where the dk/dv of one key space go: views (rows of the space) into ``buffers``."""
+
+    dk: torch.Tensor
+    dv: torch.Tensor
+    buffers: GradBuffers
+
+
 @dataclass
 class Problem:
     terms: P.Terms
@@ -338,10 +376,8 @@ def _prepare_backward(out, dout, lse, dlse):
 
 
 def backward(prob: Problem, q, out, lse, dout, dlse, scale, cfg: Config, grads: list):
-    """dq; dk/dv are accumulated into ``grads[space] = (dk32, dv32, state)``.
+    """dq; dk/dv are accumulated into ``grads[space]`` (a ``SpaceGrad`` per key space).
 
-    ``state`` (shared by spaces that are views of one buffer) holds ``init`` and
-    ``base`` = the whole (dk32, dv32) buffers, zeroed unless a range pass writes them first.
     Unless ``cfg.deterministic``, the dk/dv kernel also produces dq (float32 atomics).
     """
     dout = dout.contiguous()
@@ -371,7 +407,8 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
     for i, ps in enumerate(prob.passes):
         sp = prob.spaces[ps.space]
         hkv = sp.k.shape[2]
-        dk, dv, state = grads[ps.space]
+        target = grads[ps.space]
+        dk, dv = target.dk, target.dv
         d32 = _dummy(device)
         kpos = sp.positions.to(torch.int32).contiguous() if sp.positions is not None else d32
         kmem = sp.member if sp.member is not None else _dummy(device, torch.int8)
@@ -405,15 +442,8 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             whole = t0 == 0 and grid0 == P.n_tiles(sp.nk, bn)
         if grid0 == 0 or sp.nk == 0:
             continue
-        if state["init"]:
-            accum = True
-        elif whole and dk.shape == state["base"][0].shape:
-            accum = False  # a range pass writes every key tile of a whole buffer
-        else:
-            for t in state["base"]:
-                t.zero_()
-            accum = True
-        state["init"] = True
+        # A range pass over all key tiles of a space that is the whole buffer writes every row.
+        accum = target.buffers.before_launch(whole and dk.shape == target.buffers.dk.shape)
         # The launched key tiles' rows of dk/dv: [t0*bn, t0*bn + rows).
         rows = min(sp.nk, (t0 + grid0) * bn) - t0 * bn
         dk_rows, dv_rows = dk[:, t0 * bn:t0 * bn + rows], dv[:, t0 * bn:t0 * bn + rows]

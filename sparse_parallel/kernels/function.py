@@ -10,6 +10,8 @@ split-K launch for global query rows.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -69,64 +71,71 @@ def _split_for(n_qtiles: int, bh: int, nk: int, bn: int, sms: int) -> int:
     return max(1, min(want, math.ceil(nk / (4 * bn))))
 
 
-class _Function(torch.autograd.Function):
-    """Runs ``problems`` (a main one and, optionally, global rows) and maps gradients.
+@dataclass
+class Part:
+    """One Problem of a launch plan: the query rows it owns (None = all) and, given the gradient
+    buffers by name, the ``SpaceGrad`` of each of its key spaces."""
 
-    ``layout`` gives, per problem: its Problem, the query rows it owns (None = all),
-    and per space the (input index, view) of the gradient buffers it accumulates into.
-    """
+    prob: core.Problem
+    rows: torch.Tensor | None
+    grads: Callable[[dict], list]
+
+
+@dataclass
+class LaunchPlan:
+    """What one attention call launches: its parts (the first owns every row not owned by a later
+    one) and the float32 gradient buffers by name, each a pair of positions in the list of the
+    call's k/v inputs followed by ``copies`` (gathered keys whose gradients ``fold`` adds back)."""
+
+    parts: list
+    buffers: dict
+    copies: list = field(default_factory=list)
+    fold: Callable[[dict], None] | None = None
+
+
+class _Function(torch.autograd.Function):
+    """Runs a ``LaunchPlan`` on q and the k/v inputs; gradients for q and every input."""
 
     @staticmethod
-    def forward(ctx, layout, scale, cfg, q, *inputs):
-        main = layout["problems"][0]
-        out, lse = core.forward(main["prob"], q, scale, cfg)
-        extra = []
-        for item in layout["problems"][1:]:
-            rows = item["rows"]
-            o, l = core.forward(item["prob"], q[:, rows].contiguous(), scale, cfg)
-            out[:, rows] = o
-            lse[:, :, rows] = l
-            extra.append((o, l))
-        ctx.layout, ctx.scale, ctx.cfg = layout, scale, cfg
+    def forward(ctx, plan: LaunchPlan, scale, cfg, q, *inputs):
+        out, lse = core.forward(plan.parts[0].prob, q, scale, cfg)
+        for part in plan.parts[1:]:
+            o, l = core.forward(part.prob, q[:, part.rows].contiguous(), scale, cfg)
+            out[:, part.rows] = o
+            lse[:, :, part.rows] = l
+        ctx.plan, ctx.scale, ctx.cfg = plan, scale, cfg
         ctx.save_for_backward(q, out, lse, *inputs)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, out, lse, *inputs = ctx.saved_tensors
-        layout, scale, cfg = ctx.layout, ctx.scale, ctx.cfg
+        plan, scale, cfg = ctx.plan, ctx.scale, ctx.cfg
         if dout is None:
             dout = torch.zeros_like(out)
-        bufs = [torch.empty(t.shape, dtype=torch.float32, device=t.device)
-                for t in list(inputs) + list(layout.get("extra", []))]
-        states = {}
-        for key in set(layout["buffer_of"]):
-            states[key] = {"init": False, "base": tuple(bufs[i] for i in layout["buffer_of"][key])}
-        problems = layout["problems"]
-        special = [it["rows"] for it in problems[1:]]
+        flat = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in list(inputs) + plan.copies]
+        buffers = {name: core.GradBuffers(flat[a], flat[b]) for name, (a, b) in plan.buffers.items()}
+        main, rest = plan.parts[0], plan.parts[1:]
         do_main, dlse_main = dout, dlse
-        if special:
+        if rest:  # rows owned by a later part get their gradients there
             do_main = dout.clone()
             dlse_main = dlse.clone() if dlse is not None else None
-            for rows in special:
-                do_main[:, rows] = 0
+            for part in rest:
+                do_main[:, part.rows] = 0
                 if dlse_main is not None:
-                    dlse_main[:, :, rows] = 0
-        grads = [item["grads"](bufs, states) for item in problems]
-        dq = core.backward(problems[0]["prob"], q, out, lse, do_main, dlse_main, scale, cfg, grads[0])
-        for item, g in zip(problems[1:], grads[1:]):
-            rows = item["rows"]
-            dq_rows = core.backward(item["prob"], q[:, rows].contiguous(), out[:, rows].contiguous(),
-                                    lse[:, :, rows].contiguous(), dout[:, rows].contiguous(),
-                                    None if dlse is None else dlse[:, :, rows].contiguous(), scale, cfg, g)
-            dq[:, rows] = dq_rows
-        for st in states.values():
-            if not st["init"]:
-                for t in st["base"]:
-                    t.zero_()
-        for fix in layout.get("finish", []):
-            fix(bufs)
-        return (None, None, None, dq) + tuple(b.to(t.dtype) for b, t in zip(bufs, inputs))
+                    dlse_main[:, :, part.rows] = 0
+        dq = core.backward(main.prob, q, out, lse, do_main, dlse_main, scale, cfg, main.grads(buffers))
+        for part in rest:
+            rows = part.rows
+            dq[:, rows] = core.backward(part.prob, q[:, rows].contiguous(), out[:, rows].contiguous(),
+                                        lse[:, :, rows].contiguous(), dout[:, rows].contiguous(),
+                                        None if dlse is None else dlse[:, :, rows].contiguous(), scale, cfg,
+                                        part.grads(buffers))
+        for b in buffers.values():
+            b.finish()
+        if plan.fold is not None:
+            plan.fold(buffers)
+        return (None, None, None, dq) + tuple(b.to(t.dtype) for b, t in zip(flat, inputs))
 
 
 def _block_pieces(q_pos: torch.Tensor, block: int) -> list:
@@ -231,13 +240,12 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
         raise ValueError("space_attention needs at least one non-empty key space serving a component")
     prob = core.Problem(terms, kspaces, passes, q_pos, int(q_pos[0]) if contiguous else None)
 
-    def grads(bufs, states):
-        return [(bufs[2 * i], bufs[2 * i + 1], states[i]) for i in range(len(kspaces))]
+    def grads(buffers):
+        return [core.SpaceGrad(buffers[i].dk, buffers[i].dv, buffers[i]) for i in range(len(kspaces))]
 
-    layout = {"problems": [{"prob": prob, "rows": None, "grads": grads}],
-              "buffer_of": {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))}}
+    plan = LaunchPlan([Part(prob, None, grads)], {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))})
     cfg = config if config is not None else core.default_config(device)
-    return _Function.apply(layout, scale, cfg, q, *inputs)
+    return _Function.apply(plan, scale, cfg, q, *inputs)
 
 
 def triton_attention(q, k, v, pattern, scale=None, config: core.Config | None = None):
@@ -245,12 +253,12 @@ def triton_attention(q, k, v, pattern, scale=None, config: core.Config | None = 
 
     ``config`` (tile sizes, backward scheduling) defaults to ``core.default_config(q.device)``.
     """
-    layout, scale, cfg = prepare(q, k, v, pattern, scale, config=config)
-    return _Function.apply(layout, scale, cfg, q, *_kv(k, v))
+    plan, scale, cfg = prepare(q, k, v, pattern, scale, config=config)
+    return _Function.apply(plan, scale, cfg, q, *_kv(k, v))
 
 
 def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Config | None = None):
-    """Plan ``triton_attention`` (tables, terms, passes); ``plans`` also builds every tile plan now."""
+    """Plan ``triton_attention`` -> (LaunchPlan, scale, Config); ``plans`` also builds every tile plan now."""
     _check_dtype(q)
     pattern = as_pattern(pattern)
     b, n, hq, d = q.shape
@@ -298,19 +306,18 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
                         None, 0, cache=cached["main"], nq=n)
     explicit_space = len(spaces) - 1 if gpos is not None else None
 
-    def main_grads(bufs, states):
+    def main_grads(buffers):
         out = []
         for si, sp in enumerate(spaces):
             if si == explicit_space:
-                out.append((bufs[2], bufs[3], states["g"]))
-            elif si == 0:
-                out.append((bufs[0], bufs[1], states["kv"]))
-            else:
-                off, st = sp.pos0, sp.kstr
-                out.append((bufs[0][:, off::st], bufs[1][:, off::st], states["kv"]))
+                g = buffers["g"]
+                out.append(core.SpaceGrad(g.dk, g.dv, g))
+            else:  # the full K/V or a strided view of it
+                kv = buffers["kv"]
+                out.append(core.SpaceGrad(kv.dk[:, sp.pos0::sp.kstr], kv.dv[:, sp.pos0::sp.kstr], kv))
         return out
 
-    problems = [{"prob": main, "rows": None, "grads": main_grads}]
+    parts = [Part(main, None, main_grads)]
     rows = cached["rows"]
     if len(rows):
         gterms = P.Terms([(0, 0, 0, P.BIG, 1, 0)], [0], pattern.causal, n,
@@ -318,21 +325,20 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
         split = _split_for(P.n_tiles(len(rows), cfg.bm), b * hq, n, cfg.bn, core.multiprocessors(cfg, device))
         gprob = core.Problem(gterms, [core.Space(k, v)], [core.Pass(0, P.PassKind.RANGE, [0])], rows, None, split,
                              cache=cached["global"])
-        problems.append({"prob": gprob, "rows": rows,
-                         "grads": lambda bufs, states: [(bufs[0], bufs[1], states["kv"])]})
-    buffer_of = {"kv": (0, 1)}
-    layout = {"problems": problems, "buffer_of": buffer_of, "extra": [], "finish": []}
+        parts.append(Part(gprob, rows, lambda buffers: [core.SpaceGrad(buffers["kv"].dk, buffers["kv"].dv,
+                                                                       buffers["kv"])]))
+    plan = LaunchPlan(parts, {"kv": (0, 1)})
     if gpos is not None:
         # The gathered global keys are a copy: their gradients are added back into K/V's.
-        layout["extra"] = [spaces[explicit_space].k, spaces[explicit_space].v]
-        buffer_of["g"] = (2, 3)
+        plan.copies = [spaces[explicit_space].k, spaces[explicit_space].v]
+        plan.buffers["g"] = (2, 3)
 
-        def finish(bufs):
-            bufs[0].index_add_(1, gpos, bufs[2])
-            bufs[1].index_add_(1, gpos, bufs[3])
+        def fold(buffers):
+            buffers["kv"].dk.index_add_(1, gpos, buffers["g"].dk)
+            buffers["kv"].dv.index_add_(1, gpos, buffers["g"].dv)
 
-        layout["finish"].append(finish)
+        plan.fold = fold
     if plans:
-        for item in problems:
-            core.build_plans(item["prob"], cfg)
-    return layout, scale, cfg
+        for part in parts:
+            core.build_plans(part.prob, cfg)
+    return plan, scale, cfg
