@@ -188,3 +188,36 @@ def test_describe_without_mask_at_a_million_tokens():
     strided_before = torch.div(torch.clamp(i - 4097, min=-1), 64, rounding_mode="floor") + 1
     glob = torch.clamp(i - 4096, min=0).clamp(max=128) - (torch.clamp(i - 4096, min=0).clamp(max=128) + 63) // 64
     assert d["pairs"] == 16 * int((win + strided_before + glob).sum())
+
+
+def test_component_terms_and_explicit_keys_are_its_geometry():
+    """Every structured component's terms plus explicit keys allow exactly the pairs ``allows`` allows
+    (a brute-force check over fresh random components); block-list components have no terms."""
+    import random
+
+    from sparse_parallel.patterns import Global, RandomBlocks, Strided, Window
+    from sparse_parallel.patterns.components import UNBOUNDED
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    n = 97
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    for _ in range(40):
+        s = rng.randint(1, 9)
+        comp = rng.choice([Window(rng.randint(0, 30), rng.randint(0, 5)),
+                           Strided(s, rng.randint(0, s - 1), rng.choice([None, rng.randint(1, 60)])),
+                           Global(first=rng.randint(0, 5), positions=(rng.randint(6, 90),), queries=False)])
+        got = torch.zeros(n, n, dtype=torch.bool)
+        for t in comp.terms():
+            lo, hi = t.bounds(i)
+            assert (hi if isinstance(hi, int) else int(hi.max())) <= UNBOUNDED
+            got |= (j >= lo) & (j <= hi) & ((j - t.r) % t.m == 0)
+        keys = comp.explicit_keys(n)
+        if keys is not None:
+            got |= torch.isin(j, keys).expand(n, n)
+        assert torch.equal(got, comp.allows(i, j).expand(n, n)), f"seed {seed}: {comp}"
+        if comp.lattice is not None:
+            offset, stride = comp.lattice
+            assert bool((torch.nonzero(got)[:, 1] % stride == offset).all()), f"seed {seed}: {comp}"
+    assert RandomBlocks(block=16, per_query_block=1).terms() == ()

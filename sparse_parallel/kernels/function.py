@@ -15,7 +15,6 @@ from typing import Callable
 
 import torch
 
-from ..patterns.components import Global, Strided
 from ..patterns.pattern import as_pattern
 from . import core
 from . import plan as P
@@ -283,14 +282,13 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
     spaces = [core.Space(k, v)]
     passes, views = [], {}
     for t, c in enumerate(terms.comp):
-        comp = pattern.components[c]
-        if isinstance(comp, Strided) and comp.stride > 1:
-            key = (comp.stride, comp.offset)
-            if key not in views:
-                views[key] = len(spaces)
-                spaces.append(core.Space(k[:, comp.offset::comp.stride], v[:, comp.offset::comp.stride],
-                                         comp.offset, comp.stride))
-            passes.append(core.Pass(views[key], P.PassKind.RANGE, [t]))
+        lattice = pattern.components[c].lattice
+        if lattice is not None:  # its keys are contiguous in the strided view K[offset::stride]
+            offset, stride = lattice
+            if lattice not in views:
+                views[lattice] = len(spaces)
+                spaces.append(core.Space(k[:, offset::stride], v[:, offset::stride], offset, stride))
+            passes.append(core.Pass(views[lattice], P.PassKind.RANGE, [t]))
         else:
             passes.append(core.Pass(0, P.PassKind.RANGE, [t]))
     passes.sort(key=lambda ps: ps.space != 0)  # full-K range passes first: they initialise dk/dv

@@ -23,11 +23,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..patterns.components import Global, Strided, Window
+from ..patterns.components import UNBOUNDED as BIG
+from ..patterns.components import Global, Term
 from ..patterns.counting import _merged_table
-
-#: "no bound" for the int32 term arithmetic in the kernels (positions stay below it).
-BIG = 1 << 30
 
 
 
@@ -70,29 +68,17 @@ def build_terms(bound, device, all_rows_global: bool = False) -> Terms:
         raise ValueError(f"sequence length must be < 2^30 for the Triton kernels, got {bound.n}")
     rows, comp, explicit = [], [], {}
     for index, c in enumerate(pattern.components):
-        if isinstance(c, Window):
-            rows.append((1, -c.left, 1, c.right, 1, 0))
-        elif isinstance(c, Strided):
-            if c.span is None:
-                rows.append((0, 0, 0, BIG, c.stride, c.offset))
-            else:
-                rows.append((1, 1 - c.span, 1, c.span - 1, c.stride, c.offset))
-        elif isinstance(c, Global):
-            if all_rows_global and c.queries:
-                rows.append((0, 0, 0, BIG, 1, 0))
-                comp.append(index)
-                continue
-            if c.first:
-                rows.append((0, 0, 0, c.first - 1, 1, 0))
-            pos = c.positions_tensor()
-            pos = pos[pos < bound.n]
-            if len(pos):
-                explicit[index] = pos.to(device)
-            if not c.first:
-                continue
-        else:
+        if all_rows_global and isinstance(c, Global) and c.queries:
+            # Every row here is one of this component's global query rows: it allows every key.
+            rows.append(Term(0, 0, 0, BIG).row)
+            comp.append(index)
             continue
-        comp.append(index)
+        for term in c.terms():
+            rows.append(term.row)
+            comp.append(index)
+        keys = c.explicit_keys(bound.n, device)
+        if keys is not None:
+            explicit[index] = keys
     t = Terms(rows, comp, pattern.causal, bound.n, explicit=explicit)
     blocks = pattern.block_components
     if blocks:

@@ -31,6 +31,41 @@ def _check_block(name: str, block) -> int:
     return block
 
 
+#: An upper key bound that no position reaches ("no bound"); positions stay below it.
+UNBOUNDED = 1 << 30
+
+
+@dataclass(frozen=True)
+class Term:
+    """Keys ``j`` with ``lo_rel*i + lo_c <= j <= hi_rel*i + hi_c`` and ``j = r (mod m)`` of query ``i``.
+
+    The key geometry of a structured component, read by counting, candidates, the kernel planner
+    and the sequence-parallel plans alike; ``lo_rel`` and ``hi_rel`` are 0 or 1.
+    """
+
+    lo_rel: int
+    lo_c: int
+    hi_rel: int
+    hi_c: int
+    m: int = 1
+    r: int = 0
+
+    @property
+    def row(self) -> tuple[int, int, int, int, int, int]:
+        return (self.lo_rel, self.lo_c, self.hi_rel, self.hi_c, self.m, self.r)
+
+    def bounds(self, i):
+        """Unclamped (lo, hi) key bounds at query positions ``i`` (ints or tensors)."""
+        return self.lo_rel * i + self.lo_c, self.hi_rel * i + self.hi_c
+
+    def keys(self, start: int, end: int, top: int, device=None) -> torch.Tensor:
+        """Sorted key positions below ``top`` that some query in ``[start, end)`` may see."""
+        lo = max(0, self.lo_rel * start + self.lo_c)
+        hi = min(top - 1, self.hi_rel * (end - 1) + self.hi_c)
+        first = lo + (self.r - lo) % self.m
+        return torch.arange(first, hi + 1, self.m, device=device)
+
+
 class Component:
     """Base of all pattern components; subclasses are frozen dataclasses."""
 
@@ -59,6 +94,19 @@ class Component:
     def expand(self) -> tuple["Component", ...]:
         return (self,)
 
+    def terms(self) -> tuple[Term, ...]:
+        """The component's keys as affine terms (empty for block-list components)."""
+        return ()
+
+    def explicit_keys(self, n: int, device=None) -> torch.Tensor | None:
+        """Key positions listed one by one (below ``n``), beyond what ``terms`` covers; None if none."""
+        return None
+
+    @property
+    def lattice(self) -> tuple[int, int] | None:
+        """(offset, stride > 1) when every key lies on that lattice, so ``K[offset::stride]`` holds them."""
+        return None
+
 
 @dataclass(frozen=True)
 class Window(Component):
@@ -75,6 +123,9 @@ class Window(Component):
     def allows(self, i, j, h=None):
         d = i - j
         return (d <= self.left) & (d >= -self.right)
+
+    def terms(self) -> tuple[Term, ...]:
+        return (Term(1, -self.left, 1, self.right),)
 
 
 @dataclass(frozen=True)
@@ -99,6 +150,15 @@ class Strided(Component):
         if self.span is not None:
             ok = ok & ((i - j).abs() < self.span)
         return ok
+
+    def terms(self) -> tuple[Term, ...]:
+        if self.span is None:
+            return (Term(0, 0, 0, UNBOUNDED, self.stride, self.offset),)
+        return (Term(1, 1 - self.span, 1, self.span - 1, self.stride, self.offset),)
+
+    @property
+    def lattice(self) -> tuple[int, int] | None:
+        return (self.offset, self.stride) if self.stride > 1 else None
 
 
 @dataclass(frozen=True)
@@ -173,6 +233,15 @@ class Global(Component):
         if self.queries:
             ok = ok | self.is_global(i)
         return ok
+
+    def terms(self) -> tuple[Term, ...]:
+        """The first-``first`` keys; the global query rows' "every key" is not a key term."""
+        return (Term(0, 0, 0, self.first - 1),) if self.first else ()
+
+    def explicit_keys(self, n: int, device=None) -> torch.Tensor | None:
+        pos = self.positions_tensor(device)
+        pos = pos[pos < n]
+        return pos if len(pos) else None
 
 
 @dataclass(frozen=True)

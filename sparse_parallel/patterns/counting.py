@@ -16,7 +16,7 @@ import math
 
 import torch
 
-from .components import Global, Strided, TopKBlocks, Window
+from .components import Global, TopKBlocks
 
 _CHUNK = 1 << 16
 
@@ -46,14 +46,9 @@ class _Terms:
         self.top = top.clamp(max=n - 1)
         zero = torch.zeros_like(i)
         for c in pattern.components:
-            if isinstance(c, Window):
-                self._add(i - c.left, i + c.right, 1, 0)
-            elif isinstance(c, Strided):
-                lo = zero if c.span is None else i - c.span + 1
-                hi = self.top if c.span is None else i + c.span - 1
-                self._add(lo, hi, c.stride, c.offset)
-            elif isinstance(c, Global) and c.first:
-                self._add(zero, zero + c.first - 1, 1, 0)
+            for term in c.terms():
+                lo, hi = term.bounds(i)
+                self._add(zero + lo, torch.minimum(zero + hi, self.top), term.m, term.r)
         self.subsets = []
         for size in range(1, len(self.terms) + 1):
             for combo in itertools.combinations(range(len(self.terms)), size):

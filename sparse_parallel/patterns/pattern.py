@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 
 from .blocks import build_table
-from .components import Component, Global, Strided, TopKBlocks, Window, component_from_dict
+from .components import Component, Global, TopKBlocks, component_from_dict
 
 #: ``Pattern.mask`` refuses sequences longer than this (an n x n bool per head).
 MAX_MASK_N = 8192
@@ -190,17 +190,10 @@ class BoundPattern:
             return torch.arange(0, hi_causal, device=dev)
         parts = []
         for c in self.pattern.components:
-            if isinstance(c, Window):
-                parts.append(torch.arange(max(0, start - c.left), min(hi_causal, end + c.right), device=dev))
-            elif isinstance(c, Strided):
-                lo = 0 if c.span is None else max(0, start - c.span + 1)
-                hi = hi_causal if c.span is None else min(hi_causal, end + c.span - 1)
-                first = lo + (c.offset - lo) % c.stride
-                parts.append(torch.arange(first, hi, c.stride, device=dev))
-            elif isinstance(c, Global):
-                parts.append(torch.arange(0, min(c.first, hi_causal), device=dev))
-                pos = c.positions_tensor(dev)
-                parts.append(pos[pos < hi_causal])
+            parts += [term.keys(start, end, hi_causal, dev) for term in c.terms()]
+            keys = c.explicit_keys(hi_causal, dev)
+            if keys is not None:
+                parts.append(keys)
         for comp, table in zip(self.pattern.block_components, self.tables):
             qb = torch.arange(start // comp.block, (end - 1) // comp.block + 1, device=table.device)
             kb = table[:, :, qb].unique()
