@@ -105,8 +105,26 @@ def test_reference_at_long_length_keeps_memory_bounded():
     n = 8192
     pattern = sp.Window(64) | sp.Strided(128) | sp.Global(first=16)
     q, k, v = (torch.randn(1, n, 2, 16) for _ in range(3))
-    out = sp.sparse_attention(q, k, v, pattern, backend="reference")
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sparse_parallel.reference import TILE_BUDGET
+
+    class Largest(TorchDispatchMode):
+        """The largest tensor any operation produces (a dense n x n score tile would be 2 * n * n)."""
+
+        elements = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor):
+                    self.elements = max(self.elements, t.numel())
+            return out
+
+    with Largest() as largest:
+        out = sp.sparse_attention(q, k, v, pattern, backend="reference")
     assert out.shape == (1, n, 2, 16) and torch.isfinite(out).all()
+    assert largest.elements <= TILE_BUDGET < 2 * n * n, f"a tensor of {largest.elements} elements was built"
     # Spot-check a few rows, global ones included, against the dense formula on just those rows.
     rows = torch.tensor([0, 15, 16, 5000, n - 1])
     bound = pattern.bind(n, 2)

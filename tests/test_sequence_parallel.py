@@ -249,10 +249,7 @@ def _triton_worker(rank, world):
         ref = _reference(pattern, q, k, v, g_out, g_lse)
         eager32 = _reference(pattern, q.float(), k.float(), v.float(), g_out.float(), g_lse.float())
         qs, ks, vs = (shard(t, ctx).float().clone().requires_grad_() for t in (q, k, v))
-        try:
-            out, lse = sequence_parallel_attention(qs, ks, vs, pattern, ctx, backend="triton", exchange=exchange)
-        except NotImplementedError as e:
-            return {"skip": f"{name}: kernels.space_attention raised NotImplementedError: {e}"}
+        out, lse = sequence_parallel_attention(qs, ks, vs, pattern, ctx, backend="triton", exchange=exchange)
         (out * shard(g_out, ctx).float()).sum().backward()
         for what, g, e32, w in zip(("out", "dq", "dk", "dv"), (out, qs.grad, ks.grad, vs.grad),
                                    (eager32[0], eager32[2], eager32[3], eager32[4]),
@@ -265,10 +262,7 @@ def _triton_worker(rank, world):
 
 
 def test_triton_backend_interpreted(tmp_path, monkeypatch):
-    from sparse_parallel import kernels
-
-    if not hasattr(kernels, "space_attention"):
-        pytest.skip("sparse_parallel.kernels.space_attention is not part of this build yet")
+    pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # inherited by the spawned ranks
     results = run_ranks(_triton_worker, 2, tmp_path, timeout=170)
     if "skip" in results[0]:

@@ -40,10 +40,8 @@ def space_attention_fn(backend: str, device):
     backend = resolve_backend(backend, device)
     if backend == "reference":
         return reference_space_attention
-    try:
-        from ..kernels import space_attention
-    except ImportError as e:
-        raise RuntimeError(f"backend='triton' has no space_attention in this build: {e}") from None
+    from ..kernels import space_attention
+
     return space_attention
 
 

@@ -38,12 +38,6 @@ class SequenceParallel:
     def __repr__(self) -> str:
         return f"SequenceParallel(rank={self.rank}, world_size={self.world_size})"
 
-    def shard_sizes(self, n: int) -> list[int]:
-        if n < self.world_size:
-            raise ValueError(f"sequence length {n} is shorter than the sequence-parallel size {self.world_size}")
-        base, extra = divmod(n, self.world_size)
-        return [base + (r < extra) for r in range(self.world_size)]
-
     def shard_range(self, n: int, rank: int | None = None) -> tuple[int, int]:
         """Global [start, end) of ``rank``'s shard (default: this rank)."""
         rank = self.rank if rank is None else rank

@@ -9,9 +9,7 @@ keys of a range of queries: what the eager reference and the planners use.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
-from typing import Iterable
 
 import torch
 
@@ -223,11 +221,3 @@ def as_pattern(p) -> Pattern:
         return Pattern.from_dict(p)
     raise ValueError(f"expected a Pattern, a component or a pattern dict, got {type(p).__name__}")
 
-
-def n_blocks(n: int, block: int) -> int:
-    return math.ceil(n / block)
-
-
-def iter_chunks(n: int, size: int) -> Iterable[tuple[int, int]]:
-    for s in range(0, n, size):
-        yield s, min(n, s + size)
