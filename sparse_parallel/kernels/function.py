@@ -42,28 +42,6 @@ def _kv(k, v):
     return k, v
 
 
-def _special_rows(pattern, q_pos: torch.Tensor) -> torch.Tensor:
-    """Rows that are Global(queries=True) rows not already covered as global keys."""
-    special = torch.zeros(len(q_pos), dtype=torch.bool, device=q_pos.device)
-    for g in pattern.global_queries:
-        pos = g.positions_tensor(q_pos.device)
-        special |= torch.isin(q_pos, pos)
-        if not pattern.causal and g.first:
-            special |= q_pos < g.first
-    return special
-
-
-def _global_row_positions(bound, device) -> torch.Tensor:
-    """Sorted global query rows that need their own path (see ``_special_rows``)."""
-    parts = [torch.zeros(0, dtype=torch.long, device=device)]
-    for g in bound.pattern.global_queries:
-        parts.append(g.positions_tensor(device))
-        if not bound.pattern.causal and g.first:
-            parts.append(torch.arange(g.first, device=device))
-    rows = torch.unique(torch.cat(parts))
-    return rows[rows < bound.n]
-
-
 def _split_for(n_qtiles: int, bh: int, nk: int, bn: int, sms: int) -> int:
     """Key splits for long (global) rows: enough programs for two per multiprocessor."""
     want = math.ceil(2 * sms / max(1, n_qtiles * bh))
@@ -180,7 +158,7 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
     if nq > 1 and not bool((q_pos[1:] > q_pos[:-1]).all()):
         raise NotImplementedError("space_attention needs increasing query positions")
     pattern = bound.pattern
-    special = _special_rows(pattern, q_pos)
+    special = torch.isin(q_pos, pattern.global_query_rows(bound.n, device))
     all_global = bool(special.all()) and nq > 0 and bool(special.any())
     if special.any() and not all_global:
         raise NotImplementedError("query rows of Global(queries=True) mixed with ordinary rows: call "
@@ -272,7 +250,7 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
             bound = pattern.bind(n, hq, q=q if pattern.data_dependent else None,
                                  k=k if pattern.data_dependent else None, device=device)
         cached = {"bound": bound, "terms": P.build_terms(bound, device), "main": {}, "global": {},
-                  "rows": _global_row_positions(bound, device)}
+                  "rows": pattern.global_query_rows(n, device)}
         if key is not None:
             if len(_PLANS) >= 32:
                 _PLANS.pop(next(iter(_PLANS)))

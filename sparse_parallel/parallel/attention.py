@@ -29,8 +29,7 @@ from ..patterns.pattern import BoundPattern, Pattern, as_pattern
 from ..reference import lse_dtype
 from ..spaces import KeySpace, merge_partials, reference_space_attention
 from .exchange import Spec, start_exchange
-from .plan import (choose_exchange, global_key_positions, global_query_positions, owned_slice, rank_plan,
-                   shard_bounds)
+from .plan import choose_exchange, owned_slice, rank_plan, shard_bounds
 
 
 def space_attention_fn(backend: str, device):
@@ -257,7 +256,7 @@ def _whole_sequence(fn, q, k, v, pattern: Pattern, bound: BoundPattern, scale):
     """Attention over the whole sequence in the same key-space split as the pattern exchange.
 
     Global keys get an explicit space serving the Global components, the
-    sequence serves the others; global query rows (see ``global_query_positions``)
+    sequence serves the others; global query rows (see ``Pattern.global_query_rows``)
     attend separately to the whole sequence as an explicit space.
     """
     n, dev = q.shape[1], q.device
@@ -266,10 +265,10 @@ def _whole_sequence(fn, q, k, v, pattern: Pattern, bound: BoundPattern, scale):
     others = tuple(i for i in range(len(comps)) if i not in globals_)
     spaces = [KeySpace(k, v, others)] if others else []
     if globals_:
-        g = global_key_positions(pattern, n).to(dev)
+        g = pattern.global_keys(n, dev)
         spaces.append(KeySpace(k[:, g], v[:, g], globals_, positions=g))
     rows = torch.arange(n)
-    special = torch.isin(rows, global_query_positions(pattern, n))
+    special = torch.isin(rows, pattern.global_query_rows(n))
     ordinary = rows[~special].to(dev)
     out, lse = _attend(fn, q if not special.any() else q[:, ordinary], ordinary, spaces, bound, scale)
     if special.any():

@@ -15,7 +15,7 @@ plan lists the key sets it needs beyond its own shard's window part:
   blocks that the shard's query blocks list ("fetch only the needed blocks").
 
 and the global query rows (``Global(queries=True)``, see
-``global_query_positions``) it computes partial results for against its own
+``Pattern.global_query_rows``) it computes partial results for against its own
 keys: all of them when not causal, else those at or after its shard start
 (earlier ones cannot see its keys).
 
@@ -61,29 +61,6 @@ def _arange(a: int, b: int, step: int = 1) -> torch.Tensor:
     return torch.arange(a, max(a, b), step, dtype=torch.long)
 
 
-def global_query_positions(pattern: Pattern, n: int) -> torch.Tensor:
-    """Query rows of ``Global(queries=True)`` that see keys beyond the pattern's other spaces.
-
-    The explicit positions, and the first ``first`` rows when not causal.  When
-    causal, a row i < first sees only keys j <= i < first, all of them global
-    keys, so it is an ordinary row (the same split as the Triton kernels make).
-    """
-    parts = [torch.cat([_arange(0, 0 if pattern.causal else min(g.first, n)), g.positions_tensor()])
-             for g in pattern.global_queries]
-    if not parts:
-        return torch.zeros(0, dtype=torch.long)
-    pos = torch.cat(parts).unique()
-    return pos[pos < n]
-
-
-def global_key_positions(pattern: Pattern, n: int) -> torch.Tensor:
-    parts = [torch.cat([_arange(0, min(g.first, n)), g.positions_tensor()]) for g in pattern.of_type(Global)]
-    if not parts:
-        return torch.zeros(0, dtype=torch.long)
-    pos = torch.cat(parts).unique()
-    return pos[pos < n]
-
-
 def _block_keys(bound: BoundPattern, index: int, start: int, end: int, hi: int) -> torch.Tensor:
     comp = bound.pattern.components[index]
     table = bound.tables[bound.pattern.block_components.index(comp)]
@@ -117,7 +94,7 @@ def rank_plan(pattern: Pattern, n: int, bounds: list[tuple[int, int]], rank: int
                                    stride=c.stride))
     globals_ = tuple(i for i, c in enumerate(comps) if isinstance(c, Global))
     if globals_:
-        g = global_key_positions(pattern, n)
+        g = pattern.global_keys(n)
         reqs.append(KeyRequest("global", g[g < hi], globals_))
     blocks = tuple(i for i, c in enumerate(comps) if c.block_based)
     if blocks:
@@ -126,7 +103,7 @@ def rank_plan(pattern: Pattern, n: int, bounds: list[tuple[int, int]], rank: int
                              "BlockLayout) with a bound pattern; TopKBlocks needs exchange='ulysses'")
         keys = torch.cat([_block_keys(bound, i, s, e, hi) for i in blocks]).unique()
         reqs.append(KeyRequest("blocks", keys, blocks))
-    gq = global_query_positions(pattern, n)
+    gq = pattern.global_query_rows(n)
     own = gq[(gq >= s) & (gq < e)]
     needed = gq[gq >= s] if pattern.causal else gq
     return RankPlan(rank, s, e, reqs, tuple(windows), own, needed)

@@ -82,6 +82,30 @@ class Pattern:
     def global_queries(self) -> tuple[Global, ...]:
         return tuple(g for g in self.of_type(Global) if g.queries)
 
+    def global_query_rows(self, n: int, device=None) -> torch.Tensor:
+        """Sorted query rows of ``Global(queries=True)`` that see keys beyond the pattern's other parts.
+
+        The explicit positions, and the first ``first`` rows when not causal.  When causal a row
+        i < first sees only keys j <= i < first, all of them global keys, so it is an ordinary row.
+        Kernels and sequence parallelism give these rows their own attention over every key.
+        """
+        parts = [torch.zeros(0, dtype=torch.long, device=device)]
+        for g in self.global_queries:
+            parts.append(g.positions_tensor(device))
+            if not self.causal and g.first:
+                parts.append(torch.arange(g.first, device=device))
+        rows = torch.unique(torch.cat(parts))
+        return rows[rows < n]
+
+    def global_keys(self, n: int, device=None) -> torch.Tensor:
+        """Sorted key positions of every ``Global`` component below ``n``."""
+        parts = [torch.zeros(0, dtype=torch.long, device=device)]
+        for g in self.of_type(Global):
+            parts.append(torch.arange(min(g.first, n), device=device))
+            parts.append(g.positions_tensor(device))
+        keys = torch.unique(torch.cat(parts))
+        return keys[keys < n]
+
     # -- serialisation ----------------------------------------------------
     def to_dict(self) -> dict:
         return {"causal": self.causal, "components": [c.to_dict() for c in self.components]}
