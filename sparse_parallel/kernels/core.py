@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from ..spaces import merge_partials
 from . import plan as P
 
 MAX_SLOTS = 6
@@ -307,20 +308,8 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
         return results[0][0][0], results[0][1][0]
     outs = torch.cat([r[0] for r in results])
     lses = torch.cat([r[1] for r in results])
-    return merge(outs, lses, q.dtype)
-
-
-def merge(outs: torch.Tensor, lses: torch.Tensor, dtype):
-    """Log-sum-exp merge of partials ``[P, B, N, H, D]`` / ``[P, B, H, N]`` over disjoint key sets."""
-    m = lses.amax(0)
-    m_safe = torch.where(torch.isinf(m), 0.0, m)
-    wts = torch.exp(lses - m_safe)
-    total = wts.sum(0)
-    empty = total == 0
-    lse = torch.where(empty, float("-inf"), m_safe + torch.log(torch.where(empty, 1.0, total)))
-    frac = wts / torch.where(empty, 1.0, total)
-    out = (outs * frac.permute(0, 1, 3, 2)[..., None]).sum(0)
-    return out.to(dtype), lse
+    out, lse = merge_partials(list(outs), list(lses))
+    return out.to(q.dtype), lse
 
 
 def _kv_tiles(prob: Problem, cfg: Config):

@@ -25,7 +25,7 @@ import torch
 
 from ..patterns.components import UNBOUNDED as BIG
 from ..patterns.components import Global, Term
-from ..patterns.counting import _merged_table
+from ..patterns.counting import merged_table
 
 
 
@@ -86,7 +86,7 @@ def build_terms(bound, device, all_rows_global: bool = False) -> Terms:
         if len(blocks) == 1:
             t.table, t.block = bound.tables[0], blocks[0].block
         else:
-            t.table, t.block = _merged_table(bound)
+            t.table, t.block = merged_table(bound)
         t.table = t.table.to(device)
     flat = [x for r in rows for x in r] or [0] * 6
     t.tensor = torch.tensor(flat, dtype=torch.int32, device=device)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import check_qkv, resolve_backend
 from ..patterns.blocks import build_table
 from ..patterns.components import Global
 from ..patterns.pattern import BoundPattern, Pattern, as_pattern
@@ -34,8 +35,6 @@ from .plan import choose_exchange, owned_slice, rank_plan, shard_bounds
 
 def space_attention_fn(backend: str, device):
     """The space-attention implementation of ``backend`` (an explicit request never falls back)."""
-    from ..api import resolve_backend
-
     backend = resolve_backend(backend, device)
     if backend == "reference":
         return reference_space_attention
@@ -79,8 +78,6 @@ def sequence_parallel_attention(q_shard, k_shard, v_shard, pattern, ctx, backend
     "auto" (ulysses for TopKBlocks; for static block lists whichever gives the
     busiest rank fewer bytes; pattern otherwise).
     """
-    from ..api import check_qkv
-
     check_qkv(q_shard, k_shard, v_shard)
     pattern = as_pattern(pattern)
     n = ctx.global_length(q_shard.shape[1])

@@ -83,7 +83,7 @@ class _Terms:
         return hit
 
 
-def _merged_table(bound):
+def merged_table(bound):
     """Union of all block tables at the finest block size -> (table [Bt,Ht,nqb,w], block)."""
     comps = bound.pattern.block_components
     if not comps:
@@ -134,7 +134,7 @@ def per_query_counts(pattern, n: int, heads: int = 1, q=None, k=None):
             cnt = torch.minimum(base + cnt, (top + 1)[None, None])
         return cnt, exact
     bound = pattern.bind(n, heads, q=q, k=k)
-    table, block = _merged_table(bound)
+    table, block = merged_table(bound)
     positions = sorted({p for g in pattern.of_type(Global) for p in g.positions if p >= g.first and p < n})
     pos = torch.tensor(positions, dtype=torch.long)
     chunks = []
