@@ -258,17 +258,14 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
     bound, terms = cached["bound"], cached["terms"]
     k, v = _kv(k, v)
     spaces = [core.Space(k, v)]
-    passes, views = [], {}
+    passes, views = [], {(0, 1): 0}  # lattice (offset, stride) -> its space; the full K is (0, 1)
     for t, c in enumerate(terms.comp):
-        lattice = pattern.components[c].lattice
-        if lattice is not None:  # its keys are contiguous in the strided view K[offset::stride]
+        lattice = pattern.components[c].lattice or (0, 1)
+        if lattice not in views:  # its keys are contiguous in the strided view K[offset::stride]
             offset, stride = lattice
-            if lattice not in views:
-                views[lattice] = len(spaces)
-                spaces.append(core.Space(k[:, offset::stride], v[:, offset::stride], offset, stride))
-            passes.append(core.Pass(views[lattice], P.PassKind.RANGE, [t]))
-        else:
-            passes.append(core.Pass(0, P.PassKind.RANGE, [t]))
+            views[lattice] = len(spaces)
+            spaces.append(core.Space(k[:, offset::stride], v[:, offset::stride], offset, stride))
+        passes.append(core.Pass(views[lattice], P.PassKind.RANGE, [t]))
     passes.sort(key=lambda ps: ps.space != 0)  # full-K range passes first: they initialise dk/dv
     if terms.table is not None:
         passes.append(core.Pass(0, P.PassKind.BLOCK, []))

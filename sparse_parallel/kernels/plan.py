@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..patterns.components import UNBOUNDED as BIG
-from ..patterns.components import Global, Term
+from ..patterns.components import Term
 from ..patterns.counting import merged_table
 
 
@@ -68,7 +68,7 @@ def build_terms(bound, device, all_rows_global: bool = False) -> Terms:
         raise ValueError(f"sequence length must be < 2^30 for the Triton kernels, got {bound.n}")
     rows, comp, explicit = [], [], {}
     for index, c in enumerate(pattern.components):
-        if all_rows_global and isinstance(c, Global) and c.queries:
+        if all_rows_global and c in pattern.global_queries:
             # Every row here is one of this component's global query rows: it allows every key.
             rows.append(Term(0, 0, 0, BIG).row)
             comp.append(index)

@@ -25,7 +25,6 @@ import torch
 
 from ..backends import check_qkv, resolve_backend
 from ..patterns.blocks import build_table
-from ..patterns.components import Global
 from ..patterns.pattern import BoundPattern, Pattern, as_pattern
 from ..reference import lse_dtype
 from ..spaces import KeySpace, merge_partials, reference_space_attention
@@ -258,7 +257,7 @@ def _whole_sequence(fn, q, k, v, pattern: Pattern, bound: BoundPattern, scale):
     """
     n, dev = q.shape[1], q.device
     comps = pattern.components
-    globals_ = tuple(i for i, c in enumerate(comps) if isinstance(c, Global))
+    globals_ = tuple(i for i, c in enumerate(comps) if c.shared_keys)
     others = tuple(i for i in range(len(comps)) if i not in globals_)
     spaces = [KeySpace(k, v, others)] if others else []
     if globals_:

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns.components import Global, Strided, TopKBlocks, Window
 from ..patterns.pattern import BoundPattern, Pattern, as_pattern
 from ..reference import lse_dtype
 
@@ -77,28 +76,29 @@ def rank_plan(pattern: Pattern, n: int, bounds: list[tuple[int, int]], rank: int
     s, e = bounds[rank]
     comps = pattern.components
     hi = e if pattern.causal else n  # keys at or past hi are never allowed for this shard
-    windows = [i for i, c in enumerate(comps) if isinstance(c, Window)]
+    windows = [i for i, c in enumerate(comps) if c.halo is not None]
     reqs: list[KeyRequest] = []
     if windows:
-        left = max(comps[i].left for i in windows)
-        right = 0 if pattern.causal else max(comps[i].right for i in windows)
+        left = max(comps[i].halo[0] for i in windows)
+        right = 0 if pattern.causal else max(comps[i].halo[1] for i in windows)
         a, b = max(0, s - left), min(n, e + right)
         reqs.append(KeyRequest("halo_left", _arange(a, s), tuple(windows), pos0=a))
         reqs.append(KeyRequest("halo_right", _arange(e, b), tuple(windows), pos0=e))
     for i, c in enumerate(comps):
-        if isinstance(c, Strided):
-            lo = 0 if c.span is None else max(0, s - c.span + 1)
-            top = hi if c.span is None else min(hi, e + c.span - 1)
-            first = lo + (c.offset - lo) % c.stride
-            reqs.append(KeyRequest(f"strided{i}", _arange(first, top, c.stride), (i,), pos0=first,
-                                   stride=c.stride))
-    globals_ = tuple(i for i, c in enumerate(comps) if isinstance(c, Global))
+        if c.lattice is None:
+            continue
+        (term,) = c.terms()  # a lattice component is one term: its keys within the term's reach of the shard
+        lo = max(0, term.bounds(s)[0])
+        top = min(hi, term.bounds(e - 1)[1] + 1)
+        first = lo + (term.r - lo) % term.m
+        reqs.append(KeyRequest(f"strided{i}", _arange(first, top, term.m), (i,), pos0=first, stride=term.m))
+    globals_ = tuple(i for i, c in enumerate(comps) if c.shared_keys)
     if globals_:
         g = pattern.global_keys(n)
         reqs.append(KeyRequest("global", g[g < hi], globals_))
     blocks = tuple(i for i, c in enumerate(comps) if c.block_based)
     if blocks:
-        if bound is None or any(isinstance(comps[i], TopKBlocks) for i in blocks):
+        if bound is None or any(comps[i].data_dependent for i in blocks):
             raise ValueError("block-list keys can be fetched only for static layouts (RandomBlocks, "
                              "BlockLayout) with a bound pattern; TopKBlocks needs exchange='ulysses'")
         keys = torch.cat([_block_keys(bound, i, s, e, hi) for i in blocks]).unique()

@@ -74,6 +74,10 @@ class Component:
     block_based: ClassVar[bool] = False
     #: True when the component differs between heads.
     per_head: bool = False
+    #: True when its keys are the same for every query (gathered once by every rank: global keys).
+    shared_keys: ClassVar[bool] = False
+    #: True when its keys depend on the data (q and k), so no plan can know them in advance.
+    data_dependent: ClassVar[bool] = False
 
     def to_dict(self) -> dict:
         out = {"type": self.kind}
@@ -104,7 +108,12 @@ class Component:
 
     @property
     def lattice(self) -> tuple[int, int] | None:
-        """(offset, stride > 1) when every key lies on that lattice, so ``K[offset::stride]`` holds them."""
+        """(offset, stride) when its keys are a lattice read through ``K[offset::stride]``; else None."""
+        return None
+
+    @property
+    def halo(self) -> tuple[int, int] | None:
+        """(left, right) when its keys are those within that distance of the query; else None."""
         return None
 
 
@@ -126,6 +135,10 @@ class Window(Component):
 
     def terms(self) -> tuple[Term, ...]:
         return (Term(1, -self.left, 1, self.right),)
+
+    @property
+    def halo(self) -> tuple[int, int] | None:
+        return (self.left, self.right)
 
 
 @dataclass(frozen=True)
@@ -158,7 +171,7 @@ class Strided(Component):
 
     @property
     def lattice(self) -> tuple[int, int] | None:
-        return (self.offset, self.stride) if self.stride > 1 else None
+        return (self.offset, self.stride)
 
 
 @dataclass(frozen=True)
@@ -202,6 +215,7 @@ class Global(Component):
     positions: tuple[int, ...] = ()
     queries: bool = True
     kind: ClassVar[str] = "global"
+    shared_keys: ClassVar[bool] = True
 
     def __post_init__(self):
         _check_int("Global.first", self.first, 0, ">= 0")
@@ -337,6 +351,7 @@ class TopKBlocks(Component):
     block: int
     k: int
     kind: ClassVar[str] = "topk_blocks"
+    data_dependent: ClassVar[bool] = True
     block_based: ClassVar[bool] = True
     per_head: bool = field(default=True, init=False, repr=False, compare=False)
 

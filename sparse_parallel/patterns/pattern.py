@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from .blocks import build_table
-from .components import Component, Global, TopKBlocks, component_from_dict
+from .components import Component, Global, component_from_dict
 
 #: ``Pattern.mask`` refuses sequences longer than this (an n x n bool per head).
 MAX_MASK_N = 8192
@@ -72,7 +72,7 @@ class Pattern:
 
     @property
     def data_dependent(self) -> bool:
-        return bool(self.of_type(TopKBlocks))
+        return any(c.data_dependent for c in self.components)
 
     @property
     def block_components(self) -> tuple[Component, ...]:
