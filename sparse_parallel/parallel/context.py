@@ -40,12 +40,7 @@ class SequenceParallel:
 
     def shard_range(self, n: int, rank: int | None = None) -> tuple[int, int]:
         """Global [start, end) of ``rank``'s shard (default: this rank)."""
-        rank = self.rank if rank is None else rank
-        base, extra = divmod(n, self.world_size)
-        if n < self.world_size:
-            raise ValueError(f"sequence length {n} is shorter than the sequence-parallel size {self.world_size}")
-        start = rank * base + min(rank, extra)
-        return start, start + base + (rank < extra)
+        return shard_bounds(n, self.world_size)[self.rank if rank is None else rank]
 
     def global_length(self, n_local: int) -> int:
         """Total N from this rank's shard length (one all-reduce when P > 1, unless ``seq_len`` is set)."""
@@ -62,6 +57,19 @@ class SequenceParallel:
             t = t.cuda()
         dist.all_reduce(t, group=self.group)
         return int(t.item())
+
+
+def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
+    """The shard rule: contiguous [start, end) per rank, the first ``n % world`` ranks one token more."""
+    if n < world:
+        raise ValueError(f"sequence length {n} is shorter than the sequence-parallel size {world}")
+    base, extra = divmod(n, world)
+    out, start = [], 0
+    for r in range(world):
+        size = base + (r < extra)
+        out.append((start, start + size))
+        start += size
+    return out
 
 
 def shard(x: torch.Tensor, ctx: SequenceParallel, dim: int = 1) -> torch.Tensor:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from ..patterns.pattern import BoundPattern, Pattern, as_pattern
+from .context import shard_bounds  # noqa: F401  (the shard rule; benchmarks import it from here too)
 from ..reference import lse_dtype
 
 EXCHANGES = ("auto", "pattern", "ulysses")
@@ -139,18 +140,6 @@ def choose_exchange(pattern: Pattern, n: int, world: int, hq: int, hkv: int, exc
         vol = volume_per_rank(pattern, n, world, hq, hkv, dim, 1, dtype, method, bound)
         busiest[method] = max(f + b for f, b in zip(vol["forward"], vol["backward"]))
     return "pattern" if busiest["pattern"] <= busiest["ulysses"] else "ulysses"
-
-
-def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
-    if n < world:
-        raise ValueError(f"sequence length {n} is shorter than the sequence-parallel size {world}")
-    base, extra = divmod(n, world)
-    out, start = [], 0
-    for r in range(world):
-        size = base + (r < extra)
-        out.append((start, start + size))
-        start += size
-    return out
 
 
 def volume_per_rank(pattern: Pattern, n: int, world: int, hq: int, hkv: int, dim: int, batch: int,
