@@ -15,6 +15,7 @@ COMMANDS = (
     "sparse_parallel.launcher.launch",
     "sparse_parallel.launcher.submit",
     "sparse_parallel.launcher.tokenizer_cmd",
+    "sparse_parallel.launcher.export_cmd",
 )
 
 

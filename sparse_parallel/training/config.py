@@ -60,8 +60,13 @@ class ModelConfig:
     pattern: dict = field(default_factory=lambda: {"components": [{"type": "window", "left": 64}]})
     #: per-layer overrides: {layer index: pattern dict}
     layer_patterns: dict = field(default_factory=dict)
+    #: a Hugging Face Llama-style folder (config.json + *.safetensors, e.g. from `sparse-parallel export`)
+    #: whose weights start training; its shape must equal the fields above, the patterns stay these
+    init_from: str | None = None
 
     def validate(self) -> None:
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            _fail("model.init_from", "a Hugging Face model folder path (or unset)", self.init_from)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "loss_chunk"):
             _int(f"model.{name}", getattr(self, name), 1)
         _int("model.mlp_hidden", self.mlp_hidden, 0)

@@ -215,6 +215,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
+    if cfg.model.init_from and found is None:  # a resumed run has its own weights
+        from ..hf.convert import load_init_weights
+
+        load_init_weights(model, cfg.model)
     if sp_ctx is not None:
         apply_sequence_parallel(model, sp_ctx)
     # Counted before DeepSpeed partitions anything (ZeRO-3 leaves empty local tensors).
