@@ -16,6 +16,8 @@ COMMANDS = (
     "sparse_parallel.launcher.submit",
     "sparse_parallel.launcher.tokenizer_cmd",
     "sparse_parallel.launcher.export_cmd",
+    "sparse_parallel.launcher.generate_cmd",
+    "sparse_parallel.launcher.eval_cmd",
 )
 
 
