@@ -17,6 +17,8 @@ from ..patterns import Pattern
 
 #: Keys of the DeepSpeed section that the trainer fills from ``train`` (set them there instead).
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+#: DeepSpeed schedulers whose length is ``params.total_num_steps``; unset, it follows ``train.steps``.
+SCHEDULES_WITH_LENGTH = ("WarmupCosineLR", "WarmupDecayLR")
 
 
 def _fail(name: str, allowed: str, value) -> None:
@@ -235,6 +237,32 @@ class TrainConfig:
             if key in self.deepspeed:
                 raise ValueError(f"deepspeed.{key} is set by the trainer from train.micro_batch, "
                                  "train.grad_accum and the world size; remove it")
+        self.scheduler()
+
+    def scheduler(self) -> dict | None:
+        """The DeepSpeed scheduler section as the trainer passes it: a schedule's length follows
+        ``train.steps`` unless ``params.total_num_steps`` is set, and a set one may not end before it."""
+        sched = self.deepspeed.get("scheduler")
+        if sched is None:
+            return None
+        if not isinstance(sched, dict) or not isinstance(sched.get("params", {}), dict):
+            _fail("deepspeed.scheduler", "a mapping {type: ..., params: {...}}", sched)
+        sched = copy.deepcopy(sched)
+        if sched.get("type") not in SCHEDULES_WITH_LENGTH:
+            return sched
+        params = sched.setdefault("params", {})
+        total = params.setdefault("total_num_steps", self.train.steps)
+        _int("deepspeed.scheduler.params.total_num_steps", total, 1)
+        warmup = params.get("warmup_num_steps", 1000)  # DeepSpeed's default
+        _int("deepspeed.scheduler.params.warmup_num_steps", warmup, 0)
+        if total < self.train.steps:
+            raise ValueError(f"deepspeed.scheduler.params.total_num_steps={total} is less than train.steps="
+                             f"{self.train.steps}: the learning rate would stay at its floor after step {total}; "
+                             "remove it (the schedule then follows train.steps) or set it >= train.steps")
+        if warmup > total:
+            raise ValueError(f"deepspeed.scheduler.params.warmup_num_steps={warmup} (DeepSpeed's default is 1000) "
+                             f"exceeds the schedule's {total} steps: the learning rate would never reach its peak")
+        return sched
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -133,6 +133,8 @@ def deepspeed_config(cfg: TrainConfig, world: int, universal: bool) -> dict:
     ds = json.loads(json.dumps(cfg.deepspeed))
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    if cfg.scheduler() is not None:  # its length resolved from train.steps
+        ds["scheduler"] = cfg.scheduler()
     ds["train_batch_size"] = cfg.train.micro_batch * cfg.train.grad_accum * world
     ds.setdefault("steps_per_print", 1 << 30)
     if universal:
