@@ -109,9 +109,14 @@ class DataConfig:
 
     #: "stdlib" (this Python's standard library source, no download) or a file/folder path
     path: str = "stdlib"
-    format: str = "auto"            #: "auto", "text", "jsonl" or "parquet"
+    #: "auto" (from the suffixes), "text", "jsonl", "parquet", "arrow" or "saved" (a save_to_disk folder)
+    format: str = "auto"
+    #: globs of files to leave out of a data.path folder or glob (matched on relative path and name)
+    exclude: list = field(default_factory=list)
+    num_proc: int = 1               #: tokenisation processes (datasets.map); the tokens do not depend on it
     text_field: str = "text"        #: column of jsonl/parquet records holding the text
-    tokenizer: str = ""             #: sentencepiece .model file (sparse-parallel tokenizer train)
+    #: sentencepiece .model file (sparse-parallel tokenizer train) or Hugging Face tokenizer.json
+    tokenizer: str = ""
     cache_dir: str = ".cache/tokens"  #: tokenised corpus cache, relative to the working directory
     max_bytes: int = 8_000_000      #: stdlib corpus: take a deterministic subset of about this size
     eval_sequences: int = 4         #: held-out sequences (the end of the stream) for evaluation
@@ -120,11 +125,16 @@ class DataConfig:
     def validate(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             _fail("data.path", "'stdlib' or a file/folder path", self.path)
-        if self.format not in ("auto", "text", "jsonl", "parquet"):
-            _fail("data.format", "one of ['auto', 'text', 'jsonl', 'parquet']", self.format)
+        from .data import FORMATS
+
+        if self.format not in FORMATS:
+            _fail("data.format", f"one of {list(FORMATS)}", self.format)
+        if not isinstance(self.exclude, list) or not all(isinstance(x, str) and x for x in self.exclude):
+            _fail("data.exclude", "a list of glob patterns, e.g. ['README*', '*.md']", self.exclude)
+        _int("data.num_proc", self.num_proc, 1)
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             _fail("data.tokenizer", "a sentencepiece .model path (make one with `sparse-parallel tokenizer "
-                  "train`)", self.tokenizer)
+                  "train`) or a Hugging Face tokenizer.json", self.tokenizer)
         _int("data.max_bytes", self.max_bytes, 1)
         _int("data.eval_sequences", self.eval_sequences, 0)
         _int("data.seed", self.seed, 0)
