@@ -167,3 +167,60 @@ def test_jsonl_gz_with_tokenizer_json_trains_and_resumes(tmp_path, hf_tokenizer,
     codes, out = run_ranks(cfg2)
     assert codes == [0], out[-3000:]
     assert losses(tmp_path / "resumed") == straight
+
+
+def _synthetic(tmp_path, name, first, n=1000) -> Path:
+    path = tmp_path / f"{name}.bin"
+    np.arange(first, first + n, dtype=np.uint16).tofile(path)
+    path.with_suffix(".json").write_text(json.dumps({"dtype": "uint16", "vocab_size": 60000}))
+    return path
+
+
+def test_mixture_follows_weights_and_is_a_function_of_the_sample_index(tmp_path):
+    from sparse_parallel.training.data import MixtureStream, TokenStream
+
+    def mixture():
+        streams = [TokenStream(_synthetic(tmp_path, "a", 0), 10, 2, 0),
+                   TokenStream(_synthetic(tmp_path, "b", 20000), 10, 2, 1)]
+        return MixtureStream(streams, [3.0, 1.0], seed=7)
+
+    m = mixture()
+    firsts = [int(m.train_batch(c, 0, 0, 1, 1, 0, 10).tokens[0, 0]) for c in range(4000)]
+    from_b = sum(t >= 20000 for t in firsts) / len(firsts)
+    assert abs(from_b - 0.25) < 0.03, from_b
+    # another process starting at sample 2500 (a resume) reads exactly what this one read there
+    again = mixture()
+    assert [int(again.train_batch(c, 0, 0, 1, 1, 0, 10).tokens[0, 0]) for c in range(2500, 2600)] == firsts[2500:2600]
+    # within a source no sequence repeats before that source's epoch ends, and held-out ones never appear
+    a_seqs = [t // 10 for t in firsts[:m.streams[0].n_train] if t < 20000]
+    assert len(a_seqs) == len(set(a_seqs))
+    held = {int(m.read([g], 0, 10).tokens[0, 0]) for g in m.eval_indices()}
+    assert len(held) == 4 and not held & set(firsts)
+    other = MixtureStream(mixture().streams, [3.0, 1.0], seed=8)
+    assert [int(other.train_batch(c, 0, 0, 1, 1, 0, 10).tokens[0, 0]) for c in range(100)] != firsts[:100]
+
+
+def test_mixture_of_sources_trains_and_resumes_bitwise(tmp_path, tokenizer_path, token_cache):
+    docs = [p.read_text() for p in stdlib_files(150_000)]
+    gz = _write(tmp_path / "a.jsonl.gz", _jsonl(docs[: len(docs) // 2]))
+    txt = tmp_path / "b"
+    txt.mkdir()
+    for i, d in enumerate(docs[len(docs) // 2:]):
+        (txt / f"{i}.txt").write_text(d)
+    base = tiny_config(tokenizer_path, tmp_path / "run", token_cache)
+    base["data"].update(path="stdlib", sources=[{"path": str(gz), "weight": 3, "text_field": "body"},
+                                                {"path": str(txt), "weight": 1}])
+    base["train"]["steps"] = 4
+    cfg = write_config(tmp_path / "m.yaml", base)
+    codes, out = run_ranks(cfg)
+    assert codes == [0], out[-3000:]
+    base["run"]["dir"] = str(tmp_path / "resumed")
+    cfg2 = write_config(tmp_path / "m2.yaml", base)
+    assert run_ranks(cfg2, ["train.steps=2"])[0] == [0]
+    codes, out = run_ranks(cfg2)
+    assert codes == [0], out[-3000:]
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['wieght'\] in data.sources\[0\]"):
+        DataConfig(tokenizer="t.model", sources=[{"path": "x", "wieght": 1}]).validate()
+    with pytest.raises(ValueError, match=r"data.sources\[0\].weight must be a number > 0"):
+        DataConfig(tokenizer="t.model", sources=[{"path": "x", "weight": 0}]).validate()

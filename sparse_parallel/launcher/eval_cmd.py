@@ -17,7 +17,8 @@ def run(args) -> int:
     trained = load_run(args.run_dir, args.checkpoint)
     n = args.context or trained.context_length
     data_cfg = dataclasses.replace(trained.cfg.data, path=args.data, format=args.format,
-                                   text_field=args.text_field or trained.cfg.data.text_field, eval_sequences=0)
+                                   text_field=args.text_field or trained.cfg.data.text_field, eval_sequences=0,
+                                   sources=[], exclude=[])
     data_cfg.validate()
     stream = TokenStream(build_token_cache(data_cfg, trained.tokenizer), n, 0, 0)
     count = stream.n_train if not args.max_sequences else min(args.max_sequences, stream.n_train)

@@ -114,6 +114,9 @@ class DataConfig:
     #: globs of files to leave out of a data.path folder or glob (matched on relative path and name)
     exclude: list = field(default_factory=list)
     num_proc: int = 1               #: tokenisation processes (datasets.map); the tokens do not depend on it
+    #: a mixture instead of data.path: [{path, weight, format?, text_field?, exclude?}, ...]; each sequence
+    #: comes from one source, chosen with the weights from (data.seed, sample index): deterministic, resumable
+    sources: list = field(default_factory=list)
     text_field: str = "text"        #: column of jsonl/parquet records holding the text
     #: sentencepiece .model file (sparse-parallel tokenizer train) or Hugging Face tokenizer.json
     tokenizer: str = ""
@@ -132,6 +135,24 @@ class DataConfig:
         if not isinstance(self.exclude, list) or not all(isinstance(x, str) and x for x in self.exclude):
             _fail("data.exclude", "a list of glob patterns, e.g. ['README*', '*.md']", self.exclude)
         _int("data.num_proc", self.num_proc, 1)
+        if not isinstance(self.sources, list):
+            _fail("data.sources", "a list of {path, weight, ...} mappings", self.sources)
+        for i, src in enumerate(self.sources):
+            from .data import SOURCE_KEYS
+
+            if not isinstance(src, dict) or "path" not in src:
+                _fail(f"data.sources[{i}]", f"a mapping with a 'path' (keys: {list(SOURCE_KEYS)})", src)
+            unknown = sorted(set(src) - set(SOURCE_KEYS))
+            if unknown:
+                raise ValueError(f"unknown key(s) {unknown} in data.sources[{i}]; allowed: {list(SOURCE_KEYS)}")
+            _pos_float(f"data.sources[{i}].weight", src.get("weight", 1.0))
+            sub = dataclasses.replace(self, sources=[], **{k: v for k, v in src.items() if k != "weight"})
+            try:
+                sub.validate()
+            except ValueError as e:
+                raise ValueError(f"data.sources[{i}]: {e}") from None
+        if self.sources and self.path != "stdlib":
+            raise ValueError(f"data.path={self.path!r} and data.sources are both set; put the path in a source")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             _fail("data.tokenizer", "a sentencepiece .model path (make one with `sparse-parallel tokenizer "
                   "train`) or a Hugging Face tokenizer.json", self.tokenizer)

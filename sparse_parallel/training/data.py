@@ -350,3 +350,91 @@ class TokenStream:
         """This rank's micro batch ``micro_step`` of the step that begins at sample ``consumed``."""
         first = consumed + (micro_step * dp_size + dp_rank) * micro_batch
         return self.read([self.train_index(first + b) for b in range(micro_batch)], start, end)
+
+
+# -- mixtures of sources -------------------------------------------------------
+SOURCE_KEYS = ("path", "weight", "format", "text_field", "exclude")
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def source_configs(cfg) -> list:
+    """One DataConfig per source of ``cfg.sources`` (fields not given come from ``cfg``), or ``[cfg]``."""
+    import dataclasses
+
+    if not cfg.sources:
+        return [cfg]
+    return [dataclasses.replace(cfg, sources=[], **{k: v for k, v in s.items() if k != "weight"})
+            for s in cfg.sources]
+
+
+class MixtureStream:
+    """Sequences drawn from several token streams with weights; the same interface as TokenStream.
+
+    Global sample ``c`` comes from the source that a counter-based hash of (seed, c) selects with the
+    sources' weights, and within it is that source's sample ``c`` (its own seeded epoch permutation),
+    so the order is a function of ``consumed`` alone: deterministic and resumable with no extra state.
+    Sequence ids are global: source s's sequences follow those of the sources before it.  Each source
+    holds out ``eval_sequences`` x its weight (at least one when eval_sequences > 0).
+    """
+
+    def __init__(self, streams: list[TokenStream], weights: list[float], seed: int):
+        self.streams, self.seed = streams, seed
+        total = float(sum(weights))
+        self.weights = [w / total for w in weights]
+        self.cumulative = np.cumsum(self.weights)
+        self.offsets = np.cumsum([0] + [s.n_train + s.n_eval for s in streams])
+        self.seq_len = streams[0].seq_len
+        self.n_train = sum(s.n_train for s in streams)
+
+    def source_of(self, sample: int) -> int:
+        u = _splitmix64((self.seed << 40) ^ sample) / 2.0 ** 64
+        return min(int(np.searchsorted(self.cumulative, u, side="right")), len(self.streams) - 1)
+
+    def train_index(self, sample: int) -> int:
+        s = self.source_of(sample)
+        return int(self.offsets[s]) + self.streams[s].train_index(sample)
+
+    def eval_indices(self) -> list[int]:
+        return [int(self.offsets[s]) + i for s, st in enumerate(self.streams) for i in st.eval_indices()]
+
+    def read(self, indices: list[int], start: int, end: int) -> Batch:
+        parts = []
+        for g in indices:
+            s = int(np.searchsorted(self.offsets, g, side="right")) - 1
+            parts.append(self.streams[s].read([g - int(self.offsets[s])], start, end))
+        return Batch(torch.cat([p.tokens for p in parts]), torch.cat([p.labels for p in parts]), parts[0].positions,
+                     list(indices))
+
+    def train_batch(self, consumed: int, micro_step: int, dp_rank: int, dp_size: int, micro_batch: int,
+                    start: int, end: int) -> Batch:
+        first = consumed + (micro_step * dp_size + dp_rank) * micro_batch
+        return self.read([self.train_index(first + b) for b in range(micro_batch)], start, end)
+
+
+def prepare_data(cfg, tokenizer: Tokenizer) -> list[Path]:
+    """Build (or find) the token cache of every source of ``cfg`` (a DataConfig)."""
+    return [build_token_cache(c, tokenizer) for c in source_configs(cfg)]
+
+
+def open_stream(cfg, tokenizer: Tokenizer, seq_len: int):
+    """The training stream of ``cfg``: a TokenStream, or a MixtureStream over ``cfg.sources``."""
+    bins = prepare_data(cfg, tokenizer)
+    if not cfg.sources:
+        return TokenStream(bins[0], seq_len, cfg.eval_sequences, cfg.seed)
+    weights = [float(s.get("weight", 1.0)) for s in cfg.sources]
+    total = sum(weights)
+    streams = []
+    for i, (b, w) in enumerate(zip(bins, weights)):
+        held = max(1, round(cfg.eval_sequences * w / total)) if cfg.eval_sequences else 0
+        try:
+            streams.append(TokenStream(b, seq_len, held, cfg.seed + i))
+        except ValueError as e:
+            raise ValueError(f"data.sources[{i}] ({cfg.sources[i]['path']}): {e}") from None
+    return MixtureStream(streams, weights, cfg.seed)

@@ -197,7 +197,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
 
     from ..model import Transformer, apply_sequence_parallel
     from . import evaluate
-    from .data import TokenStream, build_token_cache
+    from .data import open_stream, prepare_data
     from .tokenizer import Tokenizer
 
     d = cfg.derived(world)
@@ -209,10 +209,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
     if found is not None:
         ckpt.check_compatible(found, asdict(cfg.model))
     if local_rank == 0:
-        build_token_cache(cfg.data, tokenizer)
+        prepare_data(cfg.data, tokenizer)
     dist.barrier()
-    bin_path = build_token_cache(cfg.data, tokenizer)  # present now: returns the cached path
-    stream = TokenStream(bin_path, d.context_length, cfg.data.eval_sequences, cfg.data.seed)
+    stream = open_stream(cfg.data, tokenizer, d.context_length)  # the caches are present now
     geo, sp_ctx = build_geometry(rank, d)
 
     torch.manual_seed(cfg.train.seed)
