@@ -36,7 +36,7 @@ def tiny_config(tokenizer: Path, run_dir: Path, cache: Path) -> dict:
         "deepspeed": {"zero_optimization": {"stage": 1}, "gradient_clipping": 1.0,
                       "optimizer": {"type": "AdamW", "params": {"lr": 0.01, "torch_adam": True}},
                       "scheduler": {"type": "WarmupCosineLR",
-                                    "params": {"warmup_num_steps": 2}}},
+                                    "params": {"total_num_steps": 8, "warmup_num_steps": 2}}},
     }
 
 

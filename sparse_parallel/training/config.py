@@ -271,8 +271,8 @@ class TrainConfig:
         self.scheduler()
 
     def scheduler(self) -> dict | None:
-        """The DeepSpeed scheduler section as the trainer passes it: a schedule's length follows
-        ``train.steps`` unless ``params.total_num_steps`` is set, and a set one may not end before it."""
+        """The DeepSpeed scheduler section as the trainer passes it: a schedule's length
+        (``params.total_num_steps``) follows ``train.steps`` unless set."""
         sched = self.deepspeed.get("scheduler")
         if sched is None:
             return None
@@ -282,18 +282,26 @@ class TrainConfig:
         if sched.get("type") not in SCHEDULES_WITH_LENGTH:
             return sched
         params = sched.setdefault("params", {})
-        total = params.setdefault("total_num_steps", self.train.steps)
-        _int("deepspeed.scheduler.params.total_num_steps", total, 1)
-        warmup = params.get("warmup_num_steps", 1000)  # DeepSpeed's default
-        _int("deepspeed.scheduler.params.warmup_num_steps", warmup, 0)
-        if total < self.train.steps:
-            raise ValueError(f"deepspeed.scheduler.params.total_num_steps={total} is less than train.steps="
-                             f"{self.train.steps}: the learning rate would stay at its floor after step {total}; "
-                             "remove it (the schedule then follows train.steps) or set it >= train.steps")
-        if warmup > total:
-            raise ValueError(f"deepspeed.scheduler.params.warmup_num_steps={warmup} (DeepSpeed's default is 1000) "
-                             f"exceeds the schedule's {total} steps: the learning rate would never reach its peak")
+        _int("deepspeed.scheduler.params.total_num_steps", params.setdefault("total_num_steps", self.train.steps), 1)
+        _int("deepspeed.scheduler.params.warmup_num_steps", params.get("warmup_num_steps", 1000), 0)
         return sched
+
+    def schedule_warnings(self) -> list[str]:
+        """What the trainer prints about a schedule that cannot be what was meant (a shorter stated
+        length is kept: stopping a longer run early with train.steps is legitimate)."""
+        sched = self.scheduler()
+        if sched is None or sched.get("type") not in SCHEDULES_WITH_LENGTH:
+            return []
+        total, warmup = sched["params"]["total_num_steps"], sched["params"].get("warmup_num_steps", 1000)
+        out = []
+        if total < self.train.steps:
+            out.append(f"deepspeed.scheduler.params.total_num_steps={total} is less than train.steps="
+                       f"{self.train.steps}: the learning rate stays at its floor after step {total}; remove it "
+                       "to have the schedule follow train.steps")
+        if warmup > total:
+            out.append(f"deepspeed.scheduler.params.warmup_num_steps={warmup} (DeepSpeed's default is 1000) exceeds "
+                       f"the schedule's {total} steps: the learning rate never reaches its peak")
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

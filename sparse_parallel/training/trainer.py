@@ -241,6 +241,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
             shutil.rmtree(universal, ignore_errors=True)
         step, consumed = found.meta["step"], found.meta["consumed"]
     if rank == 0:
+        for warning in cfg.schedule_warnings():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
