@@ -25,8 +25,8 @@ def run(args) -> int:
     if tok.eos_id in new and not args.no_stop:
         new = new[:new.index(tok.eos_id)]
     print(args.prompt + tok.decode(new), flush=True)
-    if cache is not None and args.verbose:
-        for i, c in enumerate(cache):
+    for i, c in enumerate(cache or ()):
+        if c.keeps_all or args.verbose:  # a cache that cannot shrink is always said
             why = f"keeps every key: {c.keeps_all}" if c.keeps_all else "keeps only keys the pattern can still reach"
             print(f"layer {i}: {len(c.pos)} of {out.shape[1]} keys cached ({why})", file=sys.stderr)
     return 0

@@ -6,6 +6,8 @@ fp32 master shards), ZeRO-0 checkpoints from the saved module states.
 """
 from __future__ import annotations
 
+import contextlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +32,9 @@ def checkpoint_state_dict(found: ckpt.Found) -> dict:
     if stage > 0:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(found.root), tag=found.tag)
+        # DeepSpeed reports its progress on stdout, where generate writes its text
+        with contextlib.redirect_stdout(sys.stderr):
+            state = get_fp32_state_dict_from_zero_checkpoint(str(found.root), tag=found.tag)
     else:
         files = sorted(found.path.glob("mp_rank_*_model_states.pt"))
         if not files:
