@@ -15,12 +15,19 @@ COMMANDS = (
     "sparse_parallel.launcher.launch",
     "sparse_parallel.launcher.submit",
     "sparse_parallel.launcher.tokenizer_cmd",
+    "sparse_parallel.launcher.export_cmd",
+    "sparse_parallel.launcher.generate_cmd",
+    "sparse_parallel.launcher.eval_cmd",
+    "sparse_parallel.launcher.config_cmd",
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sparse-parallel",
                                      description="Sparse attention for million-token contexts.")
+    from .. import __version__
+
+    parser.add_argument("--version", action="version", version=f"sparse-parallel {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)

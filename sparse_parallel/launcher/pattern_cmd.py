@@ -62,10 +62,33 @@ def run(args) -> int:
     return 0
 
 
+def components_help() -> str:
+    """The component types and their keys (with defaults), from the component classes themselves."""
+    import dataclasses
+
+    from ..patterns.components import COMPONENT_TYPES
+
+    lines = ["component types (spec: TYPE:key=value,key=value):"]
+    for kind, cls in sorted(COMPONENT_TYPES.items()):
+        keys = []
+        for f in dataclasses.fields(cls):
+            if not f.init:
+                continue
+            has_default = f.default is not dataclasses.MISSING
+            keys.append(f"{f.name}={f.default!r}" if has_default else f"{f.name} (required)")
+        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        lines.append(f"  {kind}: {', '.join(keys)}\n      {doc}")
+    lines.append("example: sparse-parallel pattern show window:left=64 strided:stride=16 global:first=4 --out p.png")
+    return "\n".join(lines)
+
+
 def add_parser(sub) -> None:
+    import argparse
+
     p = sub.add_parser("pattern", help="inspect attention patterns")
     psub = p.add_subparsers(dest="pattern_command", required=True)
-    show = psub.add_parser("show", help="draw a pattern as a PNG and print its description")
+    show = psub.add_parser("show", help="draw a pattern as a PNG and print its description",
+                           epilog=components_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("components", nargs="*", help="component specs, e.g. window:left=64 strided:stride=16")
     show.add_argument("--file", help="YAML/JSON file holding a pattern dict (or a config with a 'pattern' key)")
     show.add_argument("--non-causal", action="store_true", help="a bidirectional pattern")

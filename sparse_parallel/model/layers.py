@@ -80,14 +80,19 @@ class Attention(nn.Module):
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``cache`` (decoding): a ``generate.LayerCache`` holding earlier keys; ``positions`` those of x."""
         b, n, _ = x.shape
         q = self.wq(x).view(b, n, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, n, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = sparse_attention(q, k, v, self.pattern, backend=self.backend,
-                               sequence_parallel=self.sequence_parallel)
+        if cache is not None:
+            out = cache.attend(q, k, v, positions)
+        else:
+            out = sparse_attention(q, k, v, self.pattern, backend=self.backend,
+                                   sequence_parallel=self.sequence_parallel)
         return self.wo(out.reshape(b, n, -1))
 
 
@@ -123,8 +128,9 @@ class Block(nn.Module):
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.mlp_norm(x))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, positions)
         n, step = x.shape[1], self.mlp_chunk
         if not step or n <= step or not torch.is_grad_enabled():
             return x + self._mlp(x)

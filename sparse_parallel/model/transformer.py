@@ -66,14 +66,19 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states ``[B, N, dim]`` of ``tokens [B, N]`` at global ``positions [N]``."""
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """Final-norm hidden states ``[B, N, dim]`` of ``tokens [B, N]`` at global ``positions [N]``.
+
+        ``cache``: one ``generate.LayerCache`` per layer (decoding: the keys of earlier tokens).
+        """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         cos, sin = rotary_tables(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
-            if self.cfg.activation_checkpointing and torch.is_grad_enabled():
+        for index, layer in enumerate(self.layers):
+            if cache is not None:
+                x = layer(x, cos, sin, cache[index], positions)
+            elif self.cfg.activation_checkpointing and torch.is_grad_enabled():
                 if self.cfg.offload_activations:
                     x = offloaded_checkpoint(layer, x, cos, sin)
                 else:

@@ -17,6 +17,8 @@ from ..patterns import Pattern
 
 #: Keys of the DeepSpeed section that the trainer fills from ``train`` (set them there instead).
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+#: DeepSpeed schedulers whose length is ``params.total_num_steps``; unset, it follows ``train.steps``.
+SCHEDULES_WITH_LENGTH = ("WarmupCosineLR", "WarmupDecayLR")
 
 
 def _fail(name: str, allowed: str, value) -> None:
@@ -60,8 +62,13 @@ class ModelConfig:
     pattern: dict = field(default_factory=lambda: {"components": [{"type": "window", "left": 64}]})
     #: per-layer overrides: {layer index: pattern dict}
     layer_patterns: dict = field(default_factory=dict)
+    #: a Hugging Face Llama-style folder (config.json + *.safetensors, e.g. from `sparse-parallel export`)
+    #: whose weights start training; its shape must equal the fields above, the patterns stay these
+    init_from: str | None = None
 
     def validate(self) -> None:
+        if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
+            _fail("model.init_from", "a Hugging Face model folder path (or unset)", self.init_from)
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "loss_chunk"):
             _int(f"model.{name}", getattr(self, name), 1)
         _int("model.mlp_hidden", self.mlp_hidden, 0)
@@ -102,9 +109,17 @@ class DataConfig:
 
     #: "stdlib" (this Python's standard library source, no download) or a file/folder path
     path: str = "stdlib"
-    format: str = "auto"            #: "auto", "text", "jsonl" or "parquet"
+    #: "auto" (from the suffixes), "text", "jsonl", "parquet", "arrow" or "saved" (a save_to_disk folder)
+    format: str = "auto"
+    #: globs of files to leave out of a data.path folder or glob (matched on relative path and name)
+    exclude: list = field(default_factory=list)
+    num_proc: int = 1               #: tokenisation processes (datasets.map); the tokens do not depend on it
+    #: a mixture instead of data.path: [{path, weight, format?, text_field?, exclude?}, ...]; each sequence
+    #: comes from one source, chosen with the weights from (data.seed, sample index): deterministic, resumable
+    sources: list = field(default_factory=list)
     text_field: str = "text"        #: column of jsonl/parquet records holding the text
-    tokenizer: str = ""             #: sentencepiece .model file (sparse-parallel tokenizer train)
+    #: sentencepiece .model file (sparse-parallel tokenizer train) or Hugging Face tokenizer.json
+    tokenizer: str = ""
     cache_dir: str = ".cache/tokens"  #: tokenised corpus cache, relative to the working directory
     max_bytes: int = 8_000_000      #: stdlib corpus: take a deterministic subset of about this size
     eval_sequences: int = 4         #: held-out sequences (the end of the stream) for evaluation
@@ -113,11 +128,34 @@ class DataConfig:
     def validate(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             _fail("data.path", "'stdlib' or a file/folder path", self.path)
-        if self.format not in ("auto", "text", "jsonl", "parquet"):
-            _fail("data.format", "one of ['auto', 'text', 'jsonl', 'parquet']", self.format)
+        from .data import FORMATS
+
+        if self.format not in FORMATS:
+            _fail("data.format", f"one of {list(FORMATS)}", self.format)
+        if not isinstance(self.exclude, list) or not all(isinstance(x, str) and x for x in self.exclude):
+            _fail("data.exclude", "a list of glob patterns, e.g. ['README*', '*.md']", self.exclude)
+        _int("data.num_proc", self.num_proc, 1)
+        if not isinstance(self.sources, list):
+            _fail("data.sources", "a list of {path, weight, ...} mappings", self.sources)
+        for i, src in enumerate(self.sources):
+            from .data import SOURCE_KEYS
+
+            if not isinstance(src, dict) or "path" not in src:
+                _fail(f"data.sources[{i}]", f"a mapping with a 'path' (keys: {list(SOURCE_KEYS)})", src)
+            unknown = sorted(set(src) - set(SOURCE_KEYS))
+            if unknown:
+                raise ValueError(f"unknown key(s) {unknown} in data.sources[{i}]; allowed: {list(SOURCE_KEYS)}")
+            _pos_float(f"data.sources[{i}].weight", src.get("weight", 1.0))
+            sub = dataclasses.replace(self, sources=[], **{k: v for k, v in src.items() if k != "weight"})
+            try:
+                sub.validate()
+            except ValueError as e:
+                raise ValueError(f"data.sources[{i}]: {e}") from None
+        if self.sources and self.path != "stdlib":
+            raise ValueError(f"data.path={self.path!r} and data.sources are both set; put the path in a source")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             _fail("data.tokenizer", "a sentencepiece .model path (make one with `sparse-parallel tokenizer "
-                  "train`)", self.tokenizer)
+                  "train`) or a Hugging Face tokenizer.json", self.tokenizer)
         _int("data.max_bytes", self.max_bytes, 1)
         _int("data.eval_sequences", self.eval_sequences, 0)
         _int("data.seed", self.seed, 0)
@@ -230,6 +268,40 @@ class TrainConfig:
             if key in self.deepspeed:
                 raise ValueError(f"deepspeed.{key} is set by the trainer from train.micro_batch, "
                                  "train.grad_accum and the world size; remove it")
+        self.scheduler()
+
+    def scheduler(self) -> dict | None:
+        """The DeepSpeed scheduler section as the trainer passes it: a schedule's length
+        (``params.total_num_steps``) follows ``train.steps`` unless set."""
+        sched = self.deepspeed.get("scheduler")
+        if sched is None:
+            return None
+        if not isinstance(sched, dict) or not isinstance(sched.get("params", {}), dict):
+            _fail("deepspeed.scheduler", "a mapping {type: ..., params: {...}}", sched)
+        sched = copy.deepcopy(sched)
+        if sched.get("type") not in SCHEDULES_WITH_LENGTH:
+            return sched
+        params = sched.setdefault("params", {})
+        _int("deepspeed.scheduler.params.total_num_steps", params.setdefault("total_num_steps", self.train.steps), 1)
+        _int("deepspeed.scheduler.params.warmup_num_steps", params.get("warmup_num_steps", 1000), 0)
+        return sched
+
+    def schedule_warnings(self) -> list[str]:
+        """What the trainer prints about a schedule that cannot be what was meant (a shorter stated
+        length is kept: stopping a longer run early with train.steps is legitimate)."""
+        sched = self.scheduler()
+        if sched is None or sched.get("type") not in SCHEDULES_WITH_LENGTH:
+            return []
+        total, warmup = sched["params"]["total_num_steps"], sched["params"].get("warmup_num_steps", 1000)
+        out = []
+        if total < self.train.steps:
+            out.append(f"deepspeed.scheduler.params.total_num_steps={total} is less than train.steps="
+                       f"{self.train.steps}: the learning rate stays at its floor after step {total}; remove it "
+                       "to have the schedule follow train.steps")
+        if warmup > total:
+            out.append(f"deepspeed.scheduler.params.warmup_num_steps={warmup} (DeepSpeed's default is 1000) exceeds "
+                       f"the schedule's {total} steps: the learning rate never reaches its peak")
+        return out
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -1,40 +1,100 @@
-"""sentencepiece tokenizers: train one on a corpus, load one and check it fits the model."""
+"""Tokenizers: sentencepiece ``.model`` files and Hugging Face ``tokenizer.json`` files alike.
+
+Train a sentencepiece one on a corpus here; load either kind and check it fits the model.  The run
+identifies its tokenizer by the SHA-256 of the file (:func:`file_sha256`), which is what the token cache
+is keyed by and what a resumed run can compare.
+"""
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
 
 #: Special ids every tokenizer made here has (sentencepiece's defaults, written out).
 UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
+#: End-of-document tokens looked up, in this order, in a Hugging Face tokenizer.json.
+HF_EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]")
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a tokenizer file: the identity of the tokenizer a run trained with."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 class Tokenizer:
-    """A loaded sentencepiece model: ``encode``/``decode`` and the end-of-document id."""
+    """A loaded tokenizer: ``encode``/``decode``, the end-of-document id, ``vocab_size`` and ``sha256``.
+
+    ``path`` ending in ``.json`` is a Hugging Face ``tokenizers`` file; anything else a sentencepiece model.
+    """
 
     def __init__(self, path: str | os.PathLike):
-        import sentencepiece as spm
-
         p = Path(path)
         if not p.is_file():
             raise FileNotFoundError(f"data.tokenizer: {path} does not exist; make one with "
-                                    "`sparse-parallel tokenizer train --input ... --vocab-size ...`")
+                                    "`sparse-parallel tokenizer train --input ... --vocab-size ...` or give a "
+                                    "Hugging Face tokenizer.json")
         self.path = p
+        self.sha256 = file_sha256(p)
+        self.sp = self.hf = None
+        if p.suffix == ".json":
+            self._load_hf(p)
+        else:
+            self._load_sp(p)
+
+    def _load_sp(self, p: Path) -> None:
+        import sentencepiece as spm
+
         self.sp = spm.SentencePieceProcessor()
         try:
             self.sp.Load(str(p))
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"data.tokenizer: {path} is not a sentencepiece model ({e})") from None
+            raise ValueError(f"data.tokenizer: {p} is not a sentencepiece model ({e}); a Hugging Face "
+                             "tokenizer must be a .json file") from None
         self.vocab_size = self.sp.GetPieceSize()
         self.eos_id = self.sp.eos_id()
+        self.bos_id = self.sp.bos_id() if self.sp.bos_id() >= 0 else None
         if self.eos_id < 0:
-            raise ValueError(f"data.tokenizer: {path} has no end-of-sequence piece; documents are joined with it")
+            raise ValueError(f"data.tokenizer: {p} has no end-of-sequence piece; documents are joined with it")
+
+    def _load_hf(self, p: Path) -> None:
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise ImportError("data.tokenizer: a tokenizer.json needs the tokenizers package "
+                              "(pip install tokenizers)") from None
+        try:
+            self.hf = HFTokenizer.from_file(str(p))
+        except Exception as e:  # tokenizers raises its own exception type for unreadable files
+            raise ValueError(f"data.tokenizer: {p} is not a Hugging Face tokenizer.json ({e})") from None
+        self.vocab_size = self.hf.get_vocab_size(with_added_tokens=True)
+        ids = [self.hf.token_to_id(t) for t in HF_EOS_TOKENS]
+        found = [i for i in ids if i is not None]
+        if not found:
+            raise ValueError(f"data.tokenizer: {p} has none of the end-of-document tokens {list(HF_EOS_TOKENS)}; "
+                             "documents are joined with one")
+        self.eos_id = found[0]
+        self.bos_id = None
 
     def encode(self, texts: list[str]) -> list[list[int]]:
+        if self.hf is not None:
+            return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
         return self.sp.Encode(texts)
 
     def decode(self, ids: list[int]) -> str:
+        if self.hf is not None:
+            return self.hf.decode(ids, skip_special_tokens=False)
         return self.sp.Decode(ids)
+
+    def __getstate__(self):  # tokenisation in worker processes receives the path and loads it there
+        return {"path": str(self.path)}
+
+    def __setstate__(self, state):
+        self.__init__(state["path"])
 
     def check_vocab(self, vocab_size: int) -> None:
         if vocab_size != self.vocab_size:

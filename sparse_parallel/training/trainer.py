@@ -133,6 +133,8 @@ def deepspeed_config(cfg: TrainConfig, world: int, universal: bool) -> dict:
     ds = json.loads(json.dumps(cfg.deepspeed))
     ds["train_micro_batch_size_per_gpu"] = cfg.train.micro_batch
     ds["gradient_accumulation_steps"] = cfg.train.grad_accum
+    if cfg.scheduler() is not None:  # its length resolved from train.steps
+        ds["scheduler"] = cfg.scheduler()
     ds["train_batch_size"] = cfg.train.micro_batch * cfg.train.grad_accum * world
     ds.setdefault("steps_per_print", 1 << 30)
     if universal:
@@ -195,7 +197,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
 
     from ..model import Transformer, apply_sequence_parallel
     from . import evaluate
-    from .data import TokenStream, build_token_cache
+    from .data import open_stream, prepare_data
     from .tokenizer import Tokenizer
 
     d = cfg.derived(world)
@@ -207,14 +209,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
     if found is not None:
         ckpt.check_compatible(found, asdict(cfg.model))
     if local_rank == 0:
-        build_token_cache(cfg.data, tokenizer)
+        prepare_data(cfg.data, tokenizer)
     dist.barrier()
-    bin_path = build_token_cache(cfg.data, tokenizer)  # present now: returns the cached path
-    stream = TokenStream(bin_path, d.context_length, cfg.data.eval_sequences, cfg.data.seed)
+    stream = open_stream(cfg.data, tokenizer, d.context_length)  # the caches are present now
     geo, sp_ctx = build_geometry(rank, d)
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
+    if cfg.model.init_from and found is None:  # a resumed run has its own weights
+        from ..hf.convert import load_init_weights
+
+        load_init_weights(model, cfg.model)
     if sp_ctx is not None:
         apply_sequence_parallel(model, sp_ctx)
     # Counted before DeepSpeed partitions anything (ZeRO-3 leaves empty local tensors).
@@ -236,6 +241,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
             shutil.rmtree(universal, ignore_errors=True)
         step, consumed = found.meta["step"], found.meta["consumed"]
     if rank == 0:
+        for warning in cfg.schedule_warnings():
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         import yaml
 
