@@ -30,6 +30,8 @@ from sparse_parallel.kernels.function import triton_attention  # noqa: E402
 from sparse_parallel.patterns import Dilated, Global, RandomBlocks, Strided, TopKBlocks, Window, as_pattern  # noqa: E402
 from sparse_parallel.reference import reference_attention  # noqa: E402
 
+from kernels import poison, run as _grads  # noqa: E402  (benchmarks/kernels.py: the same check helpers)
+
 K = 1024
 T0 = time.time()
 CASES = {
@@ -48,21 +50,6 @@ CHECKS = [
 
 def log(*a):
     print(f"[{time.time() - T0:7.1f}s]", *a, flush=True)
-
-
-def poison():
-    free = torch.cuda.mem_get_info()[0]
-    x = torch.empty(int(min(free * 0.5, 16e9)) // 4, dtype=torch.float32, device="cuda")
-    x.fill_(float("nan"))
-    del x
-
-
-def _grads(fn, q, k, v, dout, dlse):
-    ts = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    out, lse = fn(*ts)
-    lf = torch.where(torch.isinf(lse), 0.0, lse)
-    ((out.double() * dout).sum() + (lf.double() * dlse).sum()).backward()
-    return [out.double(), lf.double()] + [t.grad.double() for t in ts]
 
 
 def check(cfg: core.Config, n=3000) -> bool:
