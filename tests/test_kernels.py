@@ -18,6 +18,8 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from tolerance import assert_within_reference_error  # noqa: E402
+
 from sparse_parallel.patterns import (Dilated, Global, Pattern, RandomBlocks, Strided, TopKBlocks,  # noqa: E402
                                       Window, as_pattern)
 from sparse_parallel.reference import reference_attention  # noqa: E402
@@ -49,9 +51,7 @@ def _run(fn, inputs, dout, dlse):
 
 
 def _compare(name, got, ref64, ref_lo, dtype):
-    err = (got - ref64).abs().max().item()
-    ref_err = (ref_lo - ref64).abs().max().item()
-    assert err <= 2 * ref_err + FLOOR[dtype], f"{name}: error {err:.2e} vs same-dtype reference {ref_err:.2e}"
+    assert_within_reference_error(name, got, ref64, ref_lo, FLOOR[dtype])
 
 
 def _check_spaces(name, q_rows, q_pos, k, v, spaces, bound, dout, dlse):
