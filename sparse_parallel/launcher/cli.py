@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from ..training import USER_ERRORS
+
 COMMANDS = (
     "sparse_parallel.launcher.pattern_cmd",
     "sparse_parallel.launcher.train_cmd",
@@ -18,9 +20,16 @@ COMMANDS = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """No prefix matching (``--resum none`` is not ``--resume none``), here and in every subcommand."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-parallel",
-                                     description="Sparse attention for million-token contexts.")
+    parser = Parser(prog="sparse-parallel", description="Sparse attention for million-token contexts.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         importlib.import_module(name).add_parser(sub)
@@ -35,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     args.extra = extra
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"sparse-parallel {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -11,11 +11,13 @@ import shlex
 import subprocess
 import sys
 
+from ..training.__main__ import add_run_arguments
 from .preflight import check_writable_dir, describe, resolve_config
 
 
 def torchrun_command(config: str, nproc: int, overrides: list[str] = (), resume: str = "auto",
-                     torchrun_args: list[str] = (), python: str = sys.executable) -> list[str]:
+                     torchrun_args: list[str] = (), python: str = sys.executable, overwrite: bool = False,
+                     allow_change: list[str] = ()) -> list[str]:
     """The torchrun command line that starts ``nproc`` training ranks on this node."""
     if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
         raise ValueError(f"--nproc must be an integer >= 1, got {nproc!r}")
@@ -27,6 +29,10 @@ def torchrun_command(config: str, nproc: int, overrides: list[str] = (), resume:
         cmd.append("--standalone")
     cmd += torchrun_args
     cmd += ["-m", "sparse_parallel.launcher.cli", "train", config, "--launcher", "torchrun", "--resume", resume]
+    if overwrite:
+        cmd.append("--overwrite")
+    for part in allow_change:
+        cmd += ["--allow-change", part]
     for o in overrides:
         cmd += ["--set", o]
     return cmd
@@ -53,7 +59,8 @@ def run(args) -> int:
     for nodes in sorted({low, high}):
         cfg, derived = resolve_config(args.config, args.overrides, args.nproc * nodes)
     check_writable_dir(cfg.run.dir)
-    cmd = torchrun_command(args.config, args.nproc, args.overrides, args.resume, args.extra)
+    cmd = torchrun_command(args.config, args.nproc, args.overrides, args.resume, args.extra,
+                           overwrite=args.overwrite, allow_change=args.allow_change)
     print(f"sparse-parallel launch: {describe(derived)}", file=sys.stderr)
     if args.dry_run:
         print(shlex.join(cmd))
@@ -68,8 +75,6 @@ def add_parser(sub) -> None:
     p.add_argument("config", help="YAML training config")
     p.add_argument("--nproc", "--nproc-per-node", "--nproc_per_node", dest="nproc", type=int, required=True,
                    help="ranks on this node (one per GPU)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value (repeatable)")
-    p.add_argument("--resume", default="auto", help="'auto', 'none' or a checkpoint path")
+    add_run_arguments(p)
     p.add_argument("--dry-run", action="store_true", help="print the torchrun command; start nothing")
     p.set_defaults(func=run, accepts_extra=True)
