@@ -43,10 +43,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     try:
-        return int(args.func(args) or 0)
+        code = int(args.func(args) or 0)
     except USER_ERRORS as e:
         print(f"sparse-parallel {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    on_exit = getattr(args, "on_exit", None)
+    if on_exit is not None:
+        on_exit(code)
+    return code
 
 
 def entry() -> None:

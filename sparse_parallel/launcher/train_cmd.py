@@ -13,6 +13,7 @@ import sys
 
 from ..training.__main__ import add_run_arguments
 from .discovery import SOURCES, discover, export_env
+from .launch import record_exit_code
 
 
 class StoppedBeforeTraining(Exception):
@@ -66,5 +67,5 @@ def add_parser(sub) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="print this rank's discovered place and the config's derived sizes as JSON; "
                         "train nothing")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, on_exit=record_exit_code)
 

@@ -94,10 +94,17 @@ def init_distributed(timeout_s: float = 1800) -> tuple[int, int, int, torch.devi
     else:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # DeepSpeed makes its own groups (its data-parallel group among them) with torch's default timeout,
+    # which torch reads from these module globals when a group is created: set them to ours first.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
         global _STARTED_PROCESS_GROUP
-        dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world, timeout=timeout)
         _STARTED_PROCESS_GROUP = True
     return rank, world, local_rank, device
 
@@ -404,7 +411,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
     try:
         while step < cfg.train.steps:
             stop, save_due = preempt.agreed(device, every_s > 0 and time.time() - last_save_time >= every_s)
-            if save_due and not stop and last_saved != step:
+            if save_due and not stop and last_saved != step and step > 0:
                 save(step)
             if stop:
                 if last_saved != step:
