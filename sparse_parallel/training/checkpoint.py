@@ -283,6 +283,34 @@ def _agree_on_error(error: BaseException | None, world: int) -> list[str]:
     return _gather(None if error is None else f"{type(error).__name__}: {error}", world)
 
 
+def _save_engine(engine, root: Path, tag: str) -> BaseException | None:
+    """DeepSpeed's part of a save; the first write error, or None.
+
+    DeepSpeed's save has collectives between its writes: a rank whose write raised would leave the
+    others waiting in them.  Its file writes therefore go through a wrapper that records the first
+    error and skips the remaining writes, so every rank runs the same collectives to the end.
+    """
+    failed = []
+    writer = engine.checkpoint_engine
+    original = writer.save
+
+    def guarded(*args, **kwargs):
+        if failed:
+            return None
+        try:
+            return original(*args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            failed.append(e)
+            return None
+
+    writer.save = guarded
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    finally:
+        writer.save = original
+    return failed[0] if failed else None
+
+
 def save(engine, root: Path, step: int, meta: dict, keep: int, rank: int, world: int | None = None) -> Path:
     """Collective: every rank calls it.  Returns the complete checkpoint's path.
 
@@ -304,8 +332,9 @@ def save(engine, root: Path, step: int, meta: dict, keep: int, rank: int, world:
     errors = _agree_on_error(error, world)
     if not any(errors):
         try:
-            engine.save_checkpoint(str(root), tag=tmp_tag, save_latest=False)
-            torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
+            error = _save_engine(engine, root, tmp_tag)
+            if error is None:
+                torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
         except (OSError, RuntimeError) as e:
             error = e
         errors = _agree_on_error(error, world)

@@ -42,7 +42,7 @@ _STARTED_PROCESS_GROUP = False
 
 
 class CollectiveTimeout(RuntimeError):
-    """A collective did not complete within ``train.collective_timeout_s``: a rank hung, stopped or died."""
+    """A collective did not complete: a rank hung or stopped (``train.collective_timeout_s``) or died."""
 
 
 class MetricsCorrupt(UserWarning):
@@ -240,10 +240,14 @@ def run(config_path, overrides=(), resume: str = "auto", overwrite: bool = False
         return _train(cfg, rank, world, local_rank, device, str(resume), preempt, overwrite, list(allow_change),
                       lock)
     except RuntimeError as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if _is_timeout(e):
             raise CollectiveTimeout(f"a collective did not complete within train.collective_timeout_s="
                                     f"{cfg.train.collective_timeout_s} s: another rank is hung, stopped or "
-                                    f"dead ({str(e).splitlines()[0][:200]})") from None
+                                    f"dead ({first})") from None
+        if _is_lost_peer(e):
+            raise CollectiveTimeout(f"a collective did not complete: another rank closed its connection, it "
+                                    f"died ({first})") from None
         raise
     finally:
         preempt.restore()
@@ -262,6 +266,11 @@ def _say(caught: list) -> None:
 def _is_timeout(e: BaseException) -> bool:
     text = str(e).lower()
     return "timed out" in text or "timeout" in text or "watchdog" in text
+
+
+def _is_lost_peer(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "connection closed by peer" in text or "connection reset by peer" in text
 
 
 def _on_rank0(fn, rank: int, world: int):
