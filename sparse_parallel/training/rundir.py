@@ -135,7 +135,7 @@ class RunLock:
 
     def release(self) -> None:
         if _read_owner(self.path) == self.owner:
-            self.path.unlink()
+            self.path.unlink(missing_ok=True)
 
 
 def move_aside(run_dir: Path) -> Path:

@@ -314,7 +314,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
     tokenizer.check_vocab(cfg.model.vocab_size)
     fp = _run_fingerprint(cfg, d, tokenizer)  # also checks data.path before anything is created
 
-    def own_run_dir():
+    def own_run_dir() -> None:  # rank 0 holds the lock; the other ranks learn only the outcome
         held = rundir.RunLock.acquire(run_dir)
         try:
             if resume == "none":
@@ -324,11 +324,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
         except BaseException:
             held.release()
             raise
-        return held
+        if lock is not None:
+            lock.append(held)
 
-    held = _on_rank0(own_run_dir, rank, world)
-    if held is not None and lock is not None:
-        lock.append(held)
+    _on_rank0(own_run_dir, rank, world)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         found = ckpt.find_checkpoint(ckpt_root, resume, rank, world)
