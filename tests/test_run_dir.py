@@ -297,3 +297,28 @@ def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
     path.write_text('{"step": 1, "loss": 5.0}\nxx\n{"step": 2, "loss": 4.9}\n')
     with pytest.raises(ValueError, match=rf"{path}: line 2 is not a metrics row"):
         _truncate_metrics(tmp_path, 2)
+
+
+def test_launch_refuses_a_fresh_start_in_a_used_run_dir_before_starting(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    cfg = write_config(tmp_path / "c.yaml", tiny_config(tmp_path / "t.model", run_dir, tmp_path / "c"))
+    assert cli.main(["launch", str(cfg), "--nproc", "2", "--resume", "none", "--dry-run"]) == 2
+    assert "holds an earlier run (checkpoints)" in capsys.readouterr().err
+    assert cli.main(["launch", str(cfg), "--nproc", "2", "--resume", "none", "--overwrite", "--dry-run"]) == 0
+    assert "--overwrite" in capsys.readouterr().out
+
+
+def test_tensorboard_keeps_the_checkpointed_step_across_a_resume(tmp_path, tokenizer_path, token_cache):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg_dict = tiny_config(tokenizer_path, tmp_path / "run", token_cache)
+    cfg_dict["run"]["tensorboard"] = True
+    cfg = write_config(tmp_path / "tiny.yaml", cfg_dict)
+    codes, out = run_ranks(cfg, ["train.steps=2", "data.eval_sequences=0"])
+    assert codes == [0], out[-3000:]
+    codes, out = run_ranks(cfg, ["train.steps=3", "data.eval_sequences=0"], log_dir=tmp_path / "resumed")
+    assert codes == [0], out[-3000:]
+    events = EventAccumulator(str(tmp_path / "run/tensorboard"))
+    events.Reload()
+    assert sorted(e.step for e in events.Scalars("train/loss")) == [1, 2, 3]

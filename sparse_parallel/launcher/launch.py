@@ -27,6 +27,7 @@ EXIT_DIR_ENV = "SPARSE_PARALLEL_EXIT_DIR"
 FORWARDED = (signal.SIGTERM, signal.SIGUSR1)
 
 from ..training.__main__ import add_run_arguments
+from ..training.rundir import check_fresh
 from .preflight import check_writable_dir, describe, resolve_config
 
 
@@ -73,7 +74,9 @@ def run(args) -> int:
     # Every world size an elastic job may reach must fit the config (sequence-parallel size divides it).
     for nodes in sorted({low, high}):
         cfg, derived = resolve_config(args.config, args.overrides, args.nproc * nodes)
-    check_writable_dir(cfg.run.dir)
+    run_dir = check_writable_dir(cfg.run.dir)
+    if args.resume == "none":  # refused here already, not by every rank after torchrun started them
+        check_fresh(run_dir, args.overwrite)
     cmd = torchrun_command(args.config, args.nproc, args.overrides, args.resume, args.extra,
                            overwrite=args.overwrite, allow_change=args.allow_change)
     print(f"sparse-parallel launch: {describe(derived)}", file=sys.stderr)

@@ -159,20 +159,23 @@ def earlier_run(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if p.name not in NOT_RUN_STATE)
 
 
+def check_fresh(run_dir: Path, overwrite: bool) -> list[str]:
+    """Raise :class:`RunDirNotEmpty` if a new run may not start in ``run_dir``; the earlier run's entries."""
+    names = earlier_run(run_dir)
+    if names and not overwrite:
+        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
+        raise RunDirNotEmpty(f"run.dir {run_dir} holds an earlier run ({shown}); --resume none starts a new "
+                             f"run there only with --overwrite, which moves the earlier run aside to "
+                             f"{run_dir.name}.old-<time>; --resume auto continues it")
+    return names
+
+
 def start_fresh(run_dir: Path, overwrite: bool) -> Path | None:
     """A new run in ``run_dir``: refuse if it holds an earlier run, or move that aside (``overwrite``).
 
     Returns where the earlier run went (None if there was none).
     """
-    names = earlier_run(run_dir)
-    if not names:
-        return None
-    if not overwrite:
-        shown = ", ".join(names[:6]) + (", ..." if len(names) > 6 else "")
-        raise RunDirNotEmpty(f"run.dir {run_dir} holds an earlier run ({shown}); --resume none starts a new "
-                             f"run there only with --overwrite, which moves the earlier run aside to "
-                             f"{run_dir.name}.old-<time>; --resume auto continues it")
-    return move_aside(run_dir)
+    return move_aside(run_dir) if check_fresh(run_dir, overwrite) else None
 
 
 # -- fingerprint ---------------------------------------------------------------------------------
