@@ -322,3 +322,16 @@ def test_tensorboard_keeps_the_checkpointed_step_across_a_resume(tmp_path, token
     events = EventAccumulator(str(tmp_path / "run/tensorboard"))
     events.Reload()
     assert sorted(e.step for e in events.Scalars("train/loss")) == [1, 2, 3]
+
+
+def test_lock_of_an_earlier_start_of_the_same_slurm_job_elsewhere_is_stale(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    owner = {"host": "node-that-was-requeued-away", "pid": os.getpid(), "job": "4242", "started": 0}
+    (run_dir / "run.lock").write_text(json.dumps(owner))
+    monkeypatch.setenv("SLURM_JOB_ID", "4343")
+    with pytest.raises(rundir.RunDirLocked, match="Slurm job 4242"):
+        rundir.RunLock.acquire(run_dir)
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    with pytest.warns(UserWarning, match="earlier start of this Slurm job 4242"):
+        rundir.RunLock.acquire(run_dir).release()

@@ -4,8 +4,8 @@
   launcher's ``launch``/``submit`` and every training rank call it before creating anything.
 * **Ownership.**  Rank 0 of a run holds ``<run.dir>/run.lock`` (host, pid, Slurm job id, start time)
   until it exits.  A second run on the same directory refuses with :class:`RunDirLocked`.  A lock is
-  stale, and taken over with a warning, when its pid is dead on this host, or when it was left by an
-  earlier start of this same Slurm job (a requeue: Slurm runs one instance of a job at a time).
+  stale, and taken over with a warning, when its pid is dead on this host, or when it was left on another
+  host by an earlier start of this same Slurm job (a requeue: Slurm runs one instance of a job at a time).
 * **Starting fresh.**  ``--resume none`` in a directory holding an earlier run refuses with
   :class:`RunDirNotEmpty`; with ``--overwrite`` the earlier run is moved aside to
   ``<run.dir>.old-<time>`` (``jobs/``, the submitted job scripts, stays), never deleted.
@@ -82,10 +82,13 @@ def _stale(owner: dict | None, me: dict) -> str | None:
     """Why ``owner``'s lock is stale, or None while its run may still be going."""
     if owner is None:
         return "its lock file is unreadable"
-    if owner.get("job") and owner.get("job") == me["job"] and owner.get("pid") != me["pid"]:
-        return f"it was an earlier start of this Slurm job {me['job']}"
-    if owner.get("host") == me["host"] and not _pid_alive(int(owner.get("pid", -1))):
-        return f"pid {owner.get('pid')} is not running on {me['host']}"
+    if owner.get("host") == me["host"]:
+        if not _pid_alive(int(owner.get("pid", -1))):
+            return f"pid {owner.get('pid')} is not running on {me['host']}"
+        return None
+    # On another host only the job id tells: a requeued job may start on other nodes.
+    if owner.get("job") and owner.get("job") == me["job"]:
+        return f"it was an earlier start of this Slurm job {me['job']} (on {owner.get('host')})"
     return None
 
 
