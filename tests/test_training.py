@@ -170,3 +170,21 @@ def test_a_stopped_rank_ends_the_run_in_bounded_time(tmp_path, tokenizer_path, t
     assert code == 2, out[-3000:]
     assert "error: a collective did not complete within train.collective_timeout_s=5 s" in out, out[-3000:]
     assert waited < 100
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\n"
+            "from sparse_parallel.training.trainer import Preemption\n"
+            "p = Preemption()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "print('flag', p.flag, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(30)\n"
+            "print('still running', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["flag", "True"]
+    assert "Ctrl-C again to exit now" in proc.stderr and "exiting now, without a checkpoint" in proc.stderr
