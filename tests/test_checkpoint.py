@@ -75,9 +75,10 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, straight_run, tokenizer_p
     shard.write_bytes(shard.read_bytes()[:1000])
     before = snapshot(run_dir)
     cfg = write_config(tmp_path / "tiny.yaml", tiny_config(tokenizer_path, run_dir, token_cache))
-    codes, out = run_ranks(cfg, ["train.steps=10"])
+    # Named explicitly, a corrupt checkpoint is an error (with "auto" the run falls back; test_run_dir.py).
+    codes, out = run_ranks(cfg, ["train.steps=10"], resume=str(run_dir / "checkpoints/step00000008"))
     assert codes == [2], out[-3000:]
-    assert "checkpoint" in out and "step00000008 could not be loaded" in out, out[-3000:]
+    assert "step00000008 is corrupt: mp_rank_00_model_states.pt has 1000 bytes" in out, out[-3000:]
     assert snapshot(run_dir) == before
     # an incomplete checkpoint named explicitly is refused too
     incomplete = run_dir / "checkpoints/step00000006"

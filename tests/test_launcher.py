@@ -303,7 +303,7 @@ def test_train_refuses_a_world_the_config_cannot_split(tmp_path, monkeypatch, ca
 def test_train_stops_with_the_requeue_code_on_a_signal_during_start_up(tmp_path, monkeypatch, capsys, sig):
     from sparse_parallel import training
 
-    def slow_start(config, overrides, resume):  # the signal lands while the trainer is still starting
+    def slow_start(config, overrides, **kwargs):  # the signal lands while the trainer is still starting
         os.kill(os.getpid(), sig)
         time.sleep(5)
         raise AssertionError("the signal should have stopped start-up")

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +107,26 @@ def test_mpirun_two_ranks_match_torchrun(ws, torchrun_losses):
     got = assert_finished(run_dir)
     # Same ranks, same data order, same seeds, gloo's deterministic reductions: the very same numbers.
     assert got == torchrun_losses
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_launch_passes_signals_to_the_ranks_and_returns_their_code(ws, sig):
+    """TERM or USR1 to `launch` reaches the ranks through torchrun: they checkpoint at the next step and
+    exit 85, and `launch` returns 85 (torchrun alone would say 1)."""
+    run_dir = ws / "runs" / f"signal-{sig.name}"
+    proc = subprocess.Popen([*CLI, "launch", "tiny.yaml", "--nproc", "2", "--set", f"run.dir={run_dir}",
+                             "--set", "checkpoint.every_minutes=0"], cwd=ws, env=run_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while len(losses(run_dir)) < 2 and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        proc.send_signal(sig)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 85, out[-3000:]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    steps = [s for s, _ in losses(run_dir)]
+    assert latest == f"step{steps[-1]:08d}" and steps[-1] < STEPS

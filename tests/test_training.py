@@ -112,3 +112,79 @@ def test_resume_at_another_world_size(tmp_path, straight_run, tokenizer_path, to
         assert abs(loss - ref[step]) <= 1e-5 * abs(ref[step]), (step, loss, ref[step])
     meta = json.loads((tmp_path / "run/checkpoints/step00000008/meta.json").read_text())
     assert meta["world_size"] == 2 and meta["consumed"] == 16
+
+
+SIGINT_SCRIPT = PREEMPT_SCRIPT.replace("signal.SIGUSR1", "signal.SIGINT")
+
+
+def test_ctrl_c_checkpoints_and_time_cadence_saves(tmp_path, straight_run, tokenizer_path, token_cache):
+    """Ctrl-C in step 3 checkpoints after it (exit 85); with no step cadence, a tiny time cadence
+    saves after every step; the resumed run continues the straight run bitwise."""
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_config(tokenizer_path, tmp_path / "run", token_cache))
+    script = tmp_path / "interrupt.py"
+    script.write_text(SIGINT_SCRIPT.format(gb=2))
+    codes, out = run_ranks(cfg, ["checkpoint.every=0", "checkpoint.every_minutes=0.0001"], script=script)
+    assert codes == [REQUEUE_EXIT_CODE], out[-3000:]
+    assert "interrupted: checkpointing at the next step boundary" in out and "Traceback" not in out
+    root = tmp_path / "run/checkpoints"
+    assert sorted(p.name for p in root.iterdir() if p.name.startswith("step")) == \
+        ["step00000001", "step00000002", "step00000003"]
+    codes, out = run_ranks(cfg, log_dir=tmp_path / "resumed")
+    assert codes == [0], out[-3000:]
+    assert losses(tmp_path / "run") == losses(straight_run)
+
+
+HANG_SCRIPT = """
+import os, signal, sys
+from sparse_parallel.training import data, __main__ as entry
+orig = data.TokenStream.train_batch
+def train_batch(self, consumed, *a, **k):
+    if consumed == 2 * {gb} and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return orig(self, consumed, *a, **k)
+data.TokenStream.train_batch = train_batch
+entry.end_process(entry.main(sys.argv[1:]))
+"""
+
+
+def test_a_stopped_rank_ends_the_run_in_bounded_time(tmp_path, tokenizer_path, token_cache):
+    import time
+
+    from sparse_parallel.training import local
+
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_config(tokenizer_path, tmp_path / "run", token_cache))
+    script = tmp_path / "hang.py"
+    script.write_text(HANG_SCRIPT.format(gb=2))
+    ranks = local.start(str(cfg), ["train.micro_batch=1", "train.collective_timeout_s=5"], 2,
+                        log_dir=tmp_path / "logs", script=str(script))
+    try:
+        t0 = time.time()
+        code = ranks.procs[0].wait(timeout=120)
+        waited = time.time() - t0
+    finally:
+        for p in ranks.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    out = ranks.output(0)
+    assert code == 2, out[-3000:]
+    assert "error: a collective did not complete within train.collective_timeout_s=5 s" in out, out[-3000:]
+    assert waited < 100
+
+
+def test_a_second_ctrl_c_exits_at_once():
+    import subprocess
+    import sys
+
+    code = ("import os, signal, time\n"
+            "from sparse_parallel.training.trainer import Preemption\n"
+            "p = Preemption()\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "print('flag', p.flag, flush=True)\n"
+            "os.kill(os.getpid(), signal.SIGINT)\n"
+            "time.sleep(30)\n"
+            "print('still running', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 130, proc.stdout + proc.stderr
+    assert proc.stdout.split() == ["flag", "True"]
+    assert "Ctrl-C again to exit now" in proc.stderr and "exiting now, without a checkpoint" in proc.stderr

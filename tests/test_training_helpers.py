@@ -68,10 +68,13 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
-def run_ranks(config: Path, overrides=(), nprocs=1, resume="auto", log_dir=None, timeout=240, script=None):
+def run_ranks(config: Path, overrides=(), nprocs=1, resume="auto", log_dir=None, timeout=240, script=None,
+              overwrite=False, allow_change=()):
     """Run ranks; returns exit codes and rank 0's output."""
     log_dir = log_dir or Path(config).parent / f"logs-{Path(config).stem}"
-    codes, ranks = local.train(str(config), list(overrides), nprocs, resume, log_dir, timeout, script=script)
+    args = (["--overwrite"] if overwrite else []) + [a for part in allow_change for a in ("--allow-change", part)]
+    codes, ranks = local.train(str(config), list(overrides), nprocs, resume, log_dir, timeout, script=script,
+                               args=args)
     return codes, ranks.output(0)
 
 

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from ..training import USER_ERRORS
+
 COMMANDS = (
     "sparse_parallel.launcher.pattern_cmd",
     "sparse_parallel.launcher.train_cmd",
@@ -22,9 +24,16 @@ COMMANDS = (
 )
 
 
+class Parser(argparse.ArgumentParser):
+    """No prefix matching (``--resum none`` is not ``--resume none``), here and in every subcommand."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sparse-parallel",
-                                     description="Sparse attention for million-token contexts.")
+    parser = Parser(prog="sparse-parallel", description="Sparse attention for million-token contexts.")
     from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"sparse-parallel {__version__}")
@@ -41,10 +50,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.extra = extra
     try:
-        return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:
+        code = int(args.func(args) or 0)
+    except USER_ERRORS as e:
         print(f"sparse-parallel {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        code = 2
+    on_exit = getattr(args, "on_exit", None)
+    if on_exit is not None:
+        on_exit(code)
+    return code
 
 
 def entry() -> None:

@@ -1,8 +1,9 @@
 """Checks made before anything is started or submitted: a bad job fails here, not after hours in a queue."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from ..training.rundir import check_writable_dir  # noqa: F401  (the one rule, shared with the ranks)
 
 
 def resolve_config(config: str, overrides: list[str], world_size: int):
@@ -13,24 +14,6 @@ def resolve_config(config: str, overrides: list[str], world_size: int):
 
     cfg = load_config(config, overrides)
     return cfg, cfg.derived(world_size)
-
-
-def check_writable_dir(path: str | os.PathLike, what: str = "run.dir") -> Path:
-    """Raise ValueError unless ``path`` is, or can be created as, a writable directory.  Creates nothing."""
-    p = Path(path).expanduser().absolute()
-    probe = p
-    while not probe.exists():
-        if probe.parent == probe:
-            break
-        probe = probe.parent
-    if not probe.is_dir():
-        raise ValueError(f"{what} {p} cannot be created: {probe} exists and is not a directory")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {p} is not writable (no write permission on {probe})")
-    # Root passes os.access everywhere; a read-only file system is only seen by statvfs.
-    if os.statvfs(probe).f_flag & os.ST_RDONLY:
-        raise ValueError(f"{what} {p} is not writable ({probe} is on a read-only file system)")
-    return p
 
 
 def describe(derived) -> str:

@@ -11,7 +11,7 @@ def run_train(args) -> int:
     files, fmt = resolve_files(args.input, args.format, args.max_bytes)
     t0 = time.time()
     out = train_tokenizer(iter_documents(files, fmt, args.text_field, args.hf_cache), args.out,
-                          args.vocab_size, model_type=args.model_type)
+                          args.vocab_size, model_type=args.model_type, overwrite=args.overwrite)
     tok = Tokenizer(out)
     print(f"wrote {out}: {tok.vocab_size} pieces from {len(files)} {fmt} file(s) in {time.time() - t0:.1f}s")
     return 0
@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     t.add_argument("--input", required=True,
                    help="'stdlib' (this Python's standard library source) or a text/jsonl/parquet file or folder")
     t.add_argument("--vocab-size", type=int, required=True, help="pieces in the model (>= 300)")
-    t.add_argument("--out", default="tokenizer.model", help="output .model file")
+    t.add_argument("--out", default="tokenizer.model", help="output .model file (not replaced unless --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     t.add_argument("--format", default="auto", choices=["auto", "text", "jsonl", "parquet"])
     t.add_argument("--text-field", default="text", help="field holding the text in jsonl/parquet records")
     t.add_argument("--max-bytes", type=int, default=8_000_000, help="stdlib: size of the deterministic subset")

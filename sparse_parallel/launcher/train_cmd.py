@@ -11,7 +11,9 @@ import json
 import signal
 import sys
 
+from ..training.__main__ import add_run_arguments
 from .discovery import SOURCES, discover, export_env
+from .launch import record_exit_code
 
 
 class StoppedBeforeTraining(Exception):
@@ -39,7 +41,9 @@ def run(args) -> int:
         export_env(info)
         from .. import training
 
-        return int(training.run(args.config, list(args.overrides), resume=args.resume))
+        from ..training.__main__ import run_kwargs
+
+        return int(training.run(args.config, list(args.overrides), **run_kwargs(args)))
     except StoppedBeforeTraining as e:
         from ..training import REQUEUE_EXIT_CODE
 
@@ -56,16 +60,12 @@ def add_parser(sub) -> None:
                        description="Train on this rank.  The rank, world size and rank 0's address come "
                                    "from torchrun's variables, a Slurm task's or MPI (mpi4py).")
     p.add_argument("config", help="YAML training config")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, e.g. --set train.steps=100 (repeatable)")
-    p.add_argument("--resume", default="auto",
-                   help="'auto' (latest complete checkpoint in the run directory, if any), 'none', or a "
-                        "checkpoint path")
+    add_run_arguments(p)
     p.add_argument("--launcher", default="auto", choices=SOURCES,
                    help="where the rank comes from; auto: torchrun variables, then MPI, then a Slurm task, "
                         "else a single process")
     p.add_argument("--dry-run", action="store_true",
                    help="print this rank's discovered place and the config's derived sizes as JSON; "
                         "train nothing")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, on_exit=record_exit_code)
 

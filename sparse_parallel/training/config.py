@@ -7,18 +7,36 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
 import yaml
 
+from ..backends import BACKENDS
 from ..patterns import Pattern
 
 #: Keys of the DeepSpeed section that the trainer fills from ``train`` (set them there instead).
 DS_OWNED_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 #: DeepSpeed schedulers whose length is ``params.total_num_steps``; unset, it follows ``train.steps``.
 SCHEDULES_WITH_LENGTH = ("WarmupCosineLR", "WarmupDecayLR")
+
+#: Top-level keys DeepSpeed reads (its config reference and ``deepspeed/runtime/config.py``).  DeepSpeed
+#: ignores any other key, so a misspelt section (``zero_optimisation``) would silently be off.
+DS_KEYS = frozenset((
+    "optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast", "dtype", "data_types",
+    "communication_data_type", "seq_parallel_communication_data_type", "gradient_clipping",
+    "prescale_gradients", "gradient_predivide_factor", "gradient_allreduce_op", "sparse_gradients",
+    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "steps_per_print",
+    "wall_clock_breakdown", "dump_state", "memory_breakdown", "flops_profiler", "activation_checkpointing",
+    "sparse_attention", "tensorboard", "wandb", "csv_monitor", "comet", "comms_logger", "monitor_config",
+    "elasticity", "aio", "autotuning", "compression_training", "data_efficiency", "curriculum_learning",
+    "checkpoint", "pipeline", "disable_allgather", "eigenvalue", "progressive_layer_drop", "quantize_training",
+    "dataloader_drop_last", "nebula", "hybrid_engine", "compile", "timers", "weight_quantization",
+    "graph_harvesting", "disable_python_gc", "log_level", "legacy_fusion", "lower_precision_safe_modules",
+    "managed_gradient_accumulation", "expert_parallel", "use_data_before_expert_parallelism",
+    "vocabulary_size", "zero_quantized_weights", "zero_quantized_gradients", "zero_hpz_partition_size"))
 
 
 def _fail(name: str, allowed: str, value) -> None:
@@ -57,7 +75,7 @@ class ModelConfig:
     #: (N x dim x 2 bytes per layer moved each way per step) for contexts whose layer inputs
     #: do not fit on the GPU
     offload_activations: bool = False
-    attention_backend: str = "auto"  #: "auto", "reference" or "triton" (see sparse_parallel.api)
+    attention_backend: str = "auto"  #: one of sparse_parallel.backends.BACKENDS: "auto", "reference", "triton"
     #: default pattern of every layer (a pattern dict, see sparse_parallel.patterns)
     pattern: dict = field(default_factory=lambda: {"components": [{"type": "window", "left": 64}]})
     #: per-layer overrides: {layer index: pattern dict}
@@ -83,8 +101,8 @@ class ModelConfig:
         for name in ("tie_embeddings", "activation_checkpointing", "offload_activations"):
             if not isinstance(getattr(self, name), bool):
                 _fail(f"model.{name}", "true or false", getattr(self, name))
-        if self.attention_backend not in ("auto", "reference", "triton"):
-            _fail("model.attention_backend", "one of ['auto', 'reference', 'triton']", self.attention_backend)
+        if self.attention_backend not in BACKENDS:
+            _fail("model.attention_backend", f"one of {list(BACKENDS)}", self.attention_backend)
         for key in self.layer_patterns:
             if isinstance(key, bool) or not isinstance(key, int) or not 0 <= key < self.n_layers:
                 _fail("model.layer_patterns key", f"a layer index in [0, {self.n_layers})", key)
@@ -189,9 +207,13 @@ class TrainSection:
     eval_every: int = 0             #: 0 -> evaluate only at the end
     progress: bool = True           #: tqdm bar on rank 0
     peak_tflops: float = 0.0        #: per-device peak for the MFU estimate; 0 -> known GPUs only
+    #: a collective that does not complete in this time (a hung, stopped or dead rank) ends the run
+    #: with CollectiveTimeout.  Generous by default: the first one waits for local rank 0 to tokenise
+    #: the corpus, and checkpoint saves wait for the slowest writer.
+    collective_timeout_s: int = 1800
 
     def validate(self) -> None:
-        for name in ("tokens_per_gpu", "micro_batch", "grad_accum", "steps", "log_every"):
+        for name in ("tokens_per_gpu", "micro_batch", "grad_accum", "steps", "log_every", "collective_timeout_s"):
             _int(f"train.{name}", getattr(self, name), 1)
         _int("train.seed", self.seed, 0)
         _int("train.eval_every", self.eval_every, 0)
@@ -204,12 +226,17 @@ class TrainSection:
 
 @dataclass
 class CheckpointSection:
-    every: int = 0                  #: save every N steps (0 -> only at the end and on preemption)
-    keep: int = 2                   #: complete checkpoints kept
+    every: int = 0                  #: save every N steps (0 -> by time, at the end and on preemption)
+    #: also save when this many minutes passed since the last save (0 -> never by time)
+    every_minutes: float = 30.0
+    keep: int = 2                   #: complete checkpoints kept (by step; the one just written always)
 
     def validate(self) -> None:
         _int("checkpoint.every", self.every, 0)
         _int("checkpoint.keep", self.keep, 1)
+        if isinstance(self.every_minutes, bool) or not isinstance(self.every_minutes, (int, float)) \
+                or self.every_minutes < 0:
+            _fail("checkpoint.every_minutes", "a number >= 0", self.every_minutes)
 
 
 @dataclass
@@ -268,6 +295,12 @@ class TrainConfig:
             if key in self.deepspeed:
                 raise ValueError(f"deepspeed.{key} is set by the trainer from train.micro_batch, "
                                  "train.grad_accum and the world size; remove it")
+        for key in self.deepspeed:
+            if key not in DS_KEYS:
+                near = difflib.get_close_matches(str(key), sorted(DS_KEYS), n=1)
+                raise ValueError(f"unknown DeepSpeed key deepspeed.{key}"
+                                 + (f" (did you mean deepspeed.{near[0]}?)" if near else "")
+                                 + f"; DeepSpeed would ignore it.  Allowed: {sorted(DS_KEYS)}")
         self.scheduler()
 
     def scheduler(self) -> dict | None:
@@ -371,7 +404,14 @@ def _int_keys(d: dict) -> dict:
     return out
 
 
+def _check_top_level(data, where: str) -> None:
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"{where}: the top level must be a mapping of sections "
+                         f"{[f.name for f in dataclasses.fields(TrainConfig)]}, got a {type(data).__name__}")
+
+
 def config_from_dict(data: dict, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    _check_top_level(data, "config")
     data = copy.deepcopy(data or {})
     for text in overrides:
         key, value = parse_override(text)
@@ -393,4 +433,5 @@ def load_config(path, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfi
         data = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ValueError(f"config {path} is not valid YAML: {e}") from None
-    return config_from_dict(data or {}, overrides)
+    _check_top_level(data, f"config {path}")
+    return config_from_dict(data, overrides)

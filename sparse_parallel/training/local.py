@@ -46,12 +46,13 @@ class Ranks:
 
 
 def start(config: str, overrides=(), nprocs: int = 1, resume: str = "auto", log_dir: str | os.PathLike = ".",
-          env: dict | None = None, script: str | None = None, console: bool = False) -> Ranks:
+          env: dict | None = None, script: str | None = None, console: bool = False, args=()) -> Ranks:
     """Start ``nprocs`` ranks; their stdout+stderr go to ``log_dir/rank{r}.log``.
 
     ``script``: a Python file taking the same arguments as ``python -m sparse_parallel.training``
     (to wrap the entry point) instead of the module itself.  ``console``: rank 0 writes to this
-    process's terminal (its progress bar) instead of its log file.
+    process's terminal (its progress bar) instead of its log file.  ``args``: more arguments of the
+    entry point (``--overwrite``, ``--allow-change context`` ...).
     """
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -66,7 +67,7 @@ def start(config: str, overrides=(), nprocs: int = 1, resume: str = "auto", log_
             # Ranks share this machine's cores; more threads each only oversubscribe them.
             e.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nprocs)))
         entry = [str(script)] if script else ["-m", "sparse_parallel.training"]
-        cmd = [sys.executable, *entry, str(config), "--resume", str(resume)]
+        cmd = [sys.executable, *entry, str(config), "--resume", str(resume), *args]
         for o in overrides:
             cmd += ["--set", o]
         log = log_dir / f"rank{rank}.log"
@@ -81,7 +82,7 @@ def start(config: str, overrides=(), nprocs: int = 1, resume: str = "auto", log_
 
 
 def train(config: str, overrides=(), nprocs: int = 1, resume: str = "auto", log_dir=".", timeout: float = 600,
-          env: dict | None = None, script: str | None = None) -> tuple[list[int], Ranks]:
+          env: dict | None = None, script: str | None = None, args=()) -> tuple[list[int], Ranks]:
     """Run ranks to completion; returns their exit codes and the ranks (for their logs)."""
-    ranks = start(config, overrides, nprocs, resume, log_dir, env, script)
+    ranks = start(config, overrides, nprocs, resume, log_dir, env, script, args=args)
     return ranks.wait(timeout), ranks

@@ -103,11 +103,13 @@ class Tokenizer:
 
 
 def train_tokenizer(documents, out: str | os.PathLike, vocab_size: int, model_type: str = "bpe",
-                    max_sentences: int = 2_000_000) -> Path:
+                    max_sentences: int = 2_000_000, overwrite: bool = False) -> Path:
     """Train a sentencepiece model on ``documents`` (an iterable of strings); write ``out`` (.model).
 
     Byte fallback is on, so any text (code, other scripts) encodes without <unk>.
     The model is written to a temporary name and renamed, so ``out`` is never half-written.
+    An existing ``out`` is an error unless ``overwrite``: runs that tokenised with it would no
+    longer resume with the tokenizer they were trained with.
     """
     import sentencepiece as spm
 
@@ -119,6 +121,9 @@ def train_tokenizer(documents, out: str | os.PathLike, vocab_size: int, model_ty
     out = Path(out)
     if out.suffix != ".model":
         raise ValueError(f"output must end in .model, got {out}")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {out} exists; runs trained with it depend on it.  Choose another path, or "
+                         "pass --overwrite to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         text = Path(tmp) / "corpus.txt"

@@ -13,6 +13,7 @@ carries the key/value gradients back to the ranks that own them.)
 """
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
@@ -22,6 +23,7 @@ import signal
 import socket
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
+from . import rundir
 from .config import Derived, TrainConfig, load_config
 
 #: Exit code after a preemption checkpoint: the job should be requeued and resumed.
@@ -36,6 +39,14 @@ REQUEUE_EXIT_CODE = 85
 
 #: Set once this process has started a process group (see :func:`end_process`).
 _STARTED_PROCESS_GROUP = False
+
+
+class CollectiveTimeout(RuntimeError):
+    """A collective did not complete: a rank hung or stopped (``train.collective_timeout_s``) or died."""
+
+
+class MetricsCorrupt(UserWarning):
+    """metrics.jsonl ended in a torn line (a kill while it was written); the line is dropped."""
 
 #: Dense bf16 peak per device (TFLOP/s) for the MFU estimate, by device-name substring.
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -61,8 +72,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int, torch.device]:
-    """Initialise the default process group from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT."""
+def init_distributed(timeout_s: float = 1800) -> tuple[int, int, int, torch.device]:
+    """Initialise the default process group from RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT.
+
+    ``timeout_s`` bounds every collective of the group (and of the groups made from it).
+    """
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -80,9 +94,17 @@ def init_distributed() -> tuple[int, int, int, torch.device]:
     else:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    # DeepSpeed makes its own groups (its data-parallel group among them) with torch's default timeout,
+    # which torch reads from these module globals when a group is created: set them to ours first.
+    from torch.distributed import distributed_c10d
+
+    distributed_c10d.default_pg_timeout = timeout
+    if hasattr(distributed_c10d, "default_pg_nccl_timeout"):
+        distributed_c10d.default_pg_nccl_timeout = timeout
     if not dist.is_initialized():
         global _STARTED_PROCESS_GROUP
-        dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world)
+        dist.init_process_group("gloo" if cpu else "nccl", rank=rank, world_size=world, timeout=timeout)
         _STARTED_PROCESS_GROUP = True
     return rank, world, local_rank, device
 
@@ -111,14 +133,15 @@ def end_process(code: int) -> None:
     os._exit(code)
 
 
-def build_geometry(rank: int, d: Derived):
+def build_geometry(rank: int, d: Derived, timeout_s: float = 1800):
     """This rank's Geometry and its SequenceParallel context (None at SP=1)."""
     from ..parallel import SequenceParallel
 
     sp = d.sequence_parallel
     ctx = None
+    timeout = datetime.timedelta(seconds=timeout_s)
     for g in range(d.data_parallel):  # every rank creates every group, in the same order
-        group = dist.new_group(list(range(g * sp, (g + 1) * sp))) if sp > 1 else None
+        group = dist.new_group(list(range(g * sp, (g + 1) * sp)), timeout=timeout) if sp > 1 else None
         if sp > 1 and g == rank // sp:
             ctx = SequenceParallel(group, seq_len=d.context_length)  # no per-call length all-reduce
     sp_rank = rank % sp
@@ -143,21 +166,32 @@ def deepspeed_config(cfg: TrainConfig, world: int, universal: bool) -> dict:
 
 
 class Preemption:
-    """SIGUSR1/SIGTERM set a flag; ranks agree on it at each step boundary."""
+    """SIGUSR1/SIGTERM/SIGINT set a flag; ranks agree on it at each step boundary.
+
+    A second SIGINT (Ctrl-C twice) ends the process at once, without a checkpoint.
+    """
 
     def __init__(self):
         self.flag = False
+        self._interrupted = False
         self._old = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             self._old[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if signum == signal.SIGINT:
+            if self._interrupted:
+                os.write(2, b"interrupted again: exiting now, without a checkpoint\n")
+                os._exit(128 + signal.SIGINT)
+            self._interrupted = True
+            os.write(2, b"interrupted: checkpointing at the next step boundary (Ctrl-C again to exit now)\n")
         self.flag = True
 
-    def agreed(self, device) -> bool:
-        t = torch.tensor([1.0 if self.flag else 0.0], device=device)
+    def agreed(self, device, save_due: bool = False) -> tuple[bool, bool]:
+        """(stop, save): whether any rank was signalled, and whether any rank's checkpoint clock ran out."""
+        t = torch.tensor([1.0 if self.flag else 0.0, 1.0 if save_due else 0.0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(t[0].item()), bool(t[1].item())
 
     def restore(self):
         for sig, old in self._old.items():
@@ -175,24 +209,99 @@ def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
     return 0.0
 
 
-def run(config_path, overrides=(), resume: str = "auto") -> int:
-    """Train one rank (see the module docstring); returns 0, or REQUEUE_EXIT_CODE after preemption."""
+def preflight(cfg: TrainConfig) -> None:
+    """What each rank checks before it creates anything: the run directory and the device."""
+    rundir.check_writable_dir(cfg.run.dir)
+    if cfg.model.attention_backend == "triton":
+        import importlib.util
+
+        cpu = os.environ.get("DS_ACCELERATOR") == "cpu" or not torch.cuda.is_available()
+        if cpu or importlib.util.find_spec("triton") is None:
+            raise ValueError("model.attention_backend=triton needs a CUDA device and Triton; this rank has "
+                             + ("no CUDA device" if cpu else "no triton package")
+                             + " (allowed here: 'auto' or 'reference')")
+
+
+def run(config_path, overrides=(), resume: str = "auto", overwrite: bool = False,
+        allow_change: list[str] | tuple[str, ...] = ()) -> int:
+    """Train one rank (see the module docstring); returns 0, or REQUEUE_EXIT_CODE after preemption.
+
+    ``overwrite``: with ``resume="none"``, move an earlier run in ``run.dir`` aside instead of refusing.
+    ``allow_change``: parts of the run's fingerprint (:data:`rundir.CHANGES`) a resume may change.
+    """
     cfg = load_config(config_path, list(overrides))
     if resume not in ("auto", "none") and not isinstance(resume, (str, os.PathLike)):
         raise ValueError(f"resume must be 'auto', 'none' or a checkpoint path, got {resume!r}")
+    rundir.check_allow_values(list(allow_change))
+    preflight(cfg)
     # Handlers first: a preemption notice during start-up is honoured at the first step boundary.
     preempt = Preemption()
+    lock = []
     try:
-        rank, world, local_rank, device = init_distributed()
-        return _train(cfg, rank, world, local_rank, device, str(resume), preempt)
+        rank, world, local_rank, device = init_distributed(cfg.train.collective_timeout_s)
+        return _train(cfg, rank, world, local_rank, device, str(resume), preempt, overwrite, list(allow_change),
+                      lock)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
+        if _is_timeout(e):
+            raise CollectiveTimeout(f"a collective did not complete within train.collective_timeout_s="
+                                    f"{cfg.train.collective_timeout_s} s: another rank is hung, stopped or "
+                                    f"dead ({first})") from None
+        if _is_lost_peer(e):
+            raise CollectiveTimeout(f"a collective did not complete: another rank closed its connection, it "
+                                    f"died ({first})") from None
+        raise
     finally:
         preempt.restore()
+        for held in lock:
+            held.release()
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
+def _say(caught: list) -> None:
+    """Print recorded warnings as one line each, naming their kind (no source line, no traceback)."""
+    for w in caught:
+        print(f"warning: {w.category.__name__}: {w.message}", file=sys.stderr, flush=True)
+
+
+def _is_timeout(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "timed out" in text or "timeout" in text or "watchdog" in text
+
+
+def _is_lost_peer(e: BaseException) -> bool:
+    text = str(e).lower()
+    return "connection closed by peer" in text or "connection reset by peer" in text
+
+
+def _on_rank0(fn, rank: int, world: int):
+    """Collective: rank 0 runs ``fn``; its result, or its error, is every rank's."""
+    box = [None, None]
+    if rank == 0:
+        try:
+            box[0] = fn()
+        except (ValueError, OSError) as e:
+            box[1] = e
+    if world > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1]
+    return box[0]
+
+
+def _run_fingerprint(cfg: TrainConfig, d: Derived, tokenizer) -> dict:
+    from .data import cache_key, resolve_files
+
+    files, fmt = resolve_files(cfg.data.path, cfg.data.format, cfg.data.max_bytes)
+    key = cache_key(files, fmt, cfg.data.text_field, tokenizer)
+    data = rundir.data_identity(cfg.data.path, fmt, cfg.data.text_field, files, key)
+    return rundir.fingerprint(d.context_length, d.global_batch, data,
+                              ckpt.file_digest(tokenizer.path)["sha256"])
+
+
 def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, resume: str,
-           preempt: Preemption) -> int:
+           preempt: Preemption, overwrite: bool = False, allow_change: list[str] = (), lock: list = None) -> int:
     import deepspeed
 
     from ..model import Transformer, apply_sequence_parallel
@@ -205,14 +314,46 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
     ckpt_root = run_dir / "checkpoints"
     tokenizer = Tokenizer(cfg.data.tokenizer)
     tokenizer.check_vocab(cfg.model.vocab_size)
-    found = ckpt.find_checkpoint(ckpt_root, resume)
+    fp = _run_fingerprint(cfg, d, tokenizer)  # also checks data.path before anything is created
+
+    def own_run_dir() -> None:  # rank 0 holds the lock; the other ranks learn only the outcome
+        held = rundir.RunLock.acquire(run_dir)
+        try:
+            if resume == "none":
+                aside = rundir.start_fresh(run_dir, overwrite)
+                if aside is not None:
+                    print(f"--overwrite: the earlier run in {run_dir} was moved to {aside}", flush=True)
+        except BaseException:
+            held.release()
+            raise
+        if lock is not None:
+            lock.append(held)
+
+    _on_rank0(own_run_dir, rank, world)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        found = ckpt.find_checkpoint(ckpt_root, resume, rank, world)
+    _say(caught)
+    changes = []
     if found is not None:
         ckpt.check_compatible(found, asdict(cfg.model))
+        changed = rundir.changes(found.meta.get("fingerprint", {}), fp)
+        rundir.check_allowed(found.path, changed, allow_change)
+        changes = list(found.meta.get("changes", []))
+        if changed:
+            changes.append({"step": found.meta["step"], "time": time.time(), "changed": changed})
+            if rank == 0:
+                print("resuming with allowed changes: " + "; ".join(changed.values()), flush=True)
+        if found.meta["step"] >= cfg.train.steps:
+            if rank == 0:
+                print(f"checkpoint {found.path} is at step {found.meta['step']}, train.steps={cfg.train.steps}: "
+                      f"nothing to train; {run_dir} is left as it is", flush=True)
+            return 0
     if local_rank == 0:
         prepare_data(cfg.data, tokenizer)
     dist.barrier()
     stream = open_stream(cfg.data, tokenizer, d.context_length)  # the caches are present now
-    geo, sp_ctx = build_geometry(rank, d)
+    geo, sp_ctx = build_geometry(rank, d, cfg.train.collective_timeout_s)
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
@@ -234,12 +375,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
                                            config=deepspeed_config(cfg, world, universal is not None))
     step = 0
     consumed = 0
+    tokens_before = 0  # tokens trained on before this process (the checkpoint's count)
     if found is not None:
         ckpt.load(engine, found, universal, rank, same_world)
         dist.barrier()
         if universal is not None and rank == 0:
             shutil.rmtree(universal, ignore_errors=True)
         step, consumed = found.meta["step"], found.meta["consumed"]
+        # Checkpoints written before the count was recorded trained at this run's geometry, if any.
+        tokens_before = found.meta.get("tokens", step * d.tokens_per_step)
     if rank == 0:
         for warning in cfg.schedule_warnings():
             print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -247,32 +391,46 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
         import yaml
 
         (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        _truncate_metrics(run_dir, step)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _truncate_metrics(run_dir, step)
+        _say(caught)
 
     def meta(at_step: int, at_consumed: int) -> dict:
         return {"step": at_step, "consumed": at_consumed, "world_size": world, "sequence_parallel": geo.sequence_parallel,
                 "data_parallel": geo.data_parallel, "zero_stage": stage, "model": asdict(cfg.model),
-                "context_length": d.context_length, "time": time.time()}
+                "context_length": d.context_length, "tokens": tokens_before + tokens_seen, "fingerprint": fp,
+                "changes": changes, "time": time.time()}
+
+    def save(at_step: int) -> None:
+        nonlocal last_saved, last_save_time
+        ckpt.save(engine, ckpt_root, at_step, meta(at_step, consumed), cfg.checkpoint.keep, rank, world)
+        last_saved, last_save_time = at_step, time.time()
 
     peak = peak_flops(cfg, device)
     writer = bar = None
     if rank == 0 and cfg.run.tensorboard:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step)
+        # Events after the checkpoint's step are redone by this run; the checkpoint's own step stays.
+        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1)
     if rank == 0 and cfg.train.progress:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
     # A checkpoint of this run needs no second save if preempted before the first step.
     last_saved = step if found is not None and found.root.resolve() == ckpt_root.resolve() else -1
-    t_start = time.time()
+    t_start = last_save_time = time.time()
+    every_s = cfg.checkpoint.every_minutes * 60
     tokens_seen = 0
     try:
         while step < cfg.train.steps:
-            if preempt.agreed(device):
+            stop, save_due = preempt.agreed(device, every_s > 0 and time.time() - last_save_time >= every_s)
+            if save_due and not stop and last_saved != step and step > 0:
+                save(step)
+            if stop:
                 if last_saved != step:
-                    ckpt.save(engine, ckpt_root, step, meta(step, consumed), cfg.checkpoint.keep, rank)
+                    save(step)
                 if rank == 0:
                     print(f"preempted: checkpoint at step {step}, exiting with {REQUEUE_EXIT_CODE}", flush=True)
                 return REQUEUE_EXIT_CODE
@@ -299,7 +457,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
                 tps = d.tokens_per_step / dt
                 mfu = flops_tok * tps / (world * peak) if peak else None
                 lr = engine.get_lr()[0]
-                row = {"step": step, "loss": loss, "lr": lr, "tokens": step * d.tokens_per_step,
+                row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_before + tokens_seen,
                        "tokens_per_s": tps, "mfu": mfu, "step_time_s": dt}
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     with (run_dir / "metrics.jsonl").open("a") as f:
@@ -319,8 +477,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
                     bar.update(1)
             at_end = step == cfg.train.steps
             if at_end or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                ckpt.save(engine, ckpt_root, step, meta(step, consumed), cfg.checkpoint.keep, rank)
-                last_saved = step
+                save(step)
             if cfg.data.eval_sequences and (at_end or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
                 table = evaluate.loss_by_position(engine, stream, geo, cfg.eval.buckets, device)
                 if rank == 0:
@@ -363,11 +520,28 @@ def _sp_sum(count: torch.Tensor, ctx, device) -> float:
 
 
 def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Keep the metric rows up to ``step``: a resumed run rewrites what came after its checkpoint."""
+    """Keep the metric rows up to ``step``: a resumed run rewrites what came after its checkpoint.
+
+    A torn last line (the process was killed while appending it) is dropped with a
+    :class:`MetricsCorrupt` warning; a bad line before the end is an error naming the file and line.
+    """
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            row_step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                warnings.warn(MetricsCorrupt(f"{path}: the last line is torn ({line[:60]!r}); dropped"),
+                              stacklevel=2)
+                break
+            raise ValueError(f"{path}: line {i + 1} is not a metrics row ({line[:60]!r}); fix or remove it") \
+                from None
+        if row_step <= step:
+            rows.append(line)
     tmp = path.with_name(".metrics.jsonl.tmp")
     tmp.write_text("".join(r + "\n" for r in rows))
     os.replace(tmp, path)
