@@ -165,6 +165,7 @@ def test_serialisation_round_trip():
     (lambda: sp.RandomBlocks(64, 0), "RandomBlocks.per_query_block"),
     (lambda: sp.TopKBlocks(64, 0), "TopKBlocks.k"),
     (lambda: sp.BlockLayout.from_rows(16, [[1, 0]]), "BlockLayout.indices"),
+    (lambda: Pattern(sp.BlockLayout.from_rows(16, [[0], [5]])).bind(32, 1), "key block 5.*key blocks 0..1"),
     (lambda: Pattern.from_dict({"components": [{"type": "window", "left": 3, "size": 2}]}), "size"),
     (lambda: Pattern.from_dict({"components": [{"type": "ring"}]}), "unknown component type"),
     (lambda: Pattern.from_dict({"components": [], "causal": True}), "at least one"),

@@ -96,7 +96,11 @@ def layout_table(comp: BlockLayout, n: int, heads: int, device=None) -> torch.Te
     table = torch.full((len(comp.indptr), n_qb, width), -1, dtype=torch.int64)
     for g, (ptr, idx) in enumerate(zip(comp.indptr, comp.indices)):
         for r in range(min(n_qb, len(ptr) - 1)):
-            row = [x for x in idx[ptr[r]:ptr[r + 1]] if x < n_kb]
+            row = list(idx[ptr[r]:ptr[r + 1]])
+            if row and max(row) >= n_kb:
+                raise ValueError(f"BlockLayout{f' layout {g}' if comp.per_head else ''} row {r} lists key block "
+                                 f"{max(row)}, but a sequence of {n} tokens has key blocks 0..{n_kb - 1} "
+                                 f"(block {comp.block})")
             table[g, r, :len(row)] = torch.tensor(row, dtype=torch.int64)
     return table[None].to(device)
 
