@@ -85,3 +85,29 @@ def test_corrupt_checkpoint_is_a_clear_error(tmp_path, straight_run, tokenizer_p
     (incomplete / "meta.json").unlink()
     with pytest.raises(ValueError, match="incomplete"):
         ckpt.find_checkpoint(run_dir / "checkpoints", str(incomplete))
+
+
+def test_resume_across_runtime_only_model_fields(tmp_path, straight_run, tokenizer_path, token_cache):
+    """Fields marked runtime-only (here activation checkpointing with host offload, and the loss
+    chunk) change how a step runs, not the model: a checkpoint resumes across them, with the
+    losses of the straight run."""
+    from sparse_parallel.training.config import ModelConfig
+
+    assert {"offload_activations", "activation_checkpointing", "loss_chunk"} <= ModelConfig.runtime_fields()
+    assert "dim" not in ModelConfig.runtime_fields()
+    run_dir = tmp_path / "run"
+    shutil.copytree(straight_run, run_dir)
+    root = run_dir / "checkpoints"
+    for p in root.iterdir():  # keep the step-4 checkpoint: the run resumes half-way
+        if p.name.startswith("step") and p.name != "step00000004":
+            shutil.rmtree(p)
+    (root / "latest").write_text("step00000004\n")
+    (run_dir / "summary.json").unlink()
+    cfg = write_config(tmp_path / "tiny.yaml", tiny_config(tokenizer_path, run_dir, token_cache))
+    codes, out = run_ranks(cfg, ["model.activation_checkpointing=true", "model.offload_activations=true",
+                                 "model.loss_chunk=7"], resume=str(root / "step00000004"))
+    assert codes == [0], out[-3000:]
+    got, want = losses(run_dir), losses(straight_run)
+    assert got.keys() == want.keys()
+    # Another loss chunk sums the cross-entropy in another order: equal up to float32 rounding.
+    assert all(abs(got[s] - want[s]) <= 1e-5 * abs(want[s]) for s in want), (got, want)

@@ -38,6 +38,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from .config import ModelConfig
+
 META = "meta.json"
 LATEST = "latest"
 #: Folders a save or a rotation works in; what an interrupted one leaves is removed by the next save.
@@ -245,8 +247,8 @@ def check_compatible(found: Found, model_cfg: dict) -> None:
     """A checkpoint of another model shape is an error naming the differing fields."""
     saved = found.meta.get("model", {})
     model_cfg = json.loads(json.dumps(model_cfg))  # as saved: JSON has only string keys
-    diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k)
-                  and k not in ("activation_checkpointing", "loss_chunk", "mlp_chunk", "attention_backend"))
+    runtime = ModelConfig.runtime_fields()
+    diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k) and k not in runtime)
     if diff:
         detail = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {model_cfg.get(k)!r}" for k in diff)
         raise ValueError(f"checkpoint {found.path} is of another model: {detail}")

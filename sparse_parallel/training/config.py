@@ -53,6 +53,10 @@ def _pos_float(name: str, value) -> None:
         _fail(name, "a number > 0", value)
 
 
+#: Field metadata of model settings that change how a step runs but not the model or its weights.
+RUNTIME = {"runtime": True}
+
+
 @dataclass
 class ModelConfig:
     """Decoder-only LM shape and the attention pattern of every layer."""
@@ -66,23 +70,31 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
-    activation_checkpointing: bool = False
-    loss_chunk: int = 4096          #: tokens per cross-entropy chunk (bounds the logits held at once)
+    #: fields marked ``RUNTIME`` change how a step runs, not the model: a checkpoint resumes across them
+    activation_checkpointing: bool = field(default=False, metadata=RUNTIME)
+    #: tokens per cross-entropy chunk (bounds the logits held at once)
+    loss_chunk: int = field(default=4096, metadata=RUNTIME)
     #: tokens per checkpointed MLP chunk under activation checkpointing (bounds the MLP's hidden
     #: activations held at once; 0 = the whole shard at once)
-    mlp_chunk: int = 65536
+    mlp_chunk: int = field(default=65536, metadata=RUNTIME)
     #: with activation checkpointing, keep each layer's saved input in pinned host memory
     #: (N x dim x 2 bytes per layer moved each way per step) for contexts whose layer inputs
     #: do not fit on the GPU
-    offload_activations: bool = False
-    attention_backend: str = "auto"  #: one of sparse_parallel.backends.BACKENDS: "auto", "reference", "triton"
+    offload_activations: bool = field(default=False, metadata=RUNTIME)
+    #: one of sparse_parallel.backends.BACKENDS: "auto", "reference", "triton"
+    attention_backend: str = field(default="auto", metadata=RUNTIME)
     #: default pattern of every layer (a pattern dict, see sparse_parallel.patterns)
     pattern: dict = field(default_factory=lambda: {"components": [{"type": "window", "left": 64}]})
     #: per-layer overrides: {layer index: pattern dict}
     layer_patterns: dict = field(default_factory=dict)
     #: a Hugging Face Llama-style folder (config.json + *.safetensors, e.g. from `sparse-parallel export`)
     #: whose weights start training; its shape must equal the fields above, the patterns stay these
-    init_from: str | None = None
+    init_from: str | None = field(default=None, metadata=RUNTIME)
+
+    @classmethod
+    def runtime_fields(cls) -> frozenset[str]:
+        """Names of the fields a checkpoint may be resumed across (marked ``RUNTIME``)."""
+        return frozenset(f.name for f in dataclasses.fields(cls) if f.metadata.get("runtime"))
 
     def validate(self) -> None:
         if self.init_from is not None and (not isinstance(self.init_from, str) or not self.init_from):
