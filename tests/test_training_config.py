@@ -7,6 +7,7 @@ import pytest
 import yaml
 from test_training_helpers import tiny_config, token_cache, tokenizer_path, write_config  # noqa: F401
 
+from sparse_parallel.patterns import Pattern
 from sparse_parallel.training import load_config
 from sparse_parallel.training.config import config_from_dict
 
@@ -15,9 +16,27 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))
 def test_shipped_configs_parse(name):
+    """Every value written in a shipped config reaches the parsed config (nothing dropped or renamed),
+    the parsed config serialises back to itself, and its layout derives at its own sequence-parallel size."""
+    raw = yaml.safe_load((CONFIGS / name).read_text())
     cfg = load_config(CONFIGS / name)
-    assert cfg.to_dict()["model"]["vocab_size"] == cfg.model.vocab_size
-    assert len(cfg.model.patterns()) == cfg.model.n_layers
+    parsed = cfg.to_dict()
+
+    def same(written, got, where):
+        for key, value in written.items():
+            assert key in got, f"{name}: {where}{key} is not in the parsed config"
+            if key in ("pattern",) or where.endswith("layer_patterns."):
+                assert Pattern.from_dict(value) == Pattern.from_dict(got[key]), f"{name}: {where}{key}"
+            elif isinstance(value, dict):
+                same(value, got[key], f"{where}{key}.")
+            else:
+                assert got[key] == value, f"{name}: {where}{key} = {got[key]!r}, written {value!r}"
+
+    same(raw, parsed, "")
+    assert config_from_dict(parsed) == cfg
+    sp = cfg.parallel.sequence_parallel
+    world = 1 if sp == "all" else sp
+    assert cfg.derived(world).sequence_parallel == world
 
 
 def test_long_context_configs_reach_their_targets():
