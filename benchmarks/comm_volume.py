@@ -3,7 +3,7 @@
 python benchmarks/comm_volume.py -> table on stdout, JSON in benchmarks/results/comm_volume.json
 
 Busiest rank, forward + backward, bf16, H = Hkv = 16, D = 128, 512k tokens per rank, causal.  The
-numbers are what ``sparse_parallel.comm_volume`` returns; tests/test_sequence_parallel.py checks that
+numbers are what ``sparse_parallel.comm_volume`` returns; tests/parallel/test_sequence_parallel.py checks that
 they equal the bytes the exchange really sends.
 """
 from __future__ import annotations

@@ -13,7 +13,7 @@ import pytest
 from sparse_parallel.launcher import discovery
 from sparse_parallel.launcher.discovery import RankInfo, detect_source, discover, export_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MPIRUN = Path(sys.executable).parent / "mpirun"
 
 

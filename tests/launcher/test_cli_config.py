@@ -13,7 +13,7 @@ from sparse_parallel.patterns.components import COMPONENT_TYPES
 from sparse_parallel.training.config import load_config
 from sparse_parallel.training.trainer import deepspeed_config
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml"
 
 
 def test_version(capsys):

@@ -6,8 +6,6 @@ import json
 import pytest
 import torch
 
-from test_training_helpers import straight_run, token_cache, tokenizer_path  # noqa: F401
-
 from sparse_parallel.launcher.cli import main
 from sparse_parallel.model import Transformer
 from sparse_parallel.model.generate import generate, new_cache

@@ -13,8 +13,7 @@ import random
 import time
 from pathlib import Path
 
-from test_training_helpers import (losses, straight_run, tiny_config, token_cache,  # noqa: F401
-                                   tokenizer_path, write_config)
+from training_helpers import losses, tiny_config, write_config
 
 from sparse_parallel.training import checkpoint as ckpt
 from sparse_parallel.training import local

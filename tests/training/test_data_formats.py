@@ -8,8 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_training_helpers import (VOCAB, losses, run_ranks, tiny_config, token_cache,  # noqa: F401
-                                   tokenizer_path, write_config)
+from training_helpers import VOCAB, losses, run_ranks, tiny_config, write_config
 
 from sparse_parallel.training.config import DataConfig
 from sparse_parallel.training.data import (DataFileError, build_token_cache, iter_documents, resolve_files,

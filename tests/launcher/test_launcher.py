@@ -1,7 +1,7 @@
 """`sparse-parallel launch` and `submit`: command building, validation before anything starts, rendering.
 
 Slurm's clients are replaced here by small scripts on PATH that answer like sinfo/sbatch and record how
-they were called; tests/test_slurm_e2e.py runs the same commands against a real cluster.
+they were called; tests/launcher/test_slurm_e2e.py runs the same commands against a real cluster.
 """
 from __future__ import annotations
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from test_training_helpers import (losses, run_ranks, straight_run, tiny_config, token_cache,  # noqa: F401
-                                   tokenizer_path, write_config)
+from training_helpers import losses, run_ranks, tiny_config, write_config
 
 from sparse_parallel.training import REQUEUE_EXIT_CODE
 

@@ -2,13 +2,11 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-from test_training_helpers import (VOCAB, run_ranks, straight_run, tiny_config, token_cache,  # noqa: F401
-                                   tokenizer_path, write_config)
+from training_helpers import VOCAB, run_ranks, tiny_config, write_config
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install "
                                    "'sparse-parallel[hf]'); the Hugging Face interop tests need it")

@@ -20,7 +20,7 @@ import pytest
 
 from test_launcher_e2e import CLI, STEPS, assert_finished, losses, run_env, workspace
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLUSTER = ROOT / "slurm" / "cluster.sh"
 JOB_TIMEOUT = 240.0
 

@@ -3,7 +3,7 @@ through `mpirun -n 2 sparse-parallel train` (mpi4py discovery).  Same config, sa
 losses must be the same sequence whichever launcher found the ranks.
 
 The helpers here (a workspace with a tokenizer and the tiny config, reading metrics) are shared with
-tests/test_slurm_e2e.py.
+tests/launcher/test_slurm_e2e.py.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLI = [sys.executable, "-m", "sparse_parallel.launcher.cli"]
 MPIRUN = Path(sys.executable).parent / "mpirun"
 STEPS = 40          # the tiny config's own length (its LR schedule spans 40 steps)

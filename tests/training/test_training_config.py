@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_training_helpers import tiny_config, token_cache, tokenizer_path, write_config  # noqa: F401
+from training_helpers import tiny_config, write_config
 
 from sparse_parallel.patterns import Pattern
 from sparse_parallel.training import load_config
 from sparse_parallel.training.config import config_from_dict
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("*.yaml")))

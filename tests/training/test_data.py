@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_training_helpers import tokenizer_path  # noqa: F401
 
 from sparse_parallel.parallel import SequenceParallel
 from sparse_parallel.training.config import DataConfig

@@ -5,8 +5,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from test_training_helpers import (losses, run_ranks, straight_run, tiny_config, token_cache,  # noqa: F401
-                                   tokenizer_path, write_config)
+from training_helpers import losses, run_ranks, tiny_config, write_config
 
 from sparse_parallel.training import checkpoint as ckpt
 

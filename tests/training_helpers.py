@@ -1,14 +1,10 @@
-"""Shared pieces of the training tests: one tokenizer per session, a tiny config, run helpers.
-
-(No tests here; the fixtures are imported by test_training*.py, test_data*.py, test_checkpoint*.py.)
-"""
+"""Shared pieces of the training tests: a tiny config and run helpers (the session fixtures built
+from them, one tokenizer, one token cache and one straight run, are in tests/conftest.py)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
-import pytest
 import yaml
 
 from sparse_parallel.training import local
@@ -40,22 +36,6 @@ def tiny_config(tokenizer: Path, run_dir: Path, cache: Path) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
-def tokenizer_path(tmp_path_factory) -> Path:
-    from sparse_parallel.training.data import iter_documents, stdlib_files
-    from sparse_parallel.training.tokenizer import train_tokenizer
-
-    out = tmp_path_factory.getbasetemp() / "tokenizer" / f"stdlib{VOCAB}.model"
-    if not out.is_file():
-        train_tokenizer(iter_documents(stdlib_files(CORPUS_BYTES), "stdlib", "text", None), out, VOCAB)
-    return out
-
-
-@pytest.fixture(scope="session")
-def token_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "token-cache"
-
-
 def write_config(path: Path, cfg: dict) -> Path:
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
@@ -76,20 +56,3 @@ def run_ranks(config: Path, overrides=(), nprocs=1, resume="auto", log_dir=None,
     codes, ranks = local.train(str(config), list(overrides), nprocs, resume, log_dir, timeout, script=script,
                                args=args)
     return codes, ranks.output(0)
-
-
-@pytest.fixture(scope="session")
-def straight_run(tmp_path_factory, tokenizer_path, token_cache) -> Path:
-    """8 uninterrupted SP=1 steps, a checkpoint every 2 steps: the run others compare against.
-
-    Made once per session (each test module that imports the fixture gets its own fixture
-    definition, so the finished run is found on disk).
-    """
-    base = tmp_path_factory.getbasetemp() / "straight"
-    if not (base / "run" / "summary.json").is_file():
-        shutil.rmtree(base, ignore_errors=True)
-        base.mkdir()
-        cfg = write_config(base / "tiny.yaml", tiny_config(tokenizer_path, base / "run", token_cache))
-        codes, out = run_ranks(cfg)
-        assert codes == [0], out[-3000:]
-    return base / "run"
