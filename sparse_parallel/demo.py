@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 from . import Dilated, Global, Pattern, RandomBlocks, Strided, Window
-from .launcher.pattern_cmd import draw
 
 PATTERNS = {
     "window": Pattern(Window(32)),
@@ -34,7 +33,7 @@ STEPS = 240
 def patterns(out: Path) -> None:
     print(f"{'pattern':<24}{'keys/query (min/mean/max) at 1M':>36}{'density':>12}{'TFLOP fwd (H16,D128)':>24}")
     for name, pattern in PATTERNS.items():
-        draw(pattern, 256, str(out / f"{name}.png"))
+        pattern.draw(256, str(out / f"{name}.png"))
         d = pattern.describe(1 << 20, heads=16, dim=128)
         kpq = d["keys_per_query"]
         print(f"{name:<24}{kpq['min']:>12}/{kpq['mean']:>10.1f}/{kpq['max']:>10}{d['density']:>12.2e}"

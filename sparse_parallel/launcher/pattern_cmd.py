@@ -34,28 +34,11 @@ def load_pattern(file: str | None, specs: list[str], causal: bool) -> Pattern:
     return Pattern(tuple(parse_component(s) for s in specs), causal=causal)
 
 
-def draw(pattern: Pattern, n: int, out: str, heads: int | None = None) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mask = pattern.mask(n, heads=heads)[0]
-    fig, ax = plt.subplots(figsize=(6, 6))
-    ax.imshow(mask.numpy(), cmap="Blues", interpolation="nearest")
-    ax.set_xlabel("key position j")
-    ax.set_ylabel("query position i")
-    ax.set_title("\n".join(repr(c) for c in pattern.components), fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-
-
 def run(args) -> int:
     pattern = load_pattern(args.file, args.components, not args.non_causal)
     heads = args.heads if pattern.per_head else None
     if args.out:
-        draw(pattern, min(args.n, args.draw_n), args.out, heads)
+        pattern.draw(min(args.n, args.draw_n), args.out, heads)
         print(f"wrote {args.out}")
     desc = pattern.describe(args.n, heads=args.heads, dim=args.dim)
     print(json.dumps({"pattern": pattern.to_dict(), "describe": desc}, indent=2))

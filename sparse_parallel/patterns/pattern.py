@@ -106,6 +106,23 @@ class Pattern:
         keys = torch.unique(torch.cat(parts))
         return keys[keys < n]
 
+    def draw(self, n: int, out: str, heads: int | None = None) -> None:
+        """A PNG of the mask at length ``n`` (small n: it uses ``mask``), components in the title."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        mask = self.mask(n, heads=heads)[0]
+        fig, ax = plt.subplots(figsize=(6, 6))
+        ax.imshow(mask.numpy(), cmap="Blues", interpolation="nearest")
+        ax.set_xlabel("key position j")
+        ax.set_ylabel("query position i")
+        ax.set_title("\n".join(repr(c) for c in self.components), fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out, dpi=120)
+        plt.close(fig)
+
     # -- serialisation ----------------------------------------------------
     def to_dict(self) -> dict:
         return {"causal": self.causal, "components": [c.to_dict() for c in self.components]}
