@@ -136,8 +136,8 @@ def measure_p(args, device, ctx, n, pattern, mode):
     ctx.bytes_sent = {"forward": 0, "backward": 0}
     run("pattern")()
     sent = dict(ctx.bytes_sent)
-    vol = sp.comm_volume(pattern, n, ctx, (args.heads, args.kv_heads or args.heads), args.dim,
-                         DTYPES[args.dtype], exchange="pattern")
+    vol = sp.comm_volume(pattern, n, ctx.world_size, (args.heads, args.kv_heads or args.heads), args.dim,
+                         DTYPES[args.dtype], rank=ctx.rank, exchange="pattern")
     row["bytes_fwd"], row["bytes_bwd"] = vol["forward"], vol["backward"]
     row["max_rank_bytes"] = max(map(sum, zip(vol["per_rank"]["forward"], vol["per_rank"]["backward"])))
     row["bytes_match"] = sent == {"forward": vol["forward"], "backward": vol["backward"]}
@@ -153,8 +153,8 @@ def measure_p(args, device, ctx, n, pattern, mode):
     row["hidden"] = min(1.0, max(0.0, 1.0 - exposed / row["comm_s"])) if row["comm_s"] > 0 else None
     if not args.skip_ulysses:
         try:
-            uvol = sp.comm_volume(pattern, n, ctx, (args.heads, args.kv_heads or args.heads), args.dim,
-                                  DTYPES[args.dtype], exchange="ulysses")
+            uvol = sp.comm_volume(pattern, n, ctx.world_size, (args.heads, args.kv_heads or args.heads), args.dim,
+                                  DTYPES[args.dtype], rank=ctx.rank, exchange="ulysses")
             row["ulysses_s"] = timed(run("ulysses"), device, args.warmup, args.iters)
             row["ulysses_bytes_fwd"], row["ulysses_bytes_bwd"] = uvol["forward"], uvol["backward"]
             row["ulysses_max_rank_bytes"] = max(map(sum, zip(uvol["per_rank"]["forward"],
@@ -272,8 +272,9 @@ def worker(rank, world, args, store_path):
             errs = check_small(args, device, ctx, pattern)
             if rep:
                 rep.note("check (max |P ranks - 1 rank| / max |1 rank|)", errs)
-        windows = {n: sp.comm_volume(sp.Window(args.window), n, ctx, args.heads, args.dim, DTYPES[args.dtype])
-                   ["forward"] for n in (t * world, 4 * t * world)}
+        windows = {n: sp.comm_volume(sp.Window(args.window), n, ctx.world_size, args.heads, args.dim,
+                                     DTYPES[args.dtype], rank=ctx.rank)["forward"]
+                   for n in (t * world, 4 * t * world)}
         if rep:
             rep.note("window-only halo bytes (forward, this rank) by total N", windows)
         row = one_rank(args, device, t, pattern)

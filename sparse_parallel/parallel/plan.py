@@ -184,9 +184,10 @@ def _count(pos: torch.Tensor, lo: int, hi: int) -> int:
     return sl.stop - sl.start
 
 
-def comm_volume(pattern, n: int, ctx, heads, dim: int, dtype=torch.bfloat16, *, batch: int = 1,
-                exchange: str = "auto") -> dict:
-    """Bytes ``ctx``'s rank sends per attention layer: {"forward", "backward", "exchange", "per_rank"}.
+def comm_volume(pattern, n: int, world: int, heads, dim: int, dtype=torch.bfloat16, *, rank: int = 0,
+                batch: int = 1, exchange: str = "auto") -> dict:
+    """Bytes ``rank`` of ``world`` sequence-parallel ranks sends per attention layer:
+    {"forward", "backward", "exchange", "per_rank"}.
 
     ``heads`` is the query-head count or a pair (query heads, key/value heads).
     Counts exactly what ``sequence_parallel_attention`` puts on the wire (one
@@ -195,17 +196,18 @@ def comm_volume(pattern, n: int, ctx, heads, dim: int, dtype=torch.bfloat16, *, 
     pattern = as_pattern(pattern)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
-    for name, value in (("n", n), ("dim", dim), ("batch", batch)):
+    for name, value in (("n", n), ("world", world), ("dim", dim), ("batch", batch)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world:
+        raise ValueError(f"rank must be an integer in [0, world={world}), got {rank!r}")
     hq, hkv = (heads, heads) if isinstance(heads, int) else tuple(heads)
     if hkv < 1 or hq % hkv:
         raise ValueError(f"heads: query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    world = ctx.world_size
     if world == 1:
         return {"forward": 0, "backward": 0, "exchange": "none", "per_rank": {"forward": [0], "backward": [0]}}
     bound = pattern.bind(n, hq) if pattern.block_components and not pattern.data_dependent else None
     method = choose_exchange(pattern, n, world, hq, hkv, exchange, bound, dim, dtype)
     vol = volume_per_rank(pattern, n, world, hq, hkv, dim, batch, dtype, method, bound)
-    return {"forward": vol["forward"][ctx.rank], "backward": vol["backward"][ctx.rank], "exchange": method,
+    return {"forward": vol["forward"][rank], "backward": vol["backward"][rank], "exchange": method,
             "per_rank": vol}

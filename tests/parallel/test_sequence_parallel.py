@@ -89,7 +89,8 @@ def _run_case(ctx, case, seed):
                                                exchange=case["exchange"])
     sent_fwd = ctx.bytes_sent["forward"]
     _loss(out, lse, shard(g_out, ctx), shard(g_lse, ctx, dim=2)).backward()
-    vol = comm_volume(case["pattern"], n, ctx, (hq, hkv), d, torch.float64, batch=b, exchange=case["exchange"])
+    vol = comm_volume(case["pattern"], n, ctx.world_size, (hq, hkv), d, torch.float64, rank=ctx.rank, batch=b,
+                      exchange=case["exchange"])
     got = (out, lse, qs.grad, ks.grad, vs.grad)
     want = (shard(ref[0], ctx), shard(ref[1], ctx, dim=2), shard(ref[2], ctx), shard(ref[3], ctx),
             shard(ref[4], ctx))
@@ -216,13 +217,10 @@ def _error_messages(ctx):
 
 def test_window_bytes_do_not_grow_with_n():
     """A window's halo is the same size whatever the total length (no process group needed)."""
-    class _Ctx:
-        rank, world_size = 1, 4
-
-    sizes = {n: comm_volume(Window(64), n, _Ctx(), 4, 16, torch.bfloat16) for n in (1024, 4096, 65536)}
+    sizes = {n: comm_volume(Window(64), n, 4, 4, 16, torch.bfloat16, rank=1) for n in (1024, 4096, 65536)}
     fwd = {v["forward"] for v in sizes.values()}
     assert len(fwd) == 1 and fwd.pop() == 64 * 2 * 4 * 16 * 2  # 64 rows of k and v, 4 heads, dim 16, bf16
-    strided = [comm_volume(Window(64) | Strided(64), n, _Ctx(), 4, 16, torch.bfloat16)["forward"]
+    strided = [comm_volume(Window(64) | Strided(64), n, 4, 4, 16, torch.bfloat16, rank=1)["forward"]
                for n in (1024, 65536)]
     assert strided[1] > strided[0]  # an unbounded strided level does grow with N
 
@@ -275,16 +273,13 @@ def test_triton_backend_interpreted(tmp_path, monkeypatch):
 
 def test_auto_exchange_takes_fewer_bytes_for_block_lists():
     """For static block lists 'auto' picks whichever exchange gives the busiest rank fewer bytes."""
-    class _Ctx:
-        rank, world_size = 0, 8
-
     for per_block, expected in ((1, "pattern"), (8, "ulysses")):
         pattern = Window(16) | RandomBlocks(16, per_block)
         busiest = {}
         for ex in ("pattern", "ulysses"):
-            v = comm_volume(pattern, 4096, _Ctx(), 8, 16, torch.bfloat16, exchange=ex)["per_rank"]
+            v = comm_volume(pattern, 4096, 8, 8, 16, torch.bfloat16, exchange=ex)["per_rank"]
             busiest[ex] = max(f + b for f, b in zip(v["forward"], v["backward"]))
         assert min(busiest, key=busiest.get) == expected
-        assert comm_volume(pattern, 4096, _Ctx(), 8, 16, torch.bfloat16)["exchange"] == expected
+        assert comm_volume(pattern, 4096, 8, 8, 16, torch.bfloat16)["exchange"] == expected
     # Not divisible key/value heads: only the pattern exchange can serve it.
-    assert comm_volume(Window(16) | RandomBlocks(16, 8), 4096, _Ctx(), 12, 16)["exchange"] == "pattern"
+    assert comm_volume(Window(16) | RandomBlocks(16, 8), 4096, 8, 12, 16)["exchange"] == "pattern"
