@@ -26,7 +26,7 @@ class Config:
 
     Forward tiles are ``bm x bn``, dk/dv tiles ``bm_kv x bn_kv`` and the tiles of the
     query-major dq kernel ``bm_dq x bn_dq``.  The CUDA defaults are the fastest candidates measured by
-    ``benchmarks/kernels.py --only tune`` on an H200 (bf16, D=128).
+    ``benchmarks/kernel_variants.py`` on an H200 (bf16, D=128, 256k tokens; benchmarks/RESULTS.md).
     """
 
     bm: int = 128
@@ -123,6 +123,10 @@ class GradBuffers:
         self.dk.zero_()
         self.dv.zero_()
         return True
+
+    def rows(self, offset: int = 0, stride: int = 1) -> "SpaceGrad":
+        """The gradients of a key space holding rows ``offset::stride`` of these buffers."""
+        return SpaceGrad(self.dk[:, offset::stride], self.dv[:, offset::stride], self)
 
     def finish(self):
         """Gradients of keys no pass saw are zero."""

@@ -218,7 +218,7 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
     prob = core.Problem(terms, kspaces, passes, q_pos, int(q_pos[0]) if contiguous else None)
 
     def grads(buffers):
-        return [core.SpaceGrad(buffers[i].dk, buffers[i].dv, buffers[i]) for i in range(len(kspaces))]
+        return [buffers[i].rows() for i in range(len(kspaces))]
 
     plan = LaunchPlan([Part(prob, None, grads)], {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))})
     cfg = config if config is not None else core.default_config(device)
@@ -280,15 +280,9 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
     explicit_space = len(spaces) - 1 if gpos is not None else None
 
     def main_grads(buffers):
-        out = []
-        for si, sp in enumerate(spaces):
-            if si == explicit_space:
-                g = buffers["g"]
-                out.append(core.SpaceGrad(g.dk, g.dv, g))
-            else:  # the full K/V or a strided view of it
-                kv = buffers["kv"]
-                out.append(core.SpaceGrad(kv.dk[:, sp.pos0::sp.kstr], kv.dv[:, sp.pos0::sp.kstr], kv))
-        return out
+        # the gathered global keys have their own buffers; every other space is K/V or a strided view of it
+        return [buffers["g"].rows() if si == explicit_space else buffers["kv"].rows(sp.pos0, sp.kstr)
+                for si, sp in enumerate(spaces)]
 
     parts = [Part(main, None, main_grads)]
     rows = cached["rows"]
@@ -298,8 +292,7 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
         split = _split_for(P.n_tiles(len(rows), cfg.bm), b * hq, n, cfg.bn, core.multiprocessors(cfg, device))
         gprob = core.Problem(gterms, [core.Space(k, v)], [core.Pass(0, P.PassKind.RANGE, [0])], rows, None, split,
                              cache=cached["global"])
-        parts.append(Part(gprob, rows, lambda buffers: [core.SpaceGrad(buffers["kv"].dk, buffers["kv"].dv,
-                                                                       buffers["kv"])]))
+        parts.append(Part(gprob, rows, lambda buffers: [buffers["kv"].rows()]))
     plan = LaunchPlan(parts, {"kv": (0, 1)})
     if gpos is not None:
         # The gathered global keys are a copy: their gradients are added back into K/V's.

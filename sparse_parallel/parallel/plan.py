@@ -89,9 +89,7 @@ def rank_plan(pattern: Pattern, n: int, bounds: list[tuple[int, int]], rank: int
         if c.lattice is None:
             continue
         (term,) = c.terms()  # a lattice component is one term: its keys within the term's reach of the shard
-        lo = max(0, term.bounds(s)[0])
-        top = min(hi, term.bounds(e - 1)[1] + 1)
-        first = lo + (term.r - lo) % term.m
+        first, top = term.key_range(s, e, hi)
         reqs.append(KeyRequest(f"strided{i}", _arange(first, top, term.m), (i,), pos0=first, stride=term.m))
     globals_ = tuple(i for i, c in enumerate(comps) if c.shared_keys)
     if globals_:

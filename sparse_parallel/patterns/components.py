@@ -58,12 +58,17 @@ class Term:
         """Unclamped (lo, hi) key bounds at query positions ``i`` (ints or tensors)."""
         return self.lo_rel * i + self.lo_c, self.hi_rel * i + self.hi_c
 
+    def key_range(self, start: int, end: int, top: int) -> tuple[int, int]:
+        """(first, stop): the keys below ``top`` that some query in ``[start, end)`` may see are
+        ``range(first, stop, m)`` (empty when stop <= first)."""
+        lo = max(0, self.lo_rel * start + self.lo_c)
+        stop = min(top, self.hi_rel * (end - 1) + self.hi_c + 1)
+        return lo + (self.r - lo) % self.m, stop
+
     def keys(self, start: int, end: int, top: int, device=None) -> torch.Tensor:
         """Sorted key positions below ``top`` that some query in ``[start, end)`` may see."""
-        lo = max(0, self.lo_rel * start + self.lo_c)
-        hi = min(top - 1, self.hi_rel * (end - 1) + self.hi_c)
-        first = lo + (self.r - lo) % self.m
-        return torch.arange(first, hi + 1, self.m, device=device)
+        first, stop = self.key_range(start, end, top)
+        return torch.arange(first, max(first, stop), self.m, device=device)
 
 
 class Component:

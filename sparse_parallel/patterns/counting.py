@@ -48,7 +48,7 @@ class _Terms:
         for c in pattern.components:
             for term in c.terms():
                 lo, hi = term.bounds(i)
-                self._add(zero + lo, torch.minimum(zero + hi, self.top), term.m, term.r)
+                self._add(zero + lo, zero + hi, term.m, term.r)  # _add clamps to [0, top]
         self.subsets = []
         for size in range(1, len(self.terms) + 1):
             for combo in itertools.combinations(range(len(self.terms)), size):

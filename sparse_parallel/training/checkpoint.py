@@ -24,7 +24,6 @@ complete checkpoint that verifies is taken instead.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -39,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ModelConfig
+from .tokenizer import file_sha256
 
 META = "meta.json"
 LATEST = "latest"
@@ -85,13 +85,7 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def file_digest(path: Path, sync: bool = False) -> dict:
     """Size and SHA-256 of ``path``; ``sync``: also fsync it (it was just written)."""
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-        if sync:
-            os.fsync(f.fileno())
-    return {"size": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"size": path.stat().st_size, "sha256": file_sha256(path, sync)}
 
 
 def _files(folder: Path) -> list[str]:

@@ -17,12 +17,15 @@ UNK_ID, BOS_ID, EOS_ID = 0, 1, 2
 HF_EOS_TOKENS = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]")
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 (hex) of a tokenizer file: the identity of the tokenizer a run trained with."""
+def file_sha256(path: str | os.PathLike, sync: bool = False) -> str:
+    """SHA-256 (hex) of a file (a tokenizer's identity; a checkpoint file's checksum); ``sync``: also
+    fsync it (it was just written)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
+        for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
+        if sync:
+            os.fsync(f.fileno())
     return h.hexdigest()
 
 

@@ -296,8 +296,7 @@ def _run_fingerprint(cfg: TrainConfig, d: Derived, tokenizer) -> dict:
     files, fmt = resolve_files(cfg.data.path, cfg.data.format, cfg.data.max_bytes)
     key = cache_key(files, fmt, cfg.data.text_field, tokenizer)
     data = rundir.data_identity(cfg.data.path, fmt, cfg.data.text_field, files, key)
-    return rundir.fingerprint(d.context_length, d.global_batch, data,
-                              ckpt.file_digest(tokenizer.path)["sha256"])
+    return rundir.fingerprint(d.context_length, d.global_batch, data, tokenizer.sha256)
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, resume: str,
