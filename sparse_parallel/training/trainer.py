@@ -116,8 +116,9 @@ def end_process(code: int) -> None:
     their communication threads, and such a thread may still be releasing a finished collective's
     tensors while the interpreter shuts down: it then needs the interpreter lock of a dying interpreter
     and the process aborts (SIGABRT, exit 134) after a run that did everything right.  A process that
-    started a process group therefore flushes its outputs, finalizes MPI when mpi4py initialized it,
-    and leaves with ``os._exit``, without interpreter shutdown.  Any other process exits normally.
+    started a process group therefore flushes its outputs, finalizes MPI when mpi4py initialized it
+    (or, for a failing rank whose peers may be hung, aborts the MPI job so that mpirun ends them), and
+    leaves with ``os._exit``, without interpreter shutdown.  Any other process exits normally.
     """
     if not _STARTED_PROCESS_GROUP:
         sys.exit(code)
@@ -129,6 +130,9 @@ def end_process(code: int) -> None:
             pass
     mpi = sys.modules.get("mpi4py.MPI")
     if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        if code not in (0, REQUEUE_EXIT_CODE):
+            # A failing rank: its peers may be hung (MPI_Finalize would wait for them), so end the job.
+            mpi.COMM_WORLD.Abort(code)
         mpi.Finalize()
     os._exit(code)
 

@@ -109,6 +109,50 @@ def test_mpirun_two_ranks_match_torchrun(ws, torchrun_losses):
     assert got == torchrun_losses
 
 
+#: ``sparse-parallel`` whose rank 1 stops itself (SIGSTOP) before its second training step.
+STOP_RANK_SCRIPT = """
+import os, signal
+from sparse_parallel.training import data
+from sparse_parallel.launcher import cli
+orig = data.TokenStream.train_batch
+def train_batch(self, consumed, *a, **k):
+    if consumed > 0 and os.environ.get("RANK") == "1":
+        os.kill(os.getpid(), signal.SIGSTOP)
+    return orig(self, consumed, *a, **k)
+data.TokenStream.train_batch = train_batch
+cli.entry()
+"""
+
+
+def test_mpirun_stopped_rank_ends_the_run_in_bounded_time(ws):
+    """Under mpirun too, a rank that stops answering ends the others with the named collective timeout
+    (the process groups get train.collective_timeout_s whoever started the ranks)."""
+    mpirun = str(MPIRUN if MPIRUN.exists() else shutil.which("mpirun"))
+    script = ws / "stop_rank.py"
+    script.write_text(STOP_RANK_SCRIPT)
+    env = run_env()
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    run_dir = ws / "runs" / "mpirun-stopped"
+    log = ws / "mpirun-stopped.log"
+    with log.open("w") as sink:  # a file, not a pipe: nothing blocks on output while we wait
+        proc = subprocess.Popen([mpirun, "--oversubscribe", "-n", "2", "-x", "OMP_NUM_THREADS", "-x",
+                                 "DS_ACCELERATOR", sys.executable, str(script), "train", "tiny.yaml", "--set",
+                                 f"run.dir={run_dir}", "--set", "train.collective_timeout_s=5"],
+                                cwd=ws, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        t0 = time.time()
+        try:
+            proc.wait(timeout=150)
+        except subprocess.TimeoutExpired:
+            pass
+        waited = time.time() - t0
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
+    out = log.read_text()
+    assert "a collective did not complete within train.collective_timeout_s=5 s" in out, out[-3000:]
+    assert proc.returncode != 0 and waited < 120, (proc.returncode, waited, out[-3000:])
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_launch_passes_signals_to_the_ranks_and_returns_their_code(ws, sig):
     """TERM or USR1 to `launch` reaches the ranks through torchrun: they checkpoint at the next step and
