@@ -5,11 +5,14 @@
 (2) The same job signalled mid-run (USR1 to the batch shell, which is what `--signal=B:USR1@N` does before
     the time limit): the ranks checkpoint, the script requeues the job, the requeued job resumes and
     finishes with the losses of (1).
+(3) A job one of whose ranks stops (SIGSTOP) mid-run: the other rank ends with the named collective timeout,
+    the stopped one is ended with it, and the job fails in bounded time with its last checkpoint intact.
 If the cluster cannot be started (no root, no apt, no network), every test here is skipped with the reason.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -48,9 +51,10 @@ def ws(tmp_path_factory) -> Path:
     return workspace(tmp_path_factory.getbasetemp())
 
 
-def submit(ws: Path, env: dict, run_dir: Path) -> str:
-    proc = subprocess.run([*CLI, "submit", "tiny.yaml", "--tasks-per-node", "2", "--set", f"run.dir={run_dir}"],
-                          cwd=ws, env=env, capture_output=True, text=True, timeout=120)
+def submit(ws: Path, env: dict, run_dir: Path, *overrides: str) -> str:
+    sets = [a for o in overrides for a in ("--set", o)]
+    proc = subprocess.run([*CLI, "submit", "tiny.yaml", "--tasks-per-node", "2", "--set", f"run.dir={run_dir}",
+                           *sets], cwd=ws, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return re.search(r"submitted job (\d+)", proc.stdout).group(1)
 
@@ -76,10 +80,13 @@ def job_log(run_dir: Path, job: str) -> str:
     return logs[0].read_text() if logs else ""
 
 
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
 def wait_done(env: dict, job: str, run_dir: Path) -> dict[str, str]:
     def ended():
         fields = job_fields(env, job)
-        return fields if fields["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL") else None
+        return fields if fields["JobState"] in ENDED else None
 
     fields = wait_until(ended, f"job {job} to end", every=0.5)
     assert fields["JobState"] == "COMPLETED", (fields, job_log(run_dir, job)[-4000:])
@@ -136,3 +143,54 @@ def test_signal_checkpoints_requeues_and_resumes_with_equal_losses(ws, slurm_env
     got = assert_finished(run_dir)
     # The resumed run continues from the exact state of the checkpoint: the same loss at every step.
     assert got == reference
+
+
+#: Imported by every Python process of the job (it is first on PYTHONPATH): in the rank named by
+#: SPARSE_PARALLEL_TEST_STOP ("<rank>:<consumed>"), the training stream stops its own process (SIGSTOP)
+#: when asked for the batch at that many consumed sequences.
+STOP_RANK_SITECUSTOMIZE = """
+import os
+_stop = os.environ.get("SPARSE_PARALLEL_TEST_STOP", "")
+if _stop and _stop.split(":")[0] == os.environ.get("SLURM_PROCID"):
+    import signal
+    from sparse_parallel.training import data
+    _orig = data.TokenStream.train_batch
+    def train_batch(self, consumed, *a, **k):
+        if consumed == int(_stop.split(":")[1]):
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return _orig(self, consumed, *a, **k)
+    data.TokenStream.train_batch = train_batch
+"""
+
+
+def test_a_stopped_rank_ends_the_job_in_bounded_time(ws, slurm_env):
+    """srun waits for every task: a rank that stops answering must not keep the job alive once its peer has
+    ended with the named collective timeout."""
+    from sparse_parallel.training import checkpoint as ckpt
+
+    site = ws / "stop-rank-site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(STOP_RANK_SITECUSTOMIZE)
+    env = dict(slurm_env, SPARSE_PARALLEL_TEST_STOP="1:12",  # rank 1, before step 4 (4 sequences a step)
+               PYTHONPATH=os.pathsep.join([str(site), *filter(None, [slurm_env.get("PYTHONPATH")])]))
+    run_dir = ws / "runs" / "slurm-stopped-rank"
+    job = submit(ws, env, run_dir, "train.collective_timeout_s=5", "checkpoint.every=2")
+    try:
+        wait_until(lambda: len(losses(run_dir)) >= 3, "the first steps' losses")
+        t0 = time.monotonic()
+        # Rank 0 gives up 5 s into step 4; the stopped rank must end with it, not hold the job forever.
+        fields = wait_until(lambda: (f := job_fields(slurm_env, job))["JobState"] in ENDED and f,
+                            f"job {job} to end after its rank 1 stopped", timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        if job_fields(slurm_env, job)["JobState"] not in ENDED:
+            subprocess.run(["scancel", job], env=slurm_env)  # a job left hanging would hold the cluster
+    log = job_log(run_dir, job)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] != "0:0", (fields, log[-4000:])
+    assert fields["Restarts"] == "0", fields
+    assert "a collective did not complete within train.collective_timeout_s=5 s" in log, log[-4000:]
+    assert waited < 60, waited
+    assert [s for s, _ in losses(run_dir)] == [1, 2, 3]
+    # The checkpoint of step 2 is complete and verifies: a later submit resumes from it.
+    found = ckpt.find_checkpoint(run_dir / "checkpoints", "auto")
+    assert found is not None and found.meta["step"] == 2, found
