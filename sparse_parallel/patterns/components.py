@@ -5,12 +5,14 @@ positions ``i``, key positions ``j`` and query heads ``h``.  Structured
 components (``Window``, ``Strided``, ``Global``) answer it arithmetically; the
 block-list components (``RandomBlocks``, ``BlockLayout``, ``TopKBlocks``) answer
 it through a per-query-block table of key blocks that is built in O(N/block)
-(see ``blocks.py``).  Components never hold an N x N structure.
+(see ``blocks.py``).  Components never hold an N x N structure.  ``Dilated`` is
+not a component but a shorthand for a window and strided levels.
 """
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+import inspect
+from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import torch
@@ -77,12 +79,15 @@ class Component:
     kind: ClassVar[str]
     #: True when ``allows`` needs a block table (see ``blocks.build_table``).
     block_based: ClassVar[bool] = False
-    #: True when the component differs between heads.
-    per_head: bool = False
     #: True when its keys are the same for every query (gathered once by every rank: global keys).
     shared_keys: ClassVar[bool] = False
     #: True when its keys depend on the data (q and k), so no plan can know them in advance.
     data_dependent: ClassVar[bool] = False
+
+    @property
+    def per_head(self) -> bool:
+        """True when the component differs between query heads."""
+        return False
 
     def to_dict(self) -> dict:
         out = {"type": self.kind}
@@ -99,9 +104,6 @@ class Component:
         from .pattern import Pattern
 
         return Pattern((self,)) | other
-
-    def expand(self) -> tuple["Component", ...]:
-        return (self,)
 
     def terms(self) -> tuple[Term, ...]:
         """The component's keys as affine terms (empty for block-list components)."""
@@ -180,35 +182,6 @@ class Strided(Component):
 
 
 @dataclass(frozen=True)
-class Dilated(Component):
-    """``Window(window)`` plus ``Strided(growth**k, span=window*growth**k)`` for k = 1..levels.
-
-    A convenience: ``expand()`` returns exactly those components, and a
-    ``Pattern`` holds the expanded components, never the ``Dilated`` itself.
-    """
-
-    window: int
-    levels: int
-    growth: int = 2
-    kind: ClassVar[str] = "dilated"
-
-    def __post_init__(self):
-        _check_int("Dilated.window", self.window, 1, ">= 1")
-        _check_int("Dilated.levels", self.levels, 0, ">= 0")
-        _check_int("Dilated.growth", self.growth, 2, ">= 2")
-
-    def expand(self) -> tuple[Component, ...]:
-        levels = tuple(
-            Strided(stride=self.growth**k, span=self.window * self.growth**k)
-            for k in range(1, self.levels + 1)
-        )
-        return (Window(self.window),) + levels
-
-    def allows(self, i, j, h=None):
-        raise TypeError("Dilated is expanded by Pattern; call allows on its components")
-
-
-@dataclass(frozen=True)
 class Global(Component):
     """Global tokens: the first ``first`` positions plus ``positions``.
 
@@ -263,6 +236,22 @@ class Global(Component):
         return pos if len(pos) else None
 
 
+def Dilated(window: int, levels: int, growth: int = 2):  # noqa: N802  (named as the components are)
+    """``Window(window)`` plus ``Strided(growth**k, span=window*growth**k)`` for k = 1..levels.
+
+    A shorthand, not a component: it returns those components as a (causal) ``Pattern``, which
+    joins others with ``|`` or ``Pattern((..., Dilated(...)), causal=...)`` like any pattern, and a
+    pattern dict spells it ``{type: dilated, window: ..., levels: ...}``.
+    """
+    from .pattern import Pattern
+
+    _check_int("Dilated.window", window, 1, ">= 1")
+    _check_int("Dilated.levels", levels, 0, ">= 0")
+    _check_int("Dilated.growth", growth, 2, ">= 2")
+    strided = tuple(Strided(stride=growth**k, span=window * growth**k) for k in range(1, levels + 1))
+    return Pattern((Window(window),) + strided)
+
+
 @dataclass(frozen=True)
 class RandomBlocks(Component):
     """BigBird random attention: ``per_query_block`` key blocks per query block.
@@ -274,7 +263,7 @@ class RandomBlocks(Component):
     block: int
     per_query_block: int
     seed: int = 0
-    per_head: bool = False
+    per_head: bool = False  # a constructor argument here: the field stands in for Component.per_head
     kind: ClassVar[str] = "random_blocks"
     block_based: ClassVar[bool] = True
 
@@ -338,7 +327,7 @@ class BlockLayout(Component):
         return cls(block, tuple(indptr), tuple(indices))
 
     @property
-    def per_head(self) -> bool:  # type: ignore[override]
+    def per_head(self) -> bool:
         return len(self.indptr) > 1
 
 
@@ -358,34 +347,42 @@ class TopKBlocks(Component):
     kind: ClassVar[str] = "topk_blocks"
     data_dependent: ClassVar[bool] = True
     block_based: ClassVar[bool] = True
-    per_head: bool = field(default=True, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         _check_block("TopKBlocks.block", self.block)
         _check_int("TopKBlocks.k", self.k, 1, ">= 1")
 
+    @property
+    def per_head(self) -> bool:
+        return True
 
+
+#: The component classes by ``kind``.
 COMPONENT_TYPES: dict[str, type[Component]] = {
-    cls.kind: cls for cls in (Window, Strided, Dilated, Global, RandomBlocks, BlockLayout, TopKBlocks)
+    cls.kind: cls for cls in (Window, Strided, Global, RandomBlocks, BlockLayout, TopKBlocks)
 }
+#: What a pattern dict's ``type`` names: a component class, or a shorthand (a function of the same
+#: keys returning a ``Pattern`` of several components).
+KINDS = {**COMPONENT_TYPES, "dilated": Dilated}
 
 
-def component_from_dict(d: dict) -> Component:
+def component_from_dict(d: dict):
+    """The component (or, for a shorthand, the components as a ``Pattern``) that a dict describes."""
     if not isinstance(d, dict) or "type" not in d:
-        raise ValueError(f"a component must be a dict with a 'type' key, one of {sorted(COMPONENT_TYPES)}; got {d!r}")
+        raise ValueError(f"a component must be a dict with a 'type' key, one of {sorted(KINDS)}; got {d!r}")
     kind = d["type"]
-    if kind not in COMPONENT_TYPES:
-        raise ValueError(f"unknown component type {kind!r}; allowed: {sorted(COMPONENT_TYPES)}")
-    cls = COMPONENT_TYPES[kind]
-    fields = {f.name for f in dataclasses.fields(cls) if f.init}
-    unknown = set(d) - fields - {"type"}
+    if kind not in KINDS:
+        raise ValueError(f"unknown component type {kind!r}; allowed: {sorted(KINDS)}")
+    make = KINDS[kind]
+    keys = set(inspect.signature(make).parameters)
+    unknown = set(d) - keys - {"type"}
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} for component {kind!r}; allowed: {sorted(fields)}")
+        raise ValueError(f"unknown key(s) {sorted(unknown)} for component {kind!r}; allowed: {sorted(keys)}")
     kwargs = {k: v for k, v in d.items() if k != "type"}
     for key in ("positions", "indptr", "indices"):
         if key in kwargs and isinstance(kwargs[key], list):
             kwargs[key] = tuple(tuple(x) if isinstance(x, list) else x for x in kwargs[key])
     try:
-        return cls(**kwargs)
+        return make(**kwargs)
     except TypeError as e:
         raise ValueError(f"component {kind!r}: {e}") from None

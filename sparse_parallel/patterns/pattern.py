@@ -29,16 +29,14 @@ class Pattern:
         comps = self.components
         if isinstance(comps, list):
             comps = tuple(comps)
-        if isinstance(comps, Component):
+        if isinstance(comps, (Component, Pattern)):
             comps = (comps,)
-        if isinstance(comps, Pattern):
-            comps = comps.components
         flat: list[Component] = []
         for c in comps:
             if isinstance(c, Pattern):
                 flat.extend(c.components)
             elif isinstance(c, Component):
-                flat.extend(c.expand())
+                flat.append(c)
             else:
                 raise ValueError(f"Pattern components must be pattern components, got {c!r}")
         if not flat:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sparse_parallel as sp
-from sparse_parallel.patterns import MAX_MASK_N, Pattern
+from sparse_parallel.patterns import MAX_MASK_N, Component, Pattern
 from sparse_parallel.patterns.blocks import random_block_rows
 
 SETTINGS = settings(max_examples=40, deadline=None)
@@ -135,10 +135,32 @@ def test_topk_selection_rule():
         Pattern(comp).mask(64, heads=2)
 
 
-def test_dilated_expands_exactly():
-    p = Pattern(sp.Dilated(window=100, levels=3, growth=3))
-    assert p.components == (sp.Window(100), sp.Strided(3, span=300), sp.Strided(9, span=900),
-                            sp.Strided(27, span=2700))
+def test_dilated_is_a_shorthand_for_its_components():
+    levels = (sp.Window(100), sp.Strided(3, span=300), sp.Strided(9, span=900), sp.Strided(27, span=2700))
+    p = sp.Dilated(window=100, levels=3, growth=3)
+    assert isinstance(p, Pattern) and p == Pattern(levels) and Pattern(p) == p
+    assert (sp.Dilated(4, 1) | sp.Global(first=1)).components == (sp.Window(4), sp.Strided(2, span=8),
+                                                                  sp.Global(first=1))
+    assert (sp.Global(first=1) | sp.Dilated(4, 1)).components == (sp.Global(first=1), sp.Window(4),
+                                                                  sp.Strided(2, span=8))
+    spelt = {"causal": False, "components": [{"type": "dilated", "window": 4, "levels": 1},
+                                             {"type": "window", "left": 1}]}
+    assert Pattern.from_dict(spelt) == Pattern((sp.Window(4), sp.Strided(2, span=8), sp.Window(1)), causal=False)
+    with pytest.raises(ValueError, match="grow"):
+        Pattern.from_dict({"components": [{"type": "dilated", "window": 4, "levels": 1, "grow": 2}]})
+
+
+def test_per_head_is_one_property():
+    """Every component answers ``per_head``; RandomBlocks takes it as an argument, the others know it."""
+    assert isinstance(Component.__dict__["per_head"], property)
+    answers = {sp.Window(3): False, sp.Global(first=1): False, sp.RandomBlocks(16, 1): False,
+               sp.RandomBlocks(16, 1, per_head=True): True, sp.BlockLayout.from_rows(16, [[0]]): False,
+               sp.BlockLayout.from_rows(16, [[[0]], [[0]]]): True, sp.TopKBlocks(16, 1): True}
+    for comp, per_head in answers.items():
+        assert comp.per_head is per_head, comp
+        assert Pattern(comp).per_head is per_head
+    assert sp.RandomBlocks(16, 1, per_head=True).to_dict()["per_head"] is True
+    assert "per_head" not in sp.TopKBlocks(16, 1).to_dict()
 
 
 def test_serialisation_round_trip():
