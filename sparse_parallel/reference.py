@@ -14,7 +14,7 @@ import math
 import torch
 from torch.utils.checkpoint import checkpoint
 
-from .patterns.pattern import BoundPattern
+from .patterns import BoundPattern
 
 #: Elements of one chunk's score tile (B * Hq * chunk * candidates) before it is split.
 TILE_BUDGET = 1 << 24

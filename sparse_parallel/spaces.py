@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .patterns.pattern import BoundPattern
+from .patterns import BoundPattern
 from .reference import TILE_BUDGET, attend_keys
 
 

@@ -157,13 +157,12 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
         raise ValueError(f"q_pos must be 1-D with {nq} entries, got shape {tuple(q_pos.shape)}")
     if nq > 1 and not bool((q_pos[1:] > q_pos[:-1]).all()):
         raise NotImplementedError("space_attention needs increasing query positions")
-    pattern = bound.pattern
-    special = torch.isin(q_pos, pattern.global_query_rows(bound.n, device))
+    special = torch.isin(q_pos, bound.global_rows.to(device))
     all_global = bool(special.all()) and nq > 0 and bool(special.any())
     if special.any() and not all_global:
         raise NotImplementedError("query rows of Global(queries=True) mixed with ordinary rows: call "
                                   "space_attention with the global query rows alone")
-    if all_global and len(pattern.global_queries) > 1:
+    if all_global and sum(rows is not None for rows in bound.component_rows) > 1:
         raise NotImplementedError("global query rows with more than one Global(queries=True) component")
     terms = P.build_terms(bound, device, all_rows_global=all_global)
     contiguous = nq > 0 and int(q_pos[-1] - q_pos[0]) == nq - 1
@@ -249,8 +248,7 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
         with torch.no_grad():
             bound = pattern.bind(n, hq, q=q if pattern.data_dependent else None,
                                  k=k if pattern.data_dependent else None, device=device)
-        cached = {"bound": bound, "terms": P.build_terms(bound, device), "main": {}, "global": {},
-                  "rows": pattern.global_query_rows(n, device)}
+        cached = {"bound": bound, "terms": P.build_terms(bound, device), "main": {}, "global": {}}
         if key is not None:
             if len(_PLANS) >= 32:
                 _PLANS.pop(next(iter(_PLANS)))
@@ -285,7 +283,7 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
                 for si, sp in enumerate(spaces)]
 
     parts = [Part(main, None, main_grads)]
-    rows = cached["rows"]
+    rows = terms.global_rows
     if len(rows):
         gterms = P.Terms([(0, 0, 0, P.BIG, 1, 0)], [0], pattern.causal, n,
                          tensor=torch.tensor([0, 0, 0, P.BIG, 1, 0], dtype=torch.int32, device=device))

@@ -1,13 +1,14 @@
-"""Planning: pattern + key spaces -> terms, passes and per-tile key ranges.
+"""Planning: bound pattern + key spaces -> terms, passes and per-tile key ranges.
 
 A *term* is one structured piece of a pattern (window, strided level, the
 first-``F`` global keys): keys ``lo(i) <= j <= hi(i)`` with ``j = r (mod m)``,
-both bounds affine in the query position.  Block-list components become one
-*block term* (their tables merged), ordered after the structured terms, and the
-explicit global key positions one last term.  Any order of the components counts
-every allowed pair once as long as each component's keys lie in a space serving
-it (see ``spaces.py``), so this order is free to choose; it is the one that
-keeps structured ranges contiguous.
+both bounds affine in the query position; each component gives its own
+(``Component.terms``).  Block-list components become one *block term* (their
+tables merged, ``BoundPattern.merged_table``), ordered after the structured
+terms, and the listed keys (``BoundPattern.explicit_keys``) one last term.  Any
+order of the components counts every allowed pair once as long as each
+component's keys lie in a space serving it (see ``spaces.py``), so this order is
+free to choose; it is the one that keeps structured ranges contiguous.
 
 A *pass* walks one key space for a subset of the terms it serves.  For a range
 pass, ``range_plan`` gives each query tile its key-tile range (a superset) and
@@ -23,10 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..patterns.components import UNBOUNDED as BIG
-from ..patterns.components import Term
-from ..patterns.counting import merged_table
-
+from ..patterns.pattern import UNBOUNDED as BIG
+from ..patterns.pattern import Term
 
 
 class PassKind(enum.IntEnum):
@@ -44,7 +43,7 @@ class PassKind(enum.IntEnum):
 
 @dataclass
 class Terms:
-    """The pattern in kernel form."""
+    """The pattern in kernel form, on the device."""
 
     rows: list  # (lo_rel, lo_c, hi_rel, hi_c, m, r) per structured term
     comp: list  # component index of each structured term
@@ -53,8 +52,9 @@ class Terms:
     block_comps: tuple = ()  # component indices merged into the block term
     table: torch.Tensor | None = None  # [Bt, Ht, n_cb, W] int64, -1 padded
     block: int = 0
-    explicit: dict = field(default_factory=dict)  # Global component index -> positions (>= first)
+    explicit: dict = field(default_factory=dict)  # component index -> its listed keys
     tensor: torch.Tensor | None = None  # int32 [NT * 6] on the device
+    global_rows: torch.Tensor | None = None  # the bound's global query rows
 
     @property
     def block_bit(self) -> int:
@@ -68,7 +68,7 @@ def build_terms(bound, device, all_rows_global: bool = False) -> Terms:
         raise ValueError(f"sequence length must be < 2^30 for the Triton kernels, got {bound.n}")
     rows, comp, explicit = [], [], {}
     for index, c in enumerate(pattern.components):
-        if all_rows_global and c in pattern.global_queries:
+        if all_rows_global and bound.component_rows[index] is not None:
             # Every row here is one of this component's global query rows: it allows every key.
             rows.append(Term(0, 0, 0, BIG).row)
             comp.append(index)
@@ -76,18 +76,14 @@ def build_terms(bound, device, all_rows_global: bool = False) -> Terms:
         for term in c.terms():
             rows.append(term.row)
             comp.append(index)
-        keys = c.explicit_keys(bound.n, device)
+        keys = bound.explicit_keys[index]
         if keys is not None:
-            explicit[index] = keys
-    t = Terms(rows, comp, pattern.causal, bound.n, explicit=explicit)
-    blocks = pattern.block_components
-    if blocks:
-        t.block_comps = tuple(pattern.components.index(c) for c in blocks)
-        if len(blocks) == 1:
-            t.table, t.block = bound.tables[0], blocks[0].block
-        else:
-            t.table, t.block = merged_table(bound)
-        t.table = t.table.to(device)
+            explicit[index] = keys.to(device)
+    t = Terms(rows, comp, pattern.causal, bound.n, explicit=explicit, global_rows=bound.global_rows.to(device))
+    table, block = bound.merged_table()
+    if table is not None:
+        t.block_comps = tuple(i for i, c in enumerate(pattern.components) if c.block_based)
+        t.table, t.block = table.to(device), block
     flat = [x for r in rows for x in r] or [0] * 6
     t.tensor = torch.tensor(flat, dtype=torch.int32, device=device)
     return t

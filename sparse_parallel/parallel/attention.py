@@ -24,8 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..backends import check_qkv, resolve_backend
-from ..patterns.blocks import build_table
-from ..patterns.pattern import BoundPattern, Pattern, as_pattern
+from ..patterns import BoundPattern, Pattern, as_pattern
 from ..reference import lse_dtype
 from ..spaces import KeySpace, merge_partials, reference_space_attention
 from .exchange import Spec, start_exchange
@@ -132,7 +131,6 @@ def round1_lists(q, k, v, plans, bounds, rank):
 def _pattern_exchange(q, k, v, pattern: Pattern, ctx, n: int, bound: BoundPattern, fn, scale):
     rank, world, dev = ctx.rank, ctx.world_size, q.device
     b, n_local, hq, d = q.shape
-    hkv = k.shape[2]
     bounds = shard_bounds(n, world)
     plans = [rank_plan(pattern, n, bounds, r, bound) for r in range(world)]
     me = plans[rank]
@@ -239,11 +237,11 @@ def bind_heads(pattern: Pattern, n: int, heads: int, h0: int, h1: int, q_local, 
     """The pattern bound for query heads [h0, h1) of ``heads``; q_local/k_local hold those heads."""
     tables = []
     for comp in pattern.block_components:
-        if pattern.data_dependent and comp.kind == "topk_blocks":
+        if comp.data_dependent:
             # Computed per key/value head from that head's own query group: head-local.
-            tables.append(build_table(comp, n, pattern.causal, h1 - h0, q=q_local, k=k_local, device=device))
+            tables.append(comp.table(n, pattern.causal, h1 - h0, q=q_local, k=k_local, device=device))
         else:
-            t = build_table(comp, n, pattern.causal, heads, device=device)
+            t = comp.table(n, pattern.causal, heads, device=device)
             tables.append(t[:, h0:h1] if t.shape[1] > 1 else t)
     return BoundPattern(pattern, n, h1 - h0, tuple(tables), device)
 
@@ -252,7 +250,7 @@ def _whole_sequence(fn, q, k, v, pattern: Pattern, bound: BoundPattern, scale):
     """Attention over the whole sequence in the same key-space split as the pattern exchange.
 
     Global keys get an explicit space serving the Global components, the
-    sequence serves the others; global query rows (see ``Pattern.global_query_rows``)
+    sequence serves the others; global query rows (``BoundPattern.global_rows``)
     attend separately to the whole sequence as an explicit space.
     """
     n, dev = q.shape[1], q.device
@@ -261,10 +259,10 @@ def _whole_sequence(fn, q, k, v, pattern: Pattern, bound: BoundPattern, scale):
     others = tuple(i for i in range(len(comps)) if i not in globals_)
     spaces = [KeySpace(k, v, others)] if others else []
     if globals_:
-        g = pattern.global_keys(n, dev)
+        g = bound.global_keys.to(dev)
         spaces.append(KeySpace(k[:, g], v[:, g], globals_, positions=g))
     rows = torch.arange(n)
-    special = torch.isin(rows, pattern.global_query_rows(n))
+    special = torch.isin(rows, bound.global_rows)
     ordinary = rows[~special].to(dev)
     out, lse = _attend(fn, q if not special.any() else q[:, ordinary], ordinary, spaces, bound, scale)
     if special.any():

@@ -15,7 +15,7 @@ plan lists the key sets it needs beyond its own shard's window part:
   blocks that the shard's query blocks list ("fetch only the needed blocks").
 
 and the global query rows (``Global(queries=True)``, see
-``Pattern.global_query_rows``) it computes partial results for against its own
+``BoundPattern.global_rows``) it computes partial results for against its own
 keys: all of them when not causal, else those at or after its shard start
 (earlier ones cannot see its keys).
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns.pattern import BoundPattern, Pattern, as_pattern
+from ..patterns import BoundPattern, Pattern, as_pattern
 from .context import shard_bounds  # noqa: F401  (the shard rule; benchmarks import it from here too)
 from ..reference import lse_dtype
 
@@ -73,7 +73,13 @@ def _block_keys(bound: BoundPattern, index: int, start: int, end: int, hi: int) 
 
 def rank_plan(pattern: Pattern, n: int, bounds: list[tuple[int, int]], rank: int,
               bound: BoundPattern | None = None) -> RankPlan:
-    """The key sets and global query rows of ``rank`` (see module docstring)."""
+    """The key sets and global query rows of ``rank`` (see module docstring), read from ``bound``
+    (``pattern`` bound at length ``n``; it may be left out when there are no block-list components)."""
+    if bound is None:
+        if pattern.block_components:
+            raise ValueError("block-list keys can be fetched only for static layouts (RandomBlocks, "
+                             "BlockLayout) with a bound pattern; TopKBlocks needs exchange='ulysses'")
+        bound = pattern.bind(n)
     s, e = bounds[rank]
     comps = pattern.components
     hi = e if pattern.causal else n  # keys at or past hi are never allowed for this shard
@@ -93,16 +99,16 @@ def rank_plan(pattern: Pattern, n: int, bounds: list[tuple[int, int]], rank: int
         reqs.append(KeyRequest(f"strided{i}", _arange(first, top, term.m), (i,), pos0=first, stride=term.m))
     globals_ = tuple(i for i, c in enumerate(comps) if c.shared_keys)
     if globals_:
-        g = pattern.global_keys(n)
+        g = bound.global_keys
         reqs.append(KeyRequest("global", g[g < hi], globals_))
     blocks = tuple(i for i, c in enumerate(comps) if c.block_based)
     if blocks:
-        if bound is None or any(comps[i].data_dependent for i in blocks):
+        if any(comps[i].data_dependent for i in blocks):
             raise ValueError("block-list keys can be fetched only for static layouts (RandomBlocks, "
-                             "BlockLayout) with a bound pattern; TopKBlocks needs exchange='ulysses'")
+                             "BlockLayout); TopKBlocks needs exchange='ulysses'")
         keys = torch.cat([_block_keys(bound, i, s, e, hi) for i in blocks]).unique()
         reqs.append(KeyRequest("blocks", keys, blocks))
-    gq = pattern.global_query_rows(n)
+    gq = bound.global_rows
     own = gq[(gq >= s) & (gq < e)]
     needed = gq[gq >= s] if pattern.causal else gq
     return RankPlan(rank, s, e, reqs, tuple(windows), own, needed)
@@ -158,7 +164,7 @@ def volume_per_rank(pattern: Pattern, n: int, world: int, hq: int, hkv: int, dim
                 recv[r] += batch * (ep - sp_) * (hl + 2 * kl) * dim * elt
                 recv[r] += batch * (e - s) * hl * (dim * elt + lse_elt)
         return {"forward": fwd, "backward": recv}
-    if bound is None and pattern.block_components:
+    if bound is None and not pattern.data_dependent:
         bound = pattern.bind(n, hq)
     plans = [rank_plan(pattern, n, bounds, r, bound) for r in range(world)]
     kv_row = batch * 2 * hkv * dim * elt

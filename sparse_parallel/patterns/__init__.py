@@ -1,7 +1,7 @@
-"""The pattern language: components, their union (``Pattern``) and counting."""
-from .components import (BlockLayout, Component, Dilated, Global, RandomBlocks, Strided, TopKBlocks,
-                         Window, component_from_dict)
-from .pattern import MAX_MASK_N, BoundPattern, Pattern, as_pattern
+"""The pattern language: components, their union (``Pattern``), its compiled form and counting."""
+from .bound import BoundPattern
+from .components import BlockLayout, Dilated, Global, RandomBlocks, Strided, TopKBlocks, Window
+from .pattern import MAX_MASK_N, Component, Pattern, as_pattern, component_from_dict
 
 __all__ = ["BlockLayout", "BoundPattern", "Component", "Dilated", "Global", "MAX_MASK_N", "Pattern",
            "RandomBlocks", "Strided", "TopKBlocks", "Window", "as_pattern", "component_from_dict"]

@@ -5,15 +5,14 @@ for each query block, the sorted key blocks it may see, padded with -1.
 ``Bt`` is 1 or the batch size (``TopKBlocks`` depends on the data), ``Ht`` is 1
 or the number of query heads.  Building a table costs O(N/block * width); no
 (N/block)^2 structure is ever made, except the scores of ``TopKBlocks``, which
-are computed in chunks of query blocks.
+are computed in chunks of query blocks.  Each block-list component builds its
+own table through these functions (``Component.table``).
 """
 from __future__ import annotations
 
 import math
 
 import torch
-
-from .components import BlockLayout, Component, RandomBlocks, TopKBlocks
 
 _MASK64 = (1 << 64) - 1
 
@@ -46,7 +45,7 @@ def hash64(seed: int, block: torch.Tensor, head: int, draw: int) -> torch.Tensor
     return _shr(x, 1)  # non-negative
 
 
-def random_block_rows(comp: RandomBlocks, query_blocks: torch.Tensor, n: int, causal: bool,
+def random_block_rows(comp, query_blocks: torch.Tensor, n: int, causal: bool,
                       head: int = 0) -> torch.Tensor:
     """Key blocks drawn for each of ``query_blocks``: ``[len(query_blocks), per_query_block]``.
 
@@ -80,14 +79,14 @@ def _sort_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.where(s == big, -1, s)
 
 
-def random_table(comp: RandomBlocks, n: int, causal: bool, heads: int, device=None) -> torch.Tensor:
+def random_table(comp, n: int, causal: bool, heads: int, device=None) -> torch.Tensor:
     n_qb = math.ceil(n / comp.block)
     qb = torch.arange(n_qb, device=device)
     hs = range(heads) if comp.per_head else range(1)
     return torch.stack([random_block_rows(comp, qb, n, causal, h) for h in hs])[None]
 
 
-def layout_table(comp: BlockLayout, n: int, heads: int, device=None) -> torch.Tensor:
+def layout_table(comp, n: int, heads: int, device=None) -> torch.Tensor:
     if comp.per_head and len(comp.indptr) != heads:
         raise ValueError(f"BlockLayout has {len(comp.indptr)} per-head layouts but the attention has "
                          f"{heads} query heads")
@@ -117,7 +116,7 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
     return padded.view(b, nb, block, h, d).sum(2) / counts[None, :, None, None]
 
 
-def topk_rows(comp: TopKBlocks, q_pooled: torch.Tensor, k_pooled: torch.Tensor, query_blocks: torch.Tensor,
+def topk_rows(comp, q_pooled: torch.Tensor, k_pooled: torch.Tensor, query_blocks: torch.Tensor,
               causal: bool) -> torch.Tensor:
     """Selected key blocks for ``query_blocks`` -> ``[B, Hkv, len(query_blocks), k]``.
 
@@ -138,7 +137,7 @@ def topk_rows(comp: TopKBlocks, q_pooled: torch.Tensor, k_pooled: torch.Tensor, 
     return _sort_rows(top)
 
 
-def topk_table(comp: TopKBlocks, q: torch.Tensor, k: torch.Tensor, causal: bool,
+def topk_table(comp, q: torch.Tensor, k: torch.Tensor, causal: bool,
                chunk_blocks: int = 1024) -> torch.Tensor:
     hq, hkv = q.shape[2], k.shape[2]
     with torch.no_grad():
@@ -151,17 +150,3 @@ def topk_table(comp: TopKBlocks, q: torch.Tensor, k: torch.Tensor, causal: bool,
             rows.append(topk_rows(comp, qp[:, start:start + chunk_blocks], kp, qbs, causal))
         table = torch.cat(rows, dim=2)
     return table.repeat_interleave(hq // hkv, dim=1)
-
-
-def build_table(comp: Component, n: int, causal: bool, heads: int, q=None, k=None, device=None) -> torch.Tensor:
-    """The block table of one block-list component (see module docstring)."""
-    if isinstance(comp, RandomBlocks):
-        return random_table(comp, n, causal, heads, device)
-    if isinstance(comp, BlockLayout):
-        return layout_table(comp, n, heads, device)
-    if isinstance(comp, TopKBlocks):
-        if q is None or k is None:
-            raise ValueError("TopKBlocks selects blocks from q and k: pass q and k (for example "
-                             "Pattern.bind(n, heads, q=q, k=k))")
-        return topk_table(comp, q, k, causal)
-    raise TypeError(f"{type(comp).__name__} is not a block-list component")

@@ -1,21 +1,27 @@
 """Pattern components: small immutable descriptions of which keys a query may see.
 
 Every component answers one question, ``allows(i, j, h)``, for global query
-positions ``i``, key positions ``j`` and query heads ``h``.  Structured
-components (``Window``, ``Strided``, ``Global``) answer it arithmetically; the
+positions ``i``, key positions ``j`` and query heads ``h``, and describes its own
+key geometry through the ``Component`` interface (``pattern.py``).  Structured
+components (``Window``, ``Strided``, ``Global``) answer arithmetically; the
 block-list components (``RandomBlocks``, ``BlockLayout``, ``TopKBlocks``) answer
-it through a per-query-block table of key blocks that is built in O(N/block)
+through a per-query-block table of key blocks that is built in O(N/block)
 (see ``blocks.py``).  Components never hold an N x N structure.  ``Dilated`` is
 not a component but a shorthand for a window and strided levels.
 """
 from __future__ import annotations
 
-import dataclasses
-import inspect
+import math
 from dataclasses import dataclass
 from typing import ClassVar, Sequence
 
 import torch
+
+from . import blocks
+from .pattern import KINDS, UNBOUNDED, Component, Pattern, Term
+
+__all__ = ["BlockLayout", "COMPONENT_TYPES", "Component", "Dilated", "Global", "RandomBlocks", "Strided", "Term",
+           "TopKBlocks", "UNBOUNDED", "Window"]
 
 
 def _check_int(name: str, value, low: int, allowed: str) -> int:
@@ -31,97 +37,6 @@ def _check_block(name: str, block) -> int:
     if block & (block - 1):
         raise ValueError(f"{name} must be a power of two >= 16, got {block}")
     return block
-
-
-#: An upper key bound that no position reaches ("no bound"); positions stay below it.
-UNBOUNDED = 1 << 30
-
-
-@dataclass(frozen=True)
-class Term:
-    """Keys ``j`` with ``lo_rel*i + lo_c <= j <= hi_rel*i + hi_c`` and ``j = r (mod m)`` of query ``i``.
-
-    The key geometry of a structured component, read by counting, candidates, the kernel planner
-    and the sequence-parallel plans alike; ``lo_rel`` and ``hi_rel`` are 0 or 1.
-    """
-
-    lo_rel: int
-    lo_c: int
-    hi_rel: int
-    hi_c: int
-    m: int = 1
-    r: int = 0
-
-    @property
-    def row(self) -> tuple[int, int, int, int, int, int]:
-        return (self.lo_rel, self.lo_c, self.hi_rel, self.hi_c, self.m, self.r)
-
-    def bounds(self, i):
-        """Unclamped (lo, hi) key bounds at query positions ``i`` (ints or tensors)."""
-        return self.lo_rel * i + self.lo_c, self.hi_rel * i + self.hi_c
-
-    def key_range(self, start: int, end: int, top: int) -> tuple[int, int]:
-        """(first, stop): the keys below ``top`` that some query in ``[start, end)`` may see are
-        ``range(first, stop, m)`` (empty when stop <= first)."""
-        lo = max(0, self.lo_rel * start + self.lo_c)
-        stop = min(top, self.hi_rel * (end - 1) + self.hi_c + 1)
-        return lo + (self.r - lo) % self.m, stop
-
-    def keys(self, start: int, end: int, top: int, device=None) -> torch.Tensor:
-        """Sorted key positions below ``top`` that some query in ``[start, end)`` may see."""
-        first, stop = self.key_range(start, end, top)
-        return torch.arange(first, max(first, stop), self.m, device=device)
-
-
-class Component:
-    """Base of all pattern components; subclasses are frozen dataclasses."""
-
-    kind: ClassVar[str]
-    #: True when ``allows`` needs a block table (see ``blocks.build_table``).
-    block_based: ClassVar[bool] = False
-    #: True when its keys are the same for every query (gathered once by every rank: global keys).
-    shared_keys: ClassVar[bool] = False
-    #: True when its keys depend on the data (q and k), so no plan can know them in advance.
-    data_dependent: ClassVar[bool] = False
-
-    @property
-    def per_head(self) -> bool:
-        """True when the component differs between query heads."""
-        return False
-
-    def to_dict(self) -> dict:
-        out = {"type": self.kind}
-        for f in dataclasses.fields(self):
-            if not f.init:
-                continue
-            name = f.name
-            value = getattr(self, name)
-            out[name] = [list(v) for v in value] if name in ("indptr", "indices") else (
-                list(value) if isinstance(value, tuple) else value)
-        return out
-
-    def __or__(self, other):
-        from .pattern import Pattern
-
-        return Pattern((self,)) | other
-
-    def terms(self) -> tuple[Term, ...]:
-        """The component's keys as affine terms (empty for block-list components)."""
-        return ()
-
-    def explicit_keys(self, n: int, device=None) -> torch.Tensor | None:
-        """Key positions listed one by one (below ``n``), beyond what ``terms`` covers; None if none."""
-        return None
-
-    @property
-    def lattice(self) -> tuple[int, int] | None:
-        """(offset, stride) when its keys are a lattice read through ``K[offset::stride]``; else None."""
-        return None
-
-    @property
-    def halo(self) -> tuple[int, int] | None:
-        """(left, right) when its keys are those within that distance of the query; else None."""
-        return None
 
 
 @dataclass(frozen=True)
@@ -235,16 +150,31 @@ class Global(Component):
         pos = pos[pos < n]
         return pos if len(pos) else None
 
+    def global_rows(self, n: int, causal: bool) -> torch.Tensor | None:
+        """The explicit positions, and the first ``first`` rows when not causal.  When causal a row
+        i < first sees only keys j <= i < first, all of them global keys, so it is an ordinary row."""
+        if not self.queries:
+            return None
+        rows = self.positions_tensor()
+        if not causal and self.first:
+            rows = torch.cat([torch.arange(self.first), rows])
+        return rows[rows < n]
 
-def Dilated(window: int, levels: int, growth: int = 2):  # noqa: N802  (named as the components are)
+    def listed_only(self, i, j, h=None):
+        pos = self.positions_tensor()
+        if not len(pos):
+            return None
+        listed = torch.isin(j, pos.to(j.device))
+        return listed & ~self.is_global(i) if self.queries else listed
+
+
+def Dilated(window: int, levels: int, growth: int = 2) -> Pattern:  # noqa: N802  (named as the components are)
     """``Window(window)`` plus ``Strided(growth**k, span=window*growth**k)`` for k = 1..levels.
 
     A shorthand, not a component: it returns those components as a (causal) ``Pattern``, which
     joins others with ``|`` or ``Pattern((..., Dilated(...)), causal=...)`` like any pattern, and a
     pattern dict spells it ``{type: dilated, window: ..., levels: ...}``.
     """
-    from .pattern import Pattern
-
     _check_int("Dilated.window", window, 1, ">= 1")
     _check_int("Dilated.levels", levels, 0, ">= 0")
     _check_int("Dilated.growth", growth, 2, ">= 2")
@@ -273,6 +203,9 @@ class RandomBlocks(Component):
         _check_int("RandomBlocks.seed", self.seed, 0, ">= 0")
         if not isinstance(self.per_head, bool):
             raise ValueError(f"RandomBlocks.per_head must be True or False, got {self.per_head!r}")
+
+    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None) -> torch.Tensor:
+        return blocks.random_table(self, n, causal, heads, device)
 
 
 @dataclass(frozen=True)
@@ -330,6 +263,9 @@ class BlockLayout(Component):
     def per_head(self) -> bool:
         return len(self.indptr) > 1
 
+    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None) -> torch.Tensor:
+        return blocks.layout_table(self, n, heads, device)
+
 
 @dataclass(frozen=True)
 class TopKBlocks(Component):
@@ -356,33 +292,25 @@ class TopKBlocks(Component):
     def per_head(self) -> bool:
         return True
 
+    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None) -> torch.Tensor:
+        if q is None or k is None:
+            raise ValueError("TopKBlocks selects blocks from q and k: pass q and k (for example "
+                             "Pattern.bind(n, heads, q=q, k=k))")
+        return blocks.topk_table(self, q, k, causal)
+
+    def counts_without_data(self, n: int, causal: bool) -> torch.Tensor:
+        """The own block and ``k - 1`` full ones (fewer where fewer blocks are allowed); exact except
+        when the sequence's last block is picked."""
+        i = torch.arange(n)
+        qb = i // self.block
+        n_kb = math.ceil(n / self.block)
+        avail = (qb + 1) if causal else torch.full_like(qb, n_kb)
+        own = (i - qb * self.block + 1) if causal else n - qb * self.block
+        return own.clamp(max=self.block) + (avail.clamp(max=self.k) - 1) * self.block
+
 
 #: The component classes by ``kind``.
 COMPONENT_TYPES: dict[str, type[Component]] = {
     cls.kind: cls for cls in (Window, Strided, Global, RandomBlocks, BlockLayout, TopKBlocks)
 }
-#: What a pattern dict's ``type`` names: a component class, or a shorthand (a function of the same
-#: keys returning a ``Pattern`` of several components).
-KINDS = {**COMPONENT_TYPES, "dilated": Dilated}
-
-
-def component_from_dict(d: dict):
-    """The component (or, for a shorthand, the components as a ``Pattern``) that a dict describes."""
-    if not isinstance(d, dict) or "type" not in d:
-        raise ValueError(f"a component must be a dict with a 'type' key, one of {sorted(KINDS)}; got {d!r}")
-    kind = d["type"]
-    if kind not in KINDS:
-        raise ValueError(f"unknown component type {kind!r}; allowed: {sorted(KINDS)}")
-    make = KINDS[kind]
-    keys = set(inspect.signature(make).parameters)
-    unknown = set(d) - keys - {"type"}
-    if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} for component {kind!r}; allowed: {sorted(keys)}")
-    kwargs = {k: v for k, v in d.items() if k != "type"}
-    for key in ("positions", "indptr", "indices"):
-        if key in kwargs and isinstance(kwargs[key], list):
-            kwargs[key] = tuple(tuple(x) if isinstance(x, list) else x for x in kwargs[key])
-    try:
-        return make(**kwargs)
-    except TypeError as e:
-        raise ValueError(f"component {kind!r}: {e}") from None
+KINDS.update(COMPONENT_TYPES, dilated=Dilated)

@@ -6,17 +6,18 @@ The intersection of such sets is again one (Chinese remainder theorem), so the
 size of their union is an inclusion-exclusion sum of closed-form counts,
 vectorised over queries: O(n * 2^terms) work and O(chunk) memory.  Explicit
 global positions and block-list keys are added where no structured term covers
-them.  Global query rows see every (not later) key.
+them.  Global query rows see every (not later) key.  Everything is read from the
+bound pattern (``bound.py``) and the components' terms, so this module imports no
+component type.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import itertools
 import math
 
 import torch
-
-from .components import Global, TopKBlocks
 
 _CHUNK = 1 << 16
 
@@ -83,60 +84,23 @@ class _Terms:
         return hit
 
 
-def merged_table(bound):
-    """Union of all block tables at the finest block size -> (table [Bt,Ht,nqb,w], block)."""
-    comps = bound.pattern.block_components
-    if not comps:
-        return None, None
-    block = min(c.block for c in comps)
-    n_qb = math.ceil(bound.n / block)
-    parts = []
-    for comp, table in zip(bound.pattern.block_components, bound.tables):
-        f = comp.block // block
-        rows = table[:, :, torch.arange(n_qb) // f]  # each fine query block takes its coarse row
-        fine = rows[..., None] * f + torch.arange(f)  # coarse key block -> f fine key blocks
-        fine = torch.where(rows[..., None] < 0, -1, fine).flatten(-2)
-        parts.append(fine)
-    bt = max(p.shape[0] for p in parts)
-    ht = max(p.shape[1] for p in parts)
-    cat = torch.cat([p.expand(bt, ht, -1, -1) for p in parts], dim=-1)
-    big = torch.iinfo(torch.int64).max
-    s, _ = torch.sort(torch.where(cat < 0, big, cat), dim=-1)
-    dup = torch.zeros_like(s, dtype=torch.bool)
-    dup[..., 1:] = s[..., 1:] == s[..., :-1]
-    s = torch.where(dup | (s == big), -1, s)
-    return s, block
-
-
 def per_query_counts(pattern, n: int, heads: int = 1, q=None, k=None):
     """Allowed keys per query -> int64 ``[Bt, Ht, n]`` and whether the count is exact."""
-    exact = True
-    topk = pattern.of_type(TopKBlocks)
-    if topk and (q is None or k is None):
-        exact = len(pattern.components) == 1
-        from .pattern import Pattern
-
-        others = tuple(c for c in pattern.components if not isinstance(c, TopKBlocks))
-        base = per_query_counts(Pattern(others, pattern.causal), n, heads)[0] if others else None
+    chosen = [c for c in pattern.components if c.data_dependent]
+    if chosen and (q is None or k is None):
+        # Without the data, a data-dependent component's count is its own bound (exact when alone).
+        others = tuple(c for c in pattern.components if not c.data_dependent)
+        base = per_query_counts(dataclasses.replace(pattern, components=others), n, heads)[0] if others else None
         i = torch.arange(n)
         top = i if pattern.causal else torch.full_like(i, n - 1)
-        t = topk[0]
-        qb = i // t.block
-        n_kb = math.ceil(n / t.block)
-        avail = (qb + 1) if pattern.causal else torch.full_like(qb, n_kb)
-        own = (top - qb * t.block + 1).clamp(max=t.block) if pattern.causal else \
-            torch.clamp(n - qb * t.block, max=t.block)
-        rest_blocks = (avail.clamp(max=t.k) - 1)
-        # the other selected blocks are full, except the last block of the sequence when it is picked
-        cnt = own + rest_blocks * t.block
-        cnt = cnt[None, None]
+        cnt = chosen[0].counts_without_data(n, pattern.causal)[None, None]
         if base is not None:
             cnt = torch.minimum(base + cnt, (top + 1)[None, None])
-        return cnt, exact
+        return cnt, len(pattern.components) == 1
     bound = pattern.bind(n, heads, q=q, k=k)
-    table, block = merged_table(bound)
-    positions = sorted({p for g in pattern.of_type(Global) for p in g.positions if p >= g.first and p < n})
-    pos = torch.tensor(positions, dtype=torch.long)
+    table, block = bound.merged_table()
+    listed = [keys for keys in bound.explicit_keys if keys is not None]
+    pos = torch.unique(torch.cat(listed)) if listed else torch.zeros(0, dtype=torch.long)
     chunks = []
     for s in range(0, n, _CHUNK):
         i = torch.arange(s, min(n, s + _CHUNK))
@@ -161,11 +125,10 @@ def per_query_counts(pattern, n: int, heads: int = 1, q=None, k=None):
                 for p in pos.tolist():
                     inside[..., w] += ((a <= p) & (p <= b) & (p <= terms.top) & ~terms.covers(torch.tensor(p))).long()
             cnt = cnt + torch.where(valid, size - inside, 0).sum(-1)
-        for g in pattern.global_queries:
-            row = g.is_global(i)
-            cnt = torch.where(row, terms.top + 1, cnt)
+        if len(bound.global_rows):
+            cnt = torch.where(torch.isin(i, bound.global_rows), terms.top + 1, cnt)
         chunks.append(cnt)
-    return torch.cat(chunks, dim=-1), exact
+    return torch.cat(chunks, dim=-1), True
 
 
 def describe(pattern, n: int, heads: int = 1, dim: int = 128, q=None, k=None) -> dict:

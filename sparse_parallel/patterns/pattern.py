@@ -1,23 +1,175 @@
-"""``Pattern``: a union of components plus a causal flag, and its bound form.
+"""The pattern language's core: what a component is (``Term``, ``Component``) and their union, ``Pattern``.
 
 A (query i, key j, head h) pair is allowed iff (not causal or j <= i) and at
 least one component allows it; each allowed pair counts once in the softmax.
 ``Pattern`` is immutable, hashable and serialisable.  ``Pattern.bind`` fixes the
-sequence length and head count (and, for ``TopKBlocks``, the data) and gives a
-``BoundPattern`` that answers ``allows`` on index tensors and lists the candidate
-keys of a range of queries: what the eager reference and the planners use.
+sequence length and head count (and, for ``TopKBlocks``, the data) and compiles
+it into a ``BoundPattern`` (``bound.py``): what the eager reference, the kernel
+planner and the sequence-parallel plans read.
+
+The concrete components live in ``components.py``; this module holds only the
+interface they implement, so that ``Component | Component`` can build a
+``Pattern`` without either module importing the other.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+import dataclasses
+import inspect
+from dataclasses import dataclass, replace
+from typing import Callable, ClassVar
 
 import torch
 
-from .blocks import build_table
-from .components import Component, Global, component_from_dict
+from .bound import BoundPattern
+from .counting import describe
 
 #: ``Pattern.mask`` refuses sequences longer than this (an n x n bool per head).
 MAX_MASK_N = 8192
+#: An upper key bound that no position reaches ("no bound"); positions stay below it.
+UNBOUNDED = 1 << 30
+
+
+@dataclass(frozen=True)
+class Term:
+    """Keys ``j`` with ``lo_rel*i + lo_c <= j <= hi_rel*i + hi_c`` and ``j = r (mod m)`` of query ``i``.
+
+    The key geometry of a structured component, read by counting, candidates, the kernel planner
+    and the sequence-parallel plans alike; ``lo_rel`` and ``hi_rel`` are 0 or 1.
+    """
+
+    lo_rel: int
+    lo_c: int
+    hi_rel: int
+    hi_c: int
+    m: int = 1
+    r: int = 0
+
+    @property
+    def row(self) -> tuple[int, int, int, int, int, int]:
+        return (self.lo_rel, self.lo_c, self.hi_rel, self.hi_c, self.m, self.r)
+
+    def bounds(self, i):
+        """Unclamped (lo, hi) key bounds at query positions ``i`` (ints or tensors)."""
+        return self.lo_rel * i + self.lo_c, self.hi_rel * i + self.hi_c
+
+    def key_range(self, start: int, end: int, top: int) -> tuple[int, int]:
+        """(first, stop): the keys below ``top`` that some query in ``[start, end)`` may see are
+        ``range(first, stop, m)`` (empty when stop <= first)."""
+        lo = max(0, self.lo_rel * start + self.lo_c)
+        stop = min(top, self.hi_rel * (end - 1) + self.hi_c + 1)
+        return lo + (self.r - lo) % self.m, stop
+
+    def keys(self, start: int, end: int, top: int, device=None) -> torch.Tensor:
+        """Sorted key positions below ``top`` that some query in ``[start, end)`` may see."""
+        first, stop = self.key_range(start, end, top)
+        return torch.arange(first, max(first, stop), self.m, device=device)
+
+
+class Component:
+    """Base of all pattern components; subclasses are frozen dataclasses.
+
+    A component answers ``allows(i, j, h)`` and describes its own key geometry, which is all
+    that counting, candidates, the kernel planner and the sequence-parallel plans read:
+    ``terms`` (affine key ranges), ``explicit_keys`` (keys listed one by one), ``global_rows``
+    (query rows that see every key), ``lattice`` / ``halo`` (how sequence parallelism fetches
+    its keys) and, for block-list components, ``table``.  The defaults say "none".
+    """
+
+    kind: ClassVar[str]
+    #: True when ``allows`` needs a block table (see ``table``).
+    block_based: ClassVar[bool] = False
+    #: True when its keys are the same for every query (gathered once by every rank: global keys).
+    shared_keys: ClassVar[bool] = False
+    #: True when its keys depend on the data (q and k), so no plan can know them in advance.
+    data_dependent: ClassVar[bool] = False
+
+    @property
+    def per_head(self) -> bool:
+        """True when the component differs between query heads."""
+        return False
+
+    def allows(self, i, j, h=None):
+        """Whether query positions ``i`` may see key positions ``j`` (broadcasting index tensors)."""
+        raise NotImplementedError(f"{type(self).__name__} is a block-list component: its pairs come from its "
+                                  "table (BoundPattern.component_allows)")
+
+    def to_dict(self) -> dict:
+        out = {"type": self.kind}
+        for f in dataclasses.fields(self):
+            if not f.init:
+                continue
+            name = f.name
+            value = getattr(self, name)
+            out[name] = [list(v) for v in value] if name in ("indptr", "indices") else (
+                list(value) if isinstance(value, tuple) else value)
+        return out
+
+    def __or__(self, other):
+        return Pattern((self,)) | other
+
+    def terms(self) -> tuple[Term, ...]:
+        """The component's keys as affine terms (empty for block-list components)."""
+        return ()
+
+    def explicit_keys(self, n: int, device=None) -> torch.Tensor | None:
+        """Key positions listed one by one (below ``n``), beyond what ``terms`` covers; None if none."""
+        return None
+
+    def global_rows(self, n: int, causal: bool) -> torch.Tensor | None:
+        """Sorted query rows below ``n`` that see every key through this component, beyond what its
+        terms give them; None when it has no such rows at any length."""
+        return None
+
+    def listed_only(self, i, j, h=None):
+        """The pairs it allows only through ``explicit_keys`` (a key space with ``listed=False``
+        leaves them to another); None when there are none."""
+        return None
+
+    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None) -> torch.Tensor:
+        """The block table ``[Bt, Ht, n_query_blocks, width]`` of a block-list component (``blocks.py``)."""
+        raise TypeError(f"{type(self).__name__} is not a block-list component")
+
+    def counts_without_data(self, n: int, causal: bool) -> torch.Tensor:
+        """Keys per query ``[n]`` of a data-dependent component, counted without the data."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be counted without q and k")
+
+    @property
+    def lattice(self) -> tuple[int, int] | None:
+        """(offset, stride) when its keys are a lattice read through ``K[offset::stride]``; else None."""
+        return None
+
+    @property
+    def halo(self) -> tuple[int, int] | None:
+        """(left, right) when its keys are those within that distance of the query; else None."""
+        return None
+
+
+#: What a pattern dict's ``type`` names: a component class, or a shorthand (a function of the same
+#: keys returning a ``Pattern`` of several components, such as ``Dilated``).  ``components.py``
+#: registers every type it defines.
+KINDS: dict[str, Callable] = {}
+
+
+def component_from_dict(d: dict) -> Component | Pattern:
+    """The component (or, for a shorthand, the components as a ``Pattern``) that a dict describes."""
+    if not isinstance(d, dict) or "type" not in d:
+        raise ValueError(f"a component must be a dict with a 'type' key, one of {sorted(KINDS)}; got {d!r}")
+    kind = d["type"]
+    if kind not in KINDS:
+        raise ValueError(f"unknown component type {kind!r}; allowed: {sorted(KINDS)}")
+    make = KINDS[kind]
+    keys = set(inspect.signature(make).parameters)
+    unknown = set(d) - keys - {"type"}
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} for component {kind!r}; allowed: {sorted(keys)}")
+    kwargs = {k: v for k, v in d.items() if k != "type"}
+    for key in ("positions", "indptr", "indices"):
+        if key in kwargs and isinstance(kwargs[key], list):
+            kwargs[key] = tuple(tuple(x) if isinstance(x, list) else x for x in kwargs[key])
+    try:
+        return make(**kwargs)
+    except TypeError as e:
+        raise ValueError(f"component {kind!r}: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -76,34 +228,6 @@ class Pattern:
     def block_components(self) -> tuple[Component, ...]:
         return tuple(c for c in self.components if c.block_based)
 
-    @property
-    def global_queries(self) -> tuple[Global, ...]:
-        return tuple(g for g in self.of_type(Global) if g.queries)
-
-    def global_query_rows(self, n: int, device=None) -> torch.Tensor:
-        """Sorted query rows of ``Global(queries=True)`` that see keys beyond the pattern's other parts.
-
-        The explicit positions, and the first ``first`` rows when not causal.  When causal a row
-        i < first sees only keys j <= i < first, all of them global keys, so it is an ordinary row.
-        Kernels and sequence parallelism give these rows their own attention over every key.
-        """
-        parts = [torch.zeros(0, dtype=torch.long, device=device)]
-        for g in self.global_queries:
-            parts.append(g.positions_tensor(device))
-            if not self.causal and g.first:
-                parts.append(torch.arange(g.first, device=device))
-        rows = torch.unique(torch.cat(parts))
-        return rows[rows < n]
-
-    def global_keys(self, n: int, device=None) -> torch.Tensor:
-        """Sorted key positions of every ``Global`` component below ``n``."""
-        parts = [torch.zeros(0, dtype=torch.long, device=device)]
-        for g in self.of_type(Global):
-            parts.append(torch.arange(min(g.first, n), device=device))
-            parts.append(g.positions_tensor(device))
-        keys = torch.unique(torch.cat(parts))
-        return keys[keys < n]
-
     def draw(self, n: int, out: str, heads: int | None = None) -> None:
         """A PNG of the mask at length ``n`` (small n: it uses ``mask``), components in the title."""
         import matplotlib
@@ -137,14 +261,13 @@ class Pattern:
         return cls(tuple(component_from_dict(c) for c in d["components"]), d.get("causal", True))
 
     # -- binding ----------------------------------------------------------
-    def bind(self, n: int, heads: int = 1, q=None, k=None, device=None) -> "BoundPattern":
-        """Fix sequence length ``n`` and query-head count; build the block tables."""
+    def bind(self, n: int, heads: int = 1, q=None, k=None, device=None) -> BoundPattern:
+        """Fix sequence length ``n`` and query-head count: build the block tables and compile the rest."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"sequence length n must be an integer >= 1, got {n!r}")
         if device is None and q is not None:
             device = q.device
-        tables = tuple(build_table(c, n, self.causal, heads, q=q, k=k, device=device)
-                       for c in self.block_components)
+        tables = tuple(c.table(n, self.causal, heads, q=q, k=k, device=device) for c in self.block_components)
         return BoundPattern(self, n, heads, tables, device)
 
     def mask(self, n: int, heads: int | None = None, q=None, k=None) -> torch.Tensor:
@@ -163,92 +286,11 @@ class Pattern:
 
     def describe(self, n: int, heads: int = 1, dim: int = 128, q=None, k=None) -> dict:
         """Keys per query (min/mean/max), density and useful FLOPs, without a mask."""
-        from .counting import describe
-
         return describe(self, n, heads, dim, q=q, k=k)
 
     def __str__(self) -> str:
         inner = " | ".join(repr(c) for c in self.components)
         return f"Pattern({inner}, causal={self.causal})"
-
-
-@dataclass(frozen=True)
-class BoundPattern:
-    """A pattern at a fixed length and head count, with its block tables built."""
-
-    pattern: Pattern
-    n: int
-    heads: int
-    tables: tuple[torch.Tensor, ...] = field(repr=False)
-    device: object = None
-
-    def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Allowed pairs for query positions ``i [C]`` and keys ``j [K]`` -> bool ``[Bt, Ht, C, K]``."""
-        ok = torch.zeros(1, 1, len(i), len(j), dtype=torch.bool, device=i.device)
-        for index in range(len(self.pattern.components)):
-            ok = ok | self.component_allows(index, i, j, bounds=False)
-        return ok & self._bounds(i, j)
-
-    def component_allows(self, index: int, i: torch.Tensor, j: torch.Tensor, bounds: bool = True) -> torch.Tensor:
-        """Pairs allowed by component ``index`` alone (causality included) -> ``[Bt, Ht, C, K]``."""
-        comp = self.pattern.components[index]
-        if comp.block_based:
-            table = self.tables[self.pattern.block_components.index(comp)]
-            ok = _table_allows(table, comp.block, i, j)
-        else:
-            ok = comp.allows(i[:, None], j[None, :])[None, None]
-        return ok & self._bounds(i, j) if bounds else ok
-
-    def owned_by(self, components, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Allowed pairs whose first allowing component (in pattern order) is in ``components``.
-
-        Splitting the components of a pattern over several key sets this way counts
-        every allowed pair exactly once, however many components allow it.
-        """
-        seen = torch.zeros(1, 1, len(i), len(j), dtype=torch.bool, device=i.device)
-        ok = seen
-        for index in range(len(self.pattern.components)):
-            a = self.component_allows(index, i, j, bounds=False)
-            if index in components:
-                ok = ok | (a & ~seen)
-            seen = seen | a
-        return ok & self._bounds(i, j)
-
-    def _bounds(self, i, j):
-        ii, jj = i[:, None], j[None, :]
-        ok = (jj < self.n) & (jj >= 0)
-        return ok & (jj <= ii) if self.pattern.causal else ok
-
-    def candidates(self, start: int, end: int) -> torch.Tensor:
-        """Sorted key positions that queries in ``[start, end)`` may see (a superset)."""
-        n, dev = self.n, self.device
-        hi_causal = end if self.pattern.causal else n
-        if any(g.is_global(torch.arange(start, end)).any() for g in self.pattern.global_queries):
-            return torch.arange(0, hi_causal, device=dev)
-        parts = []
-        for c in self.pattern.components:
-            parts += [term.keys(start, end, hi_causal, dev) for term in c.terms()]
-            keys = c.explicit_keys(hi_causal, dev)
-            if keys is not None:
-                parts.append(keys)
-        for comp, table in zip(self.pattern.block_components, self.tables):
-            qb = torch.arange(start // comp.block, (end - 1) // comp.block + 1, device=table.device)
-            kb = table[:, :, qb].unique()
-            kb = kb[kb >= 0].to(dev)
-            keys = (kb[:, None] * comp.block + torch.arange(comp.block, device=dev)).flatten()
-            parts.append(keys[keys < hi_causal])
-        if not parts:
-            return torch.zeros(0, dtype=torch.long, device=dev)
-        return torch.cat(parts).unique()
-
-
-def _table_allows(table: torch.Tensor, block: int, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-    """Membership of key blocks of ``j`` in the rows of the query blocks of ``i``."""
-    qb, kb = i // block, j // block
-    q0 = int(qb.min())
-    rows = table[:, :, q0:int(qb.max()) + 1].to(i.device)  # [Bt, Ht, nq, w]
-    member = (rows[..., None] == kb).any(dim=-2)  # [Bt, Ht, nq, K]
-    return member[:, :, qb - q0]
 
 
 def as_pattern(p) -> Pattern:
@@ -259,4 +301,3 @@ def as_pattern(p) -> Pattern:
     if isinstance(p, dict):
         return Pattern.from_dict(p)
     raise ValueError(f"expected a Pattern, a component or a pattern dict, got {type(p).__name__}")
-

@@ -163,6 +163,20 @@ def test_per_head_is_one_property():
     assert "per_head" not in sp.TopKBlocks(16, 1).to_dict()
 
 
+def test_bound_pattern_holds_global_rows_and_keys():
+    """Computed once by ``bind``: listed keys per component, global keys, and the global query rows (which see
+    every key; when causal the first rows are ordinary rows: all they can see are global keys anyway)."""
+    p = sp.Window(2) | sp.Global(first=3, positions=(9, 2)) | sp.Global(positions=(5, 9), queries=False)
+    b = p.bind(8)
+    assert [None if x is None else x.tolist() for x in b.explicit_keys] == [None, None, [5]]  # 9 is past n
+    assert b.global_keys.tolist() == [0, 1, 2, 5] and b.global_rows.tolist() == []
+    assert b.component_rows[0] is None and b.component_rows[2] is None
+    b = p.with_causal(False).bind(12)
+    assert b.global_keys.tolist() == [0, 1, 2, 5, 9] and b.global_rows.tolist() == [0, 1, 2, 9]
+    assert bool(p.with_causal(False).mask(12)[0][b.global_rows].all())
+    assert torch.equal(p.with_causal(False).bind(12).candidates(9, 10), torch.arange(12))
+
+
 def test_serialisation_round_trip():
     p = (sp.Window(64, 2) | sp.Strided(16, 3, span=512) | sp.Global(first=4, positions=(99, 7), queries=False)
          | sp.RandomBlocks(32, 2, seed=5, per_head=True) | sp.BlockLayout.from_rows(16, [[[0], [0, 1]], [[0], [1]]])
