@@ -14,9 +14,9 @@ def run(args) -> int:
     if cfg.scheduler() is not None:  # as the trainer passes it (its length resolved)
         out["config"]["deepspeed"]["scheduler"] = cfg.scheduler()
     if args.world_size:
-        import dataclasses
+        from ..training.layout import build_layout
 
-        out["derived"] = dataclasses.asdict(cfg.derived(args.world_size))
+        out["derived"] = build_layout(cfg, args.world_size).sizes()
     print(json.dumps(out, indent=1) if args.json else yaml.safe_dump(out, sort_keys=False), end="")
     return 0
 

@@ -7,13 +7,14 @@ from ..training.rundir import check_writable_dir  # noqa: F401  (the one rule, s
 
 
 def resolve_config(config: str, overrides: list[str], world_size: int):
-    """Load and validate ``config`` with ``overrides`` for ``world_size`` ranks -> (TrainConfig, Derived)."""
+    """Load and validate ``config`` with ``overrides`` for ``world_size`` ranks -> (TrainConfig, Layout)."""
     if not Path(config).is_file():
         raise FileNotFoundError(f"config file {config} does not exist")
     from ..training.config import load_config
+    from ..training.layout import build_layout
 
     cfg = load_config(config, overrides)
-    return cfg, cfg.derived(world_size)
+    return cfg, build_layout(cfg, world_size)
 
 
 def describe(derived) -> str:

@@ -33,9 +33,10 @@ def run(args) -> int:
         info = discover(args.launcher)
         if args.dry_run:
             from ..training.config import load_config
+            from ..training.layout import build_layout
 
             cfg = load_config(args.config, args.overrides)
-            derived = dataclasses.asdict(cfg.derived(info.world_size))
+            derived = build_layout(cfg, info.world_size, info.rank).sizes()
             print(json.dumps({"rank": dataclasses.asdict(info), "derived": derived}), flush=True)
             return 0
         export_env(info)

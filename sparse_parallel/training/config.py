@@ -1,7 +1,8 @@
-"""Typed training configuration: YAML -> dataclasses, ``a.b=c`` overrides, derived sizes.
+"""Typed training configuration: YAML -> dataclasses, ``a.b=c`` overrides.
 
 Parsing has no side effects: no process group, no file writes.  Unknown keys
-are rejected naming the key; every field is checked on construction.
+are rejected naming the key; every field is checked on construction.  The sizes
+that follow from a config and a world size are its layout (:mod:`.layout`).
 """
 from __future__ import annotations
 
@@ -272,18 +273,6 @@ class RunSection:
 
 
 @dataclass
-class Derived:
-    """Sizes that follow from the config and the world size, computed once."""
-
-    world_size: int
-    sequence_parallel: int
-    data_parallel: int
-    context_length: int             #: tokens per sequence = tokens_per_gpu x sequence_parallel
-    global_batch: int               #: sequences per optimizer step
-    tokens_per_step: int
-
-
-@dataclass
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -350,16 +339,6 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def derived(self, world_size: int) -> Derived:
-        _int("world_size", world_size, 1)
-        sp = self.parallel.size(world_size)
-        if world_size % sp:
-            raise ValueError(f"world size {world_size} is not a multiple of parallel.sequence_parallel={sp}")
-        dp = world_size // sp
-        ctx = self.train.tokens_per_gpu * sp
-        gb = self.train.micro_batch * self.train.grad_accum * dp
-        return Derived(world_size, sp, dp, ctx, gb, gb * ctx)
 
 
 def _build(cls, data: Any, where: str):

@@ -13,7 +13,7 @@
 * Order: global sample ``c`` is ``perm(epoch)[c % n_train]`` with a permutation
   drawn from (seed, epoch); the only state is ``consumed`` (samples taken), which
   checkpoints save.  A data-parallel rank takes its own sequences of each step;
-  a sequence-parallel rank reads only its slice of each (``SequenceParallel.shard_range``).
+  a sequence-parallel rank reads only its slice of each (its layout's ``start``/``end``).
 """
 from __future__ import annotations
 

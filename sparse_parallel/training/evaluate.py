@@ -46,22 +46,23 @@ def overall(acc: torch.Tensor) -> dict:
 
 
 @torch.no_grad()
-def loss_by_position(engine, stream, geometry, buckets: int, device) -> list[dict]:
+def loss_by_position(engine, stream, layout, buckets: int, device) -> list[dict]:
     """Mean loss in ``buckets`` equal ranges of global position over the held-out sequences.
 
-    Collective over the world: data-parallel rank d takes held-out sequences d, d + dp, ...;
-    a sequence-parallel rank scores only its slice, bucketed by global position.
+    Collective over the world (``layout``: this rank's :class:`~.layout.Layout`): data-parallel rank d
+    takes held-out sequences d, d + dp, ...; a sequence-parallel rank scores only its slice, bucketed by
+    global position.
     """
-    n = geometry.context_length
+    n = layout.context_length
     acc = torch.zeros(3, min(buckets, n), dtype=torch.float64)
     indices = stream.eval_indices()
     # Every data-parallel rank runs the same number of forwards (the SP exchange is collective).
-    rounds = -(-len(indices) // geometry.data_parallel)
+    rounds = -(-len(indices) // layout.data_parallel)
     was_training = engine.module.training
     engine.module.eval()
     for r in range(rounds):
-        i = r * geometry.data_parallel + geometry.dp_rank
-        batch = stream.read([indices[min(i, len(indices) - 1)]], geometry.start, geometry.end)
+        i = r * layout.data_parallel + layout.dp_rank
+        batch = stream.read([indices[min(i, len(indices) - 1)]], layout.start, layout.end)
         losses = engine(batch.tokens.to(device), batch.labels.to(device), batch.positions.to(device),
                         per_token=True)[0][0].double().cpu()
         if i < len(indices):

@@ -1,7 +1,6 @@
 """One rank's training process: process groups, DeepSpeed engine, the loop, checkpoints, outputs.
 
-Ranks are laid out data-parallel-major: rank = dp_rank * SP + sp_rank, so the
-ranks sharing a sequence are neighbours (one node, the fast links).
+The ranks' layout (SP x DP sizes, shards, batch sizes, process groups) comes from :mod:`.layout`.
 
 Gradients.  DeepSpeed is given no model-parallel unit, so it sees the whole
 world (SP x DP ranks) as its data-parallel group and averages gradients over
@@ -24,7 +23,7 @@ import socket
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -32,7 +31,8 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from . import rundir
-from .config import Derived, TrainConfig, load_config
+from .config import TrainConfig, load_config
+from .layout import Layout, build_layout
 
 #: Exit code after a preemption checkpoint: the job should be requeued and resumed.
 REQUEUE_EXIT_CODE = 85
@@ -50,20 +50,6 @@ class MetricsCorrupt(UserWarning):
 
 #: Dense bf16 peak per device (TFLOP/s) for the MFU estimate, by device-name substring.
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
-
-
-@dataclass
-class Geometry:
-    """This rank's place in the SP x DP layout and the slice of each sequence it reads."""
-
-    rank: int
-    sp_rank: int
-    dp_rank: int
-    sequence_parallel: int
-    data_parallel: int
-    context_length: int
-    start: int
-    end: int
 
 
 def free_port() -> int:
@@ -135,25 +121,6 @@ def end_process(code: int) -> None:
             mpi.COMM_WORLD.Abort(code)
         mpi.Finalize()
     os._exit(code)
-
-
-def build_geometry(rank: int, d: Derived, timeout_s: float = 1800):
-    """This rank's Geometry and its SequenceParallel context (None at SP=1)."""
-    from ..parallel import SequenceParallel
-
-    sp = d.sequence_parallel
-    ctx = None
-    timeout = datetime.timedelta(seconds=timeout_s)
-    for g in range(d.data_parallel):  # every rank creates every group, in the same order
-        group = dist.new_group(list(range(g * sp, (g + 1) * sp)), timeout=timeout) if sp > 1 else None
-        if sp > 1 and g == rank // sp:
-            ctx = SequenceParallel(group, seq_len=d.context_length)  # no per-call length all-reduce
-    sp_rank = rank % sp
-    if ctx is not None:
-        start, end = ctx.shard_range(d.context_length)
-    else:
-        start, end = 0, d.context_length
-    return Geometry(rank, sp_rank, rank // sp, sp, d.data_parallel, d.context_length, start, end), ctx
 
 
 def deepspeed_config(cfg: TrainConfig, world: int, universal: bool) -> dict:
@@ -294,13 +261,13 @@ def _on_rank0(fn, rank: int, world: int):
     return box[0]
 
 
-def _run_fingerprint(cfg: TrainConfig, d: Derived, tokenizer) -> dict:
+def _run_fingerprint(cfg: TrainConfig, layout: Layout, tokenizer) -> dict:
     from .data import cache_key, resolve_files
 
     files, fmt = resolve_files(cfg.data.path, cfg.data.format, cfg.data.max_bytes)
     key = cache_key(files, fmt, cfg.data.text_field, tokenizer)
     data = rundir.data_identity(cfg.data.path, fmt, cfg.data.text_field, files, key)
-    return rundir.fingerprint(d.context_length, d.global_batch, data, tokenizer.sha256)
+    return rundir.fingerprint(layout.context_length, layout.global_batch, data, tokenizer.sha256)
 
 
 def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, resume: str,
@@ -312,12 +279,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
     from .data import open_stream, prepare_data
     from .tokenizer import Tokenizer
 
-    d = cfg.derived(world)
+    layout = build_layout(cfg, world, rank)
     run_dir = Path(cfg.run.dir)
     ckpt_root = run_dir / "checkpoints"
     tokenizer = Tokenizer(cfg.data.tokenizer)
     tokenizer.check_vocab(cfg.model.vocab_size)
-    fp = _run_fingerprint(cfg, d, tokenizer)  # also checks data.path before anything is created
+    fp = _run_fingerprint(cfg, layout, tokenizer)  # also checks data.path before anything is created
 
     def own_run_dir() -> None:  # rank 0 holds the lock; the other ranks learn only the outcome
         held = rundir.RunLock.acquire(run_dir)
@@ -355,8 +322,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
     if local_rank == 0:
         prepare_data(cfg.data, tokenizer)
     dist.barrier()
-    stream = open_stream(cfg.data, tokenizer, d.context_length)  # the caches are present now
-    geo, sp_ctx = build_geometry(rank, d, cfg.train.collective_timeout_s)
+    stream = open_stream(cfg.data, tokenizer, layout.context_length)  # the caches are present now
+    layout = layout.with_groups(cfg.train.collective_timeout_s)
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
@@ -364,10 +331,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
         from ..hf.convert import load_init_weights
 
         load_init_weights(model, cfg.model)
-    if sp_ctx is not None:
-        apply_sequence_parallel(model, sp_ctx)
+    if layout.sp is not None:
+        apply_sequence_parallel(model, layout.sp)
     # Counted before DeepSpeed partitions anything (ZeRO-3 leaves empty local tensors).
-    flops_tok, n_params = model.flops_per_token(d.context_length), model.num_params()
+    flops_tok, n_params = model.flops_per_token(layout.context_length), model.num_params()
     same_world = found is not None and found.meta["world_size"] == world
     stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
     # ZeRO partitions optimizer state by world size: another world size loads DeepSpeed's
@@ -385,8 +352,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
         if universal is not None and rank == 0:
             shutil.rmtree(universal, ignore_errors=True)
         step, consumed = found.meta["step"], found.meta["consumed"]
-        # Checkpoints written before the count was recorded trained at this run's geometry, if any.
-        tokens_before = found.meta.get("tokens", step * d.tokens_per_step)
+        # Checkpoints written before the count was recorded trained at this run's layout, if any.
+        tokens_before = found.meta.get("tokens", step * layout.tokens_per_step)
     if rank == 0:
         for warning in cfg.schedule_warnings():
             print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -400,10 +367,10 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
         _say(caught)
 
     def meta(at_step: int, at_consumed: int) -> dict:
-        return {"step": at_step, "consumed": at_consumed, "world_size": world, "sequence_parallel": geo.sequence_parallel,
-                "data_parallel": geo.data_parallel, "zero_stage": stage, "model": asdict(cfg.model),
-                "context_length": d.context_length, "tokens": tokens_before + tokens_seen, "fingerprint": fp,
-                "changes": changes, "time": time.time()}
+        return {"step": at_step, "consumed": at_consumed, "world_size": world,
+                "sequence_parallel": layout.sequence_parallel, "data_parallel": layout.data_parallel,
+                "zero_stage": stage, "model": asdict(cfg.model), "context_length": layout.context_length,
+                "tokens": tokens_before + tokens_seen, "fingerprint": fp, "changes": changes, "time": time.time()}
 
     def save(at_step: int) -> None:
         nonlocal last_saved, last_save_time
@@ -439,25 +406,25 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
                 return REQUEUE_EXIT_CODE
             t0 = time.time()
             loss_sum = torch.zeros(2, dtype=torch.float64)
-            for micro in range(cfg.train.grad_accum):
-                batch = stream.train_batch(consumed, micro, geo.dp_rank, geo.data_parallel, cfg.train.micro_batch,
-                                           geo.start, geo.end)
+            for micro in range(layout.grad_accum):
+                batch = stream.train_batch(consumed, micro, layout.dp_rank, layout.data_parallel, layout.micro_batch,
+                                           layout.start, layout.end)
                 local_sum, count = engine(batch.tokens.to(device), batch.labels.to(device),
                                           batch.positions.to(device))
                 # Tokens of the whole sequence(s): every SP rank's count, summed.
-                total = float(count) if sp_ctx is None else _sp_sum(count, sp_ctx, device)
-                engine.backward(local_sum * (geo.sequence_parallel / total))
+                total = float(count) if layout.sp is None else _sp_sum(count, layout.sp, device)
+                engine.backward(local_sum * (layout.sequence_parallel / total))
                 engine.step()
                 loss_sum += torch.tensor([float(local_sum.detach()), float(count)], dtype=torch.float64)
             both = loss_sum.to(device)
             dist.all_reduce(both)
             loss = float(both[0] / both[1])
             step += 1
-            consumed += d.global_batch
+            consumed += layout.global_batch
             dt = time.time() - t0
-            tokens_seen += d.tokens_per_step
+            tokens_seen += layout.tokens_per_step
             if rank == 0:
-                tps = d.tokens_per_step / dt
+                tps = layout.tokens_per_step / dt
                 mfu = flops_tok * tps / (world * peak) if peak else None
                 lr = engine.get_lr()[0]
                 row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_before + tokens_seen,
@@ -482,7 +449,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
             if at_end or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
                 save(step)
             if cfg.data.eval_sequences and (at_end or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-                table = evaluate.loss_by_position(engine, stream, geo, cfg.eval.buckets, device)
+                table = evaluate.loss_by_position(engine, stream, layout, cfg.eval.buckets, device)
                 if rank == 0:
                     evaluate.write_eval(run_dir, table, step)
                     if writer is not None:
@@ -495,7 +462,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
             evaluate.plot_loss(run_dir)
             rows = evaluate.read_metrics(run_dir)
             summary = {"steps": step, "final_loss": rows[-1]["loss"] if rows else None,
-                       "derived": asdict(d), "parameters": n_params,
+                       "derived": layout.sizes(), "parameters": n_params,
                        "flops_per_token": flops_tok, "wall_s_this_process": time.time() - t_start,
                        "tokens_this_process": tokens_seen, "checkpoint": str(ckpt_root / ckpt.tag_for(step)),
                        "param_digests": digests}

@@ -1,4 +1,4 @@
-"""Config parsing, overrides, derived sizes, and bad inputs refused before any work."""
+"""Config parsing, overrides, the layout they give, and bad inputs refused before any work."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,6 +10,7 @@ from training_helpers import tiny_config, write_config
 from sparse_parallel.patterns import Pattern
 from sparse_parallel.training import load_config
 from sparse_parallel.training.config import config_from_dict
+from sparse_parallel.training.layout import build_layout
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
@@ -36,17 +37,17 @@ def test_shipped_configs_parse(name):
     assert config_from_dict(parsed) == cfg
     sp = cfg.parallel.sequence_parallel
     world = 1 if sp == "all" else sp
-    assert cfg.derived(world).sequence_parallel == world
+    assert build_layout(cfg, world).sequence_parallel == world
 
 
 def test_long_context_configs_reach_their_targets():
-    one = load_config(CONFIGS / "h200_1m.yaml").derived(1)
+    one = build_layout(load_config(CONFIGS / "h200_1m.yaml"), 1)
     assert one.context_length >= 1 << 20 and one.sequence_parallel == 1
-    eight = load_config(CONFIGS / "h200x8_8m.yaml").derived(8)
+    eight = build_layout(load_config(CONFIGS / "h200x8_8m.yaml"), 8)
     assert eight.context_length >= 8 << 20 and eight.sequence_parallel == 8
 
 
-def test_overrides_and_derived(tmp_path):
+def test_overrides_and_layout(tmp_path):
     path = write_config(tmp_path / "c.yaml", tiny_config(Path("t.model"), tmp_path / "run", tmp_path))
     cfg = load_config(path, ["parallel.sequence_parallel=2", "train.micro_batch=3", "train.grad_accum=2",
                              "model.layer_patterns.0={components: [{type: window, left: 4}]}",
@@ -54,11 +55,11 @@ def test_overrides_and_derived(tmp_path):
     assert cfg.model.rope_theta == 500000.0 and isinstance(cfg.model.rope_theta, float)
     assert cfg.deepspeed["bf16"] == {"enabled": True}
     assert cfg.model.patterns()[0].components[0].left == 4
-    d = cfg.derived(8)
+    d = build_layout(cfg, 8)
     assert (d.sequence_parallel, d.data_parallel, d.context_length) == (2, 4, 128)
     assert d.global_batch == 3 * 2 * 4 and d.tokens_per_step == d.global_batch * 128
     with pytest.raises(ValueError, match="world size 3 is not a multiple of parallel.sequence_parallel=2"):
-        cfg.derived(3)
+        build_layout(cfg, 3)
 
 
 @pytest.mark.parametrize("data, overrides, match", [
