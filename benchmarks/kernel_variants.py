@@ -8,6 +8,7 @@ Run on the device machine:  PYTHONUNBUFFERED=1 python3 benchmarks/kernel_variant
    warps_kv, stages_kv) with dq fused into the dk/dv kernel (``--fused``), and dk/dv tiles x
    query-major dq tiles (``--bwd`` x ``--dq``, ``deterministic``), on the cases given by ``--cases``;
    medians of do_bench.
+   Each row lists the registers and spills of the kernels it compiled.
 3. A torch.profiler breakdown of one fwd+bwd of the first case under the fastest variant
    (GPU time per kernel name).
 Writes kernel_variants.json to --out and prints a table.  FlexAttention is not run here: the anchors
@@ -123,6 +124,22 @@ def profile(pat, n, hq, hkv, cfg, d=128) -> dict:
     return dict(sorted(times.items(), key=lambda kv: -kv[1])[:12])
 
 
+def compiled_info(seen: set) -> list:
+    """Registers, spills and shared memory of the kernels compiled since ``seen`` (updated)."""
+    from sparse_parallel.kernels import triton_kernels as T
+
+    rows = []
+    for fn in (T._query_kernel, T._dkdv_kernel):
+        for caches in getattr(fn, "device_caches", {}).values():
+            for kernel in caches[0].values():
+                if id(kernel) not in seen:
+                    seen.add(id(kernel))
+                    md = kernel.metadata
+                    rows.append({"kernel": fn.__name__, "regs": kernel.n_regs, "spills": kernel.n_spills,
+                                 "warps": md.num_warps, "stages": md.num_stages, "shared": md.shared})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results")
@@ -163,6 +180,8 @@ def main():
         with open(os.path.join(args.out, "kernel_variants.json"), "w") as f:
             json.dump(res, f, indent=1)
 
+    seen = set()
+    compiled_info(seen)  # the checks' kernels
     best_fwd = {}
     for name, pat, hq, hkv in cases:
         best = None
@@ -175,7 +194,8 @@ def main():
             except Exception as e:  # noqa: BLE001
                 log("fwd", name, (bm, bn, w, s), "failed", repr(e)[:200])
                 continue
-            res["rows"].append({"case": name, "heads": f"{hq}/{hkv}", "pass": "fwd", "cfg": [bm, bn, w, s], "ms": ms})
+            res["rows"].append({"case": name, "heads": f"{hq}/{hkv}", "pass": "fwd", "cfg": [bm, bn, w, s], "ms": ms,
+                                "compiled": compiled_info(seen)})
             log(f"fwd {name} {hq}/{hkv} {(bm, bn, w, s)}: {ms:.2f} ms")
             if best is None or ms < best[0]:
                 best = (ms, (bm, bn, w, s))
@@ -198,7 +218,7 @@ def main():
                 log("fwd+bwd", name, label, det, "failed", repr(e)[:200])
                 continue
             res["rows"].append({"case": name, "heads": f"{hq}/{hkv}", "pass": "fwd+bwd", "deterministic": det,
-                                "cfg": label, "ms": ms})
+                                "cfg": label, "ms": ms, "compiled": compiled_info(seen)})
             log(f"fwd+bwd {name} {hq}/{hkv} det={det} {label}: {ms:.2f} ms")
             if name == cases[0][0] and (fastest is None or ms < fastest[0]):
                 fastest = (ms, cfg)
@@ -208,9 +228,11 @@ def main():
         res["profile"] = {"case": name, "config": vars(fastest[1]), "ms": profile(pat, args.n, hq, hkv, fastest[1])}
         log("profile", json.dumps(res["profile"]))
     save()
-    print("| case | heads | pass | det | config | ms |\n|---|---|---|---|---|---|")
+    print("| case | heads | pass | det | config | ms | new kernels: registers/spills |\n|---|---|---|---|---|---|---|")
     for r in res["rows"]:
-        print(f"| {r['case']} | {r['heads']} | {r['pass']} | {r.get('deterministic', '')} | {r['cfg']} | {r['ms']:.2f} |")
+        regs = " ".join(f"{c['kernel'][1:4]}:{c['regs']}/{c['spills']}" for c in r["compiled"])
+        print(f"| {r['case']} | {r['heads']} | {r['pass']} | {r.get('deterministic', '')} | {r['cfg']} | {r['ms']:.2f}"
+              f" | {regs} |")
     print("checks:", res["checks"])
 
 

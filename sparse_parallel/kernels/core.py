@@ -227,7 +227,30 @@ def _slot_args(prob: Problem, i: int, bm: int, bn: int, device):
     else:
         plan, starts, served = _range_plan(prob, i, bm, bn), d32, prob.served_bits(ps)
     k, v = sp.k, sp.v
-    return [k, v, k.stride(0), k.stride(1), k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem, served, plan, starts]
+    return [k, v, k.stride(0), k.stride(1), k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem, served, plan, starts,
+            _pass_terms(prob, i, device)[0]]
+
+
+def _pass_terms(prob: Problem, i: int, device) -> tuple[torch.Tensor, int]:
+    """(terms in kernel form, their count) that pass ``i``'s ownership mask evaluates (cached).
+
+    A range pass over structured terms stops at its last served term (later terms cannot take a
+    pair), and a term's congruence is dropped where every key of the pass's space satisfies it
+    (a strided view of the term's own lattice): the mask of a boundary tile then costs a few
+    comparisons per pair instead of an integer remainder.
+    """
+    key = ("terms", i)
+    if key not in prob.cache:
+        ps = prob.passes[i]
+        sp = prob.spaces[ps.space]
+        rows = prob.terms.rows
+        if ps.mode == P.PassKind.RANGE and not ps.member and ps.served:
+            rows = rows[:max(ps.served) + 1]
+        if sp.positions is None:
+            rows = [r if r[4] == 1 or not P.covers(r, sp.pos0, sp.kstr) else tuple(r[:4]) + (1, 0) for r in rows]
+        flat = [int(x) for r in rows for x in r] or [0] * 6
+        prob.cache[key] = (torch.tensor(flat, dtype=torch.int32, device=device), len(rows))
+    return prob.cache[key]
 
 
 def _check_block_alignment(prob: Problem, bm: int, bn: int):
@@ -284,8 +307,10 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
                 modes.append(prob.passes[group[s]].mode.value)
             else:
                 slots += [q, q, 0, 0, 0, 0, 1, 0, _dummy(device), _dummy(device, torch.int8), 0, _dummy(device),
-                          _dummy(device)]
+                          _dummy(device), _dummy(device)]
                 modes.append(0)
+        nts = {f"NT{s}": _pass_terms(prob, p, device)[1] if s < len(group) else 0
+               for s, p in enumerate(list(group) + [None] * (MAX_SLOTS - len(group)))}
         if phase == 1:
             dargs = [do, do.stride(0), do.stride(1), do.stride(2)]
             xargs = [lse2, delta, lse2.stride(0), lse2.stride(1)]
@@ -298,9 +323,9 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
             out, out.stride(1), out.stride(2), out.stride(3), out.stride(0),
             lse, lse.stride(1) if lse.dim() == 4 else 0, lse.stride(2) if lse.dim() == 4 else 0,
             lse.stride(0) if lse.dim() == 4 else 0, *xargs,
-            prob.terms.tensor, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, chunk,
-            *slots, *modes,
-            NT=len(prob.terms.rows), CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
+            prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, chunk,
+            *slots, *modes, **nts,
+            CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
             Q_EXPLICIT=prob.q_pos0 is None, SPLIT=split > 1, BM=bm, BN=bn, D=d, IEEE=ieee, PHASE=phase,
             num_warps=tiles[2], num_stages=tiles[3])
         results.append((out, lse))
@@ -435,6 +460,7 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             whole = t0 == 0 and grid0 == P.n_tiles(sp.nk, bn)
         if grid0 == 0 or sp.nk == 0:
             continue
+        terms, nt = _pass_terms(prob, i, device)
         # A range pass over all key tiles of a space that is the whole buffer writes every row.
         accum = target.buffers.before_launch(whole and dk.shape == target.buffers.dk.shape)
         # The launched key tiles' rows of dk/dv: [t0*bn, t0*bn + rows).
@@ -449,12 +475,12 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
             qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, lse2, delta, lse2.stride(0), lse2.stride(1),
             dqb, *dq_strides,
-            prob.terms.tensor, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, ctb, cth,
+            terms, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, ctb, cth,
             sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem,
             served, qplan, qfplan, kblk, kstart, cptr, cidx,
             out_k, out_v, out_k.stride(-4), out_k.stride(-3), out_k.stride(-2), out_k.stride(0) if split > 1 else 0,
             qchunk, t0,
-            MODE=ps.mode.value, NT=_kv_terms(prob, ps), CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
+            MODE=ps.mode.value, NT=nt, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
             Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, FUSE_DQ=fuse, BM=bm, BN=bn, D=d,
             IEEE=ieee, num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
         if split > 1:  # partials summed in a fixed order
@@ -464,14 +490,6 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             else:
                 dk_rows.copy_(out_k.sum(0))
                 dv_rows.copy_(out_v.sum(0))
-
-
-def _kv_terms(prob: Problem, ps: Pass) -> int:
-    """Terms the dk/dv ownership mask evaluates: for a range pass over structured terms only,
-    a pair's owner is decided by the terms up to the last served one (later terms cannot take it)."""
-    if ps.mode == P.PassKind.RANGE and not ps.member and ps.served:
-        return max(ps.served) + 1
-    return len(prob.terms.rows)
 
 
 def _kv_extent(prob: Problem, i: int, bm: int, bn: int, qplan: torch.Tensor):

@@ -14,7 +14,7 @@ Vocabulary (see ``plan.py``):
 - a tile inside a plan's *full* range needs no mask: every pair is owned.
 
 The forward and dq kernels fuse up to six passes of one query tile in one
-online-softmax loop; dk/dv runs one pass per launch, key-major, over the key
+online-softmax loop, each pass with its own terms (``TMi``/``NTi``: see ``core._pass_terms``); dk/dv runs one pass per launch, key-major, over the key
 tiles that some query sees, with long query ranges split into balanced chunks.  Offsets that
 can pass 2^31 (batch, head and tile bases) are int64.
 """
@@ -56,7 +56,10 @@ def _owned(qp, kp, TERMS, NT: tl.constexpr, served, CAUSAL: tl.constexpr, n,
         r = tl.load(TERMS + 6 * t + 5)
         a = (kp >= lo_rel * qp + lo_c) & (kp <= hi_rel * qp + hi_c)
         if m != 1:  # an integer remainder per pair costs more than the rest of the predicate
-            a = a & ((kp - r) % m == 0)
+            if (m & (m - 1)) == 0:
+                a = a & (((kp - r) & (m - 1)) == 0)
+            else:
+                a = a & ((kp - r) % m == 0)
         srv = ((served >> t) & 1) != 0
         own = own | (a & (~seen) & srv)
         seen = seen | a
@@ -192,16 +195,18 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
             + [f"{a}{i}" for i in range(6) for a in ("pp", "ks", "nk")])
 def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
                   O, sob, son, soh, sos, LSE, slb, slh, sls, LSE2, DELTA, sxb, sxh,
-                  TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, chunk,
-                  K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0,
-                  K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1,
-                  K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2,
-                  K3, V3, skb3, skn3, skh3, pp3, ks3, nk3, KP3, KM3, sv3, PL3, TS3,
-                  K4, V4, skb4, skn4, skh4, pp4, ks4, nk4, KP4, KM4, sv4, PL4, TS4,
-                  K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5,
+                  n, qk_scale, TBL, stb, sth, stq, W, CB, chunk,
+                  K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0, TM0,
+                  K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1, TM1,
+                  K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2, TM2,
+                  K3, V3, skb3, skn3, skh3, pp3, ks3, nk3, KP3, KM3, sv3, PL3, TS3, TM3,
+                  K4, V4, skb4, skn4, skh4, pp4, ks4, nk4, KP4, KM4, sv4, PL4, TS4, TM4,
+                  K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5, TM5,
                   MODE0: tl.constexpr, MODE1: tl.constexpr, MODE2: tl.constexpr,
                   MODE3: tl.constexpr, MODE4: tl.constexpr, MODE5: tl.constexpr,
-                  NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr, Q_EXPLICIT: tl.constexpr,
+                  NT0: tl.constexpr, NT1: tl.constexpr, NT2: tl.constexpr,
+                  NT3: tl.constexpr, NT4: tl.constexpr, NT5: tl.constexpr,
+                  CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr, Q_EXPLICIT: tl.constexpr,
                   SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                   IEEE: tl.constexpr, PHASE: tl.constexpr):
     """Query-major kernel: PHASE 0 writes out and lse, PHASE 1 writes dq (unscaled by nothing: final)."""
@@ -242,27 +247,27 @@ def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, g
     if MODE0 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0 + toff,
-                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE0, SPLIT, BN, D, IEEE, PHASE)
+                              TM0, NT0, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE0, SPLIT, BN, D, IEEE, PHASE)
     if MODE1 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1 + toff,
-                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE1, SPLIT, BN, D, IEEE, PHASE)
+                              TM1, NT1, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE1, SPLIT, BN, D, IEEE, PHASE)
     if MODE2 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2 + toff,
-                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE2, SPLIT, BN, D, IEEE, PHASE)
+                              TM2, NT2, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE2, SPLIT, BN, D, IEEE, PHASE)
     if MODE3 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K3, V3, skb3, skn3, skh3, pp3, ks3, nk3, KP3, KM3, sv3, PL3, TS3 + toff,
-                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE3, SPLIT, BN, D, IEEE, PHASE)
+                              TM3, NT3, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE3, SPLIT, BN, D, IEEE, PHASE)
     if MODE4 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K4, V4, skb4, skn4, skh4, pp4, ks4, nk4, KP4, KM4, sv4, PL4, TS4 + toff,
-                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE4, SPLIT, BN, D, IEEE, PHASE)
+                              TM4, NT4, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE4, SPLIT, BN, D, IEEE, PHASE)
     if MODE5 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5 + toff,
-                              TERMS, NT, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE5, SPLIT, BN, D, IEEE, PHASE)
+                              TM5, NT5, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE5, SPLIT, BN, D, IEEE, PHASE)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh
             + tl.cast(qb * BM, tl.int64) * son)
     optr = O + ooff + (tl.arange(0, BM) * son)[:, None] + offs_d[None, :]
