@@ -8,7 +8,13 @@ or the compact keys of a ``Strided`` level) or an explicit sorted position list
 pattern that allows (i, j) is one the space serves.  When every component's
 reachable keys are in exactly one space serving it, every allowed pair is
 counted exactly once -- the rule both the Triton kernels and the
-sequence-parallel exchange rely on.
+sequence-parallel exchange rely on.  A space with ``listed=False`` leaves out
+the pairs its components allow only through their listed keys
+(``Component.explicit_keys``, the positions of ``Global``): those then need a
+space of their own.
+
+``whole_sequence`` is the one split of a whole sequence into key spaces, used by
+the one-device kernels and by sequence parallelism's whole-sequence paths alike.
 """
 from __future__ import annotations
 
@@ -31,6 +37,8 @@ class KeySpace:
     pos0: int = 0
     stride: int = 1
     positions: torch.Tensor | None = None
+    #: False: not the pairs a served component allows only through its listed keys (another space holds them).
+    listed: bool = True
 
     def __post_init__(self):
         if self.k.shape != self.v.shape:
@@ -85,7 +93,7 @@ def reference_space_attention(q: torch.Tensor, q_pos: torch.Tensor, spaces: list
             j = sp.global_positions()[idx] if len(idx) else idx
             ks.append(sp.k[:, idx])
             vs.append(sp.v[:, idx])
-            masks.append(bound.owned_by(sp.components, pos, j.to(q.device)))
+            masks.append(bound.owned_by(sp.components, pos, j.to(q.device), listed=sp.listed))
         bt = max(m.shape[0] for m in masks)
         ht = max(m.shape[1] for m in masks)
         allowed = torch.cat([m.expand(bt, ht, -1, -1) for m in masks], dim=-1)
@@ -94,6 +102,56 @@ def reference_space_attention(q: torch.Tensor, q_pos: torch.Tensor, spaces: list
         lses.append(l)
         start += step
     return torch.cat(outs, dim=1), torch.cat(lses, dim=2)
+
+
+@dataclass
+class WholeSequence:
+    """Whole-sequence attention as key spaces (see ``whole_sequence``)."""
+
+    spaces: list[KeySpace]  # the keys of every row but the global query rows
+    global_rows: torch.Tensor  # sorted, on the host: rows that see every key instead
+    every_key: KeySpace  # the whole sequence, for the global query rows
+
+
+def whole_sequence(bound: BoundPattern, k: torch.Tensor, v: torch.Tensor) -> WholeSequence:
+    """The key spaces of attention over a whole sequence ``k``/``v [B, N, Hkv, D]`` of ``bound``.
+
+    - the sequence itself, serving every component without a key lattice;
+    - per lattice (offset, stride) of a component (a ``Strided`` level) the view ``K[offset::stride]``
+      serving the components on it, whose keys are contiguous there (no copy);
+    - per component with listed keys (``Global.positions``) those keys, gathered, serving it; a key
+      listed by several components goes to the first of them.
+
+    The arithmetic spaces leave the listed keys to the gathered ones (``listed=False``), so each
+    component's keys are in exactly one space serving it, and its listed keys in an explicit one,
+    which is how the kernels read them.  The global query rows (``bound.global_rows``)
+    see every key instead: ``every_key``, the whole sequence as one explicit space serving every
+    component.  The one-device kernels and sequence parallelism's whole-sequence paths (world size
+    1, the all-to-all) both attend over this split.
+    """
+    comps = bound.pattern.components
+    dev = k.device
+    views: dict[tuple[int, int], list[int]] = {}
+    for index, c in enumerate(comps):
+        if c.lattice is not None and c.lattice != (0, 1):
+            views.setdefault(c.lattice, []).append(index)
+    on_lattice = {index for served in views.values() for index in served}
+    rest = tuple(index for index in range(len(comps)) if index not in on_lattice)
+    spaces = [KeySpace(k, v, rest, listed=False)] if rest else []
+    for (offset, stride), served in views.items():
+        spaces.append(KeySpace(k[:, offset::stride], v[:, offset::stride], tuple(served), pos0=offset,
+                               stride=stride, listed=False))
+    taken = torch.zeros(0, dtype=torch.long)
+    for index, keys in enumerate(bound.explicit_keys):
+        if keys is None:
+            continue
+        keys = keys[~torch.isin(keys, taken)]
+        taken = torch.cat([taken, keys])
+        if len(keys):
+            keys = keys.to(dev)
+            spaces.append(KeySpace(k[:, keys], v[:, keys], (index,), positions=keys))
+    every_key = KeySpace(k, v, tuple(range(len(comps))), positions=torch.arange(k.shape[1], device=dev))
+    return WholeSequence(spaces, bound.global_rows, every_key)
 
 
 def merge_partials(outs: list[torch.Tensor], lses: list[torch.Tensor]):

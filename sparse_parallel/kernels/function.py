@@ -2,10 +2,12 @@
 
 ``space_attention`` is the sequence-parallel contract (same signature as
 ``spaces.reference_space_attention``); ``triton_attention`` is whole-sequence
-attention on one device, built from the same machinery: full K/V for windows,
-global-first keys and block lists, a strided view ``K[o::s]`` per strided level
-(no copy), a gathered explicit space for ``Global.positions``, and a separate,
-split-K launch for global query rows.
+attention on one device over the same split into key spaces that sequence
+parallelism uses for a whole sequence (``spaces.whole_sequence``): full K/V for
+windows, global-first keys and block lists, a strided view ``K[o::s]`` per
+strided level (no copy), a gathered explicit space for ``Global.positions``, and
+a separate, split-K launch for global query rows.  Both turn key spaces into
+passes the same way (``_passes``).
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from typing import Callable
 import torch
 
 from ..patterns.pattern import as_pattern
+from ..spaces import whole_sequence
 from . import core
 from . import plan as P
 
@@ -145,8 +148,8 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
     Not supported (NotImplementedError): query positions that are not increasing;
     query rows of ``Global(queries=True)`` mixed with ordinary rows (pass the global
     rows alone); block-list components served by a strided space or only partly by
-    one space; an arithmetic space holding
-    explicit ``Global.positions`` keys it serves (give them an explicit space).
+    one space; an arithmetic space holding listed ``Global.positions`` keys of a component
+    it serves, unless its ``listed`` is False (the kernels read listed keys from explicit spaces).
     """
     _check_dtype(q)
     b, nq, hq, d = q.shape
@@ -172,7 +175,28 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
         pieces = _block_pieces(q_pos, terms.block)
         parts = [space_attention(q[:, a:b], q_pos[a:b], spaces, bound, scale, config) for a, b in pieces]
         return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
-    kspaces, passes, inputs = [], [], []
+    kspaces, passes = _passes(q, terms, spaces, use_blocks)
+    if not kspaces or not passes or nq == 0:
+        raise ValueError("space_attention needs at least one non-empty key space serving a component")
+    prob = core.Problem(terms, kspaces, passes, q_pos, int(q_pos[0]) if contiguous else None)
+
+    def grads(buffers):
+        return [buffers[i].rows() for i in range(len(kspaces))]
+
+    plan = LaunchPlan([Part(prob, None, grads)], {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))})
+    cfg = config if config is not None else core.default_config(device)
+    return _Function.apply(plan, scale, cfg, q, *[t for ks in spaces for t in (ks.k, ks.v)])
+
+
+def _passes(q, terms: P.Terms, spaces, use_blocks: bool):
+    """Key spaces in kernel form and the passes over them -> (core spaces, passes).
+
+    An arithmetic space gets one range pass per term it serves (and a block pass); an explicit one
+    one pass for all of its terms and its listed keys (and a block pass over it).
+    """
+    b, _, hq, d = q.shape
+    device = q.device
+    kspaces, passes = [], []
     for si, ks in enumerate(spaces):
         if ks.k.dtype != q.dtype or ks.k.shape[0] != b or ks.k.shape[3] != d or hq % ks.k.shape[2]:
             raise ValueError(f"space {si}: k {tuple(ks.k.shape)} {ks.k.dtype} does not fit q {tuple(q.shape)} "
@@ -184,21 +208,19 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
             raise NotImplementedError("a key space serving only some of several block-list components")
         positions = None
         member = None
+        listed = [terms.explicit[c] for c in served if c in terms.explicit] if ks.listed else []
         if ks.positions is not None:
             positions = ks.positions.to(device=device, dtype=torch.long)
             if len(positions) > 1 and not bool((positions[1:] > positions[:-1]).all()):
                 raise ValueError(f"space {si}: KeySpace.positions must be increasing")
-            glob = [terms.explicit[c] for c in served if c in terms.explicit]
-            if glob:
-                member = torch.isin(positions, torch.cat(glob)).to(torch.int8)
-        else:
-            for c in served:
-                if c in terms.explicit and len(ks.indices_of(terms.explicit[c])):
-                    raise NotImplementedError(f"an arithmetic key space holding explicit Global.positions keys "
-                                              f"(component {c}); give them an explicit-positions space")
+            if listed:
+                member = torch.isin(positions, torch.cat(listed)).to(torch.int8)
+        elif any(len(ks.indices_of(keys)) for keys in listed):
+            raise NotImplementedError("an arithmetic key space holding listed keys (Global.positions) of a "
+                                      "component it serves; give them an explicit-positions space, or "
+                                      "pass listed=False and serve them from one")
         sp = core.Space(k, v, ks.pos0 if positions is None else 0, ks.stride if positions is None else 1,
                         positions, member)
-        inputs += [ks.k, ks.v]
         kspaces.append(sp)
         if sp.nk == 0:
             continue
@@ -212,16 +234,7 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
                 passes.append(core.Pass(si, P.PassKind.EXPLICIT, mine, member is not None))
             if blocks:
                 passes.append(core.Pass(si, P.PassKind.BLOCK_EXPLICIT, []))
-    if not kspaces or not passes or nq == 0:
-        raise ValueError("space_attention needs at least one non-empty key space serving a component")
-    prob = core.Problem(terms, kspaces, passes, q_pos, int(q_pos[0]) if contiguous else None)
-
-    def grads(buffers):
-        return [buffers[i].rows() for i in range(len(kspaces))]
-
-    plan = LaunchPlan([Part(prob, None, grads)], {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))})
-    cfg = config if config is not None else core.default_config(device)
-    return _Function.apply(plan, scale, cfg, q, *inputs)
+    return kspaces, passes
 
 
 def triton_attention(q, k, v, pattern, scale=None, config: core.Config | None = None):
@@ -255,31 +268,21 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
             _PLANS[key] = cached
     bound, terms = cached["bound"], cached["terms"]
     k, v = _kv(k, v)
-    spaces = [core.Space(k, v)]
-    passes, views = [], {(0, 1): 0}  # lattice (offset, stride) -> its space; the full K is (0, 1)
-    for t, c in enumerate(terms.comp):
-        lattice = pattern.components[c].lattice or (0, 1)
-        if lattice not in views:  # its keys are contiguous in the strided view K[offset::stride]
-            offset, stride = lattice
-            views[lattice] = len(spaces)
-            spaces.append(core.Space(k[:, offset::stride], v[:, offset::stride], offset, stride))
-        passes.append(core.Pass(views[lattice], P.PassKind.RANGE, [t]))
-    passes.sort(key=lambda ps: ps.space != 0)  # full-K range passes first: they initialise dk/dv
-    if terms.table is not None:
-        passes.append(core.Pass(0, P.PassKind.BLOCK, []))
-    gpos = None
-    if terms.explicit:
-        gpos = torch.unique(torch.cat(list(terms.explicit.values())))
-        ones = torch.ones(len(gpos), dtype=torch.int8, device=device)
-        spaces.append(core.Space(k.detach()[:, gpos], v.detach()[:, gpos], 0, 1, gpos, ones))
-        passes.append(core.Pass(len(spaces) - 1, P.PassKind.EXPLICIT, [], True))
-    main = core.Problem(terms, spaces, [ps for ps in passes if spaces[ps.space].nk > 0],
-                        None, 0, cache=cached["main"], nq=n)
-    explicit_space = len(spaces) - 1 if gpos is not None else None
+    # The gathered listed keys are copies, made outside autograd: their gradients are folded back below.
+    split = whole_sequence(bound, k.detach(), v.detach())
+    spaces, passes = _passes(q, terms, split.spaces, terms.table is not None)
+
+    def order(ps):  # range passes over the full K first (they initialise dk/dv), then the strided views'
+        return (spaces[ps.space].positions is not None, ps.mode.is_block, spaces[ps.space].kstr != 1,
+                ps.served[0] if ps.served else 0)
+
+    passes.sort(key=order)
+    main = core.Problem(terms, spaces, passes, None, 0, cache=cached["main"], nq=n)
+    gathered = [si for si, sp in enumerate(spaces) if sp.positions is not None]
 
     def main_grads(buffers):
-        # the gathered global keys have their own buffers; every other space is K/V or a strided view of it
-        return [buffers["g"].rows() if si == explicit_space else buffers["kv"].rows(sp.pos0, sp.kstr)
+        # a gathered space has its own buffers; every other space is K/V or a strided view of it
+        return [buffers[si].rows() if si in gathered else buffers["kv"].rows(sp.pos0, sp.kstr)
                 for si, sp in enumerate(spaces)]
 
     parts = [Part(main, None, main_grads)]
@@ -287,19 +290,19 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
     if len(rows):
         gterms = P.Terms([(0, 0, 0, P.BIG, 1, 0)], [0], pattern.causal, n,
                          tensor=torch.tensor([0, 0, 0, P.BIG, 1, 0], dtype=torch.int32, device=device))
-        split = _split_for(P.n_tiles(len(rows), cfg.bm), b * hq, n, cfg.bn, core.multiprocessors(cfg, device))
-        gprob = core.Problem(gterms, [core.Space(k, v)], [core.Pass(0, P.PassKind.RANGE, [0])], rows, None, split,
-                             cache=cached["global"])
+        split_k = _split_for(P.n_tiles(len(rows), cfg.bm), b * hq, n, cfg.bn, core.multiprocessors(cfg, device))
+        gprob = core.Problem(gterms, [core.Space(k, v)], [core.Pass(0, P.PassKind.RANGE, [0])], rows, None,
+                             split_k, cache=cached["global"])
         parts.append(Part(gprob, rows, lambda buffers: [buffers["kv"].rows()]))
     plan = LaunchPlan(parts, {"kv": (0, 1)})
-    if gpos is not None:
-        # The gathered global keys are a copy: their gradients are added back into K/V's.
-        plan.copies = [spaces[explicit_space].k, spaces[explicit_space].v]
-        plan.buffers["g"] = (2, 3)
-
+    for si in gathered:
+        plan.buffers[si] = (2 + len(plan.copies), 3 + len(plan.copies))
+        plan.copies += [spaces[si].k, spaces[si].v]
+    if gathered:
         def fold(buffers):
-            buffers["kv"].dk.index_add_(1, gpos, buffers["g"].dk)
-            buffers["kv"].dv.index_add_(1, gpos, buffers["g"].dv)
+            for si in gathered:
+                buffers["kv"].dk.index_add_(1, spaces[si].positions, buffers[si].dk)
+                buffers["kv"].dv.index_add_(1, spaces[si].positions, buffers[si].dv)
 
         plan.fold = fold
     if plans:

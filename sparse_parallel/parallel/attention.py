@@ -26,7 +26,7 @@ import torch
 from ..backends import check_qkv, resolve_backend
 from ..patterns import BoundPattern, Pattern, as_pattern
 from ..reference import lse_dtype
-from ..spaces import KeySpace, merge_partials, reference_space_attention
+from ..spaces import KeySpace, merge_partials, reference_space_attention, whole_sequence
 from .exchange import Spec, start_exchange
 from .plan import choose_exchange, owned_slice, rank_plan, shard_bounds
 
@@ -88,7 +88,7 @@ def sequence_parallel_attention(q_shard, k_shard, v_shard, pattern, ctx, backend
     if ctx.world_size == 1:
         if bound is None:
             bound = pattern.bind(n, hq, q=q_shard, k=k_shard)
-        return _whole_sequence(fn, q_shard, k_shard, v_shard, pattern, bound, scale)
+        return _whole_sequence(fn, q_shard, k_shard, v_shard, bound, scale)
     if method == "ulysses":
         return _ulysses(q_shard, k_shard, v_shard, pattern, ctx, n, fn, scale)
     return _pattern_exchange(q_shard, k_shard, v_shard, pattern, ctx, n, bound, fn, scale)
@@ -246,29 +246,18 @@ def bind_heads(pattern: Pattern, n: int, heads: int, h0: int, h1: int, q_local, 
     return BoundPattern(pattern, n, h1 - h0, tuple(tables), device)
 
 
-def _whole_sequence(fn, q, k, v, pattern: Pattern, bound: BoundPattern, scale):
-    """Attention over the whole sequence in the same key-space split as the pattern exchange.
-
-    Global keys get an explicit space serving the Global components, the
-    sequence serves the others; global query rows (``BoundPattern.global_rows``)
-    attend separately to the whole sequence as an explicit space.
-    """
+def _whole_sequence(fn, q, k, v, bound: BoundPattern, scale):
+    """Attention over the whole sequence, split into key spaces as on one device (``spaces.whole_sequence``);
+    the global query rows attend separately, to every key."""
+    split = whole_sequence(bound, k, v)
     n, dev = q.shape[1], q.device
-    comps = pattern.components
-    globals_ = tuple(i for i, c in enumerate(comps) if c.shared_keys)
-    others = tuple(i for i in range(len(comps)) if i not in globals_)
-    spaces = [KeySpace(k, v, others)] if others else []
-    if globals_:
-        g = bound.global_keys.to(dev)
-        spaces.append(KeySpace(k[:, g], v[:, g], globals_, positions=g))
     rows = torch.arange(n)
-    special = torch.isin(rows, bound.global_rows)
+    special = torch.isin(rows, split.global_rows)
     ordinary = rows[~special].to(dev)
-    out, lse = _attend(fn, q if not special.any() else q[:, ordinary], ordinary, spaces, bound, scale)
+    out, lse = _attend(fn, q if not special.any() else q[:, ordinary], ordinary, split.spaces, bound, scale)
     if special.any():
         g_rows = rows[special].to(dev)
-        whole = KeySpace(k, v, tuple(range(len(comps))), positions=torch.arange(n, device=dev))
-        out_g, lse_g = _attend(fn, q[:, g_rows], g_rows, [whole], bound, scale)
+        out_g, lse_g = _attend(fn, q[:, g_rows], g_rows, [split.every_key], bound, scale)
         out, lse = _interleave(out, lse, out_g, lse_g, special)
     return out, lse
 
@@ -303,7 +292,7 @@ def _ulysses(q, k, v, pattern: Pattern, ctx, n: int, fn, scale):
             i += 3
     q_h, k_h, v_h = torch.cat(qs, 1), torch.cat(ks, 1), torch.cat(vs, 1)
     bound = bind_heads(pattern, n, hq, rank * hl, (rank + 1) * hl, q_h, k_h, dev)
-    out_h, lse_h = _whole_sequence(fn, q_h, k_h, v_h, pattern, bound, scale)
+    out_h, lse_h = _whole_sequence(fn, q_h, k_h, v_h, bound, scale)
     sends, recvs = [], []
     for p, (sp_, ep) in enumerate(bounds):
         if p == rank:

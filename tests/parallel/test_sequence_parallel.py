@@ -28,6 +28,11 @@ def _case(name, pattern, n, b=1, hq=2, hkv=1, d=8, exchange="auto", api=False, s
                 scale=scale)
 
 
+#: Key 1 is listed by one Global and among the other's first keys; key 9 is listed by both.
+TWO_GLOBALS = (Window(2) | Strided(3, offset=1) | Global(first=2, positions=(9,))
+               | Global(positions=(1, 9, 14), queries=False))
+
+
 def _cases(world):
     """Every component and mixtures; lengths not divisible by P, shards of one token, GQA, batch 2."""
     causal = Pattern((Window(4), Strided(3, offset=1), Global(first=2, queries=False)))
@@ -42,6 +47,8 @@ def _cases(world):
         _case("global_queries", Window(3) | Global(first=2, positions=(7,)), 17, hq=3, hkv=1),
         _case("global_queries_noncausal", Pattern((Window(2, 2), Global(positions=(0, 5, 12))), causal=False), 15),
         _case("global_first_is_shard", Window(2) | Strided(2) | Global(first=3), world + 3, b=2),
+        _case("two_globals", TWO_GLOBALS, 19),
+        _case("two_globals_ulysses", TWO_GLOBALS, 19, hq=heads, hkv=heads, exchange="ulysses"),
         _case("one_token_shards", Window(2) | Strided(3) | Global(first=1), world),
         _case("one_token_shards_global_q", Pattern((Window(1, 1), Global(first=1)), causal=False), world),
         _case("random_blocks_fetch", Window(8) | RandomBlocks(16, 2, seed=3, per_head=True), 61, exchange="pattern"),
@@ -229,6 +236,7 @@ TRITON_CASES = [  # (name, pattern, exchange, N, Hq, Hkv)
     ("window_strided_global", Window(5) | Strided(4, offset=1) | Global(first=2), "pattern", 37, 2, 1),
     ("global_query_rows", Window(3) | Global(first=2, positions=(9,)), "pattern", 20, 2, 2),
     ("global_query_rows_ulysses", Window(3) | Global(first=2, positions=(9,)), "ulysses", 20, 2, 2),
+    ("two_globals_ulysses", TWO_GLOBALS, "ulysses", 20, 2, 2),
 ]
 
 
