@@ -1,6 +1,9 @@
-"""One rank's training process: process groups, DeepSpeed engine, the loop, checkpoints, outputs.
+"""One rank's training process: the run's components in order, then a short loop over them.
 
-The ranks' layout (SP x DP sizes, shards, batch sizes, process groups) comes from :mod:`.layout`.
+``run`` starts the process group and ``_train`` puts the components together: the layout
+(:mod:`.layout`), the run directory and the resume point (:mod:`.resume`), the token stream, the
+model and its DeepSpeed engine, the run's outputs (:mod:`.outputs`) and its checkpoint saves and
+preemption (:mod:`.preemption`).  The loop trains a step, logs it, saves and evaluates when due.
 
 Gradients.  DeepSpeed is given no model-parallel unit, so it sees the whole
 world (SP x DP ranks) as its data-parallel group and averages gradients over
@@ -15,24 +18,23 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
-import os
-import shutil
 import logging
-import signal
+import os
 import socket
 import sys
 import time
-import warnings
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from . import checkpoint as ckpt
-from . import rundir
+from . import evaluate, rundir
 from .config import TrainConfig, load_config
 from .layout import Layout, build_layout
+from .outputs import RunOutputs
+from .preemption import Preemption, Saver
+from .resume import Progress, Resume, own_run_dir, run_fingerprint
 
 #: Exit code after a preemption checkpoint: the job should be requeued and resumed.
 REQUEUE_EXIT_CODE = 85
@@ -44,9 +46,6 @@ _STARTED_PROCESS_GROUP = False
 class CollectiveTimeout(RuntimeError):
     """A collective did not complete: a rank hung or stopped (``train.collective_timeout_s``) or died."""
 
-
-class MetricsCorrupt(UserWarning):
-    """metrics.jsonl ended in a torn line (a kill while it was written); the line is dropped."""
 
 #: Dense bf16 peak per device (TFLOP/s) for the MFU estimate, by device-name substring.
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
@@ -136,39 +135,6 @@ def deepspeed_config(cfg: TrainConfig, world: int, universal: bool) -> dict:
     return ds
 
 
-class Preemption:
-    """SIGUSR1/SIGTERM/SIGINT set a flag; ranks agree on it at each step boundary.
-
-    A second SIGINT (Ctrl-C twice) ends the process at once, without a checkpoint.
-    """
-
-    def __init__(self):
-        self.flag = False
-        self._interrupted = False
-        self._old = {}
-        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
-            self._old[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if signum == signal.SIGINT:
-            if self._interrupted:
-                os.write(2, b"interrupted again: exiting now, without a checkpoint\n")
-                os._exit(128 + signal.SIGINT)
-            self._interrupted = True
-            os.write(2, b"interrupted: checkpointing at the next step boundary (Ctrl-C again to exit now)\n")
-        self.flag = True
-
-    def agreed(self, device, save_due: bool = False) -> tuple[bool, bool]:
-        """(stop, save): whether any rank was signalled, and whether any rank's checkpoint clock ran out."""
-        t = torch.tensor([1.0 if self.flag else 0.0, 1.0 if save_due else 0.0], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t[0].item()), bool(t[1].item())
-
-    def restore(self):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
 def peak_flops(cfg: TrainConfig, device: torch.device) -> float:
     if cfg.train.peak_tflops:
         return cfg.train.peak_tflops * 1e12
@@ -207,11 +173,11 @@ def run(config_path, overrides=(), resume: str = "auto", overwrite: bool = False
     preflight(cfg)
     # Handlers first: a preemption notice during start-up is honoured at the first step boundary.
     preempt = Preemption()
-    lock = []
+    held = []  # the run directory's lock, once rank 0 holds it
     try:
         rank, world, local_rank, device = init_distributed(cfg.train.collective_timeout_s)
         return _train(cfg, rank, world, local_rank, device, str(resume), preempt, overwrite, list(allow_change),
-                      lock)
+                      held)
     except RuntimeError as e:
         first = str(e).splitlines()[0][:200] if str(e) else type(e).__name__
         if _is_timeout(e):
@@ -224,16 +190,10 @@ def run(config_path, overrides=(), resume: str = "auto", overwrite: bool = False
         raise
     finally:
         preempt.restore()
-        for held in lock:
-            held.release()
+        for lock in held:
+            lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def _say(caught: list) -> None:
-    """Print recorded warnings as one line each, naming their kind (no source line, no traceback)."""
-    for w in caught:
-        print(f"warning: {w.category.__name__}: {w.message}", file=sys.stderr, flush=True)
 
 
 def _is_timeout(e: BaseException) -> bool:
@@ -246,233 +206,126 @@ def _is_lost_peer(e: BaseException) -> bool:
     return "connection closed by peer" in text or "connection reset by peer" in text
 
 
-def _on_rank0(fn, rank: int, world: int):
-    """Collective: rank 0 runs ``fn``; its result, or its error, is every rank's."""
-    box = [None, None]
-    if rank == 0:
-        try:
-            box[0] = fn()
-        except (ValueError, OSError) as e:
-            box[1] = e
-    if world > 1:
-        dist.broadcast_object_list(box, src=0)
-    if box[1] is not None:
-        raise box[1]
-    return box[0]
-
-
-def _run_fingerprint(cfg: TrainConfig, layout: Layout, tokenizer) -> dict:
-    from .data import cache_key, resolve_files
-
-    files, fmt = resolve_files(cfg.data.path, cfg.data.format, cfg.data.max_bytes)
-    key = cache_key(files, fmt, cfg.data.text_field, tokenizer)
-    data = rundir.data_identity(cfg.data.path, fmt, cfg.data.text_field, files, key)
-    return rundir.fingerprint(layout.context_length, layout.global_batch, data, tokenizer.sha256)
-
-
 def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, resume: str,
-           preempt: Preemption, overwrite: bool = False, allow_change: list[str] = (), lock: list = None) -> int:
-    import deepspeed
-
-    from ..model import Transformer, apply_sequence_parallel
-    from . import evaluate
-    from .data import open_stream, prepare_data
+           preempt: Preemption, overwrite: bool = False, allow_change: list[str] = (), held: list = None) -> int:
+    """The components in order: layout, run directory and resume point, data, engine, outputs, the loop."""
     from .tokenizer import Tokenizer
 
     layout = build_layout(cfg, world, rank)
     run_dir = Path(cfg.run.dir)
-    ckpt_root = run_dir / "checkpoints"
+    root = run_dir / "checkpoints"
     tokenizer = Tokenizer(cfg.data.tokenizer)
     tokenizer.check_vocab(cfg.model.vocab_size)
-    fp = _run_fingerprint(cfg, layout, tokenizer)  # also checks data.path before anything is created
-
-    def own_run_dir() -> None:  # rank 0 holds the lock; the other ranks learn only the outcome
-        held = rundir.RunLock.acquire(run_dir)
-        try:
-            if resume == "none":
-                aside = rundir.start_fresh(run_dir, overwrite)
-                if aside is not None:
-                    print(f"--overwrite: the earlier run in {run_dir} was moved to {aside}", flush=True)
-        except BaseException:
-            held.release()
-            raise
-        if lock is not None:
-            lock.append(held)
-
-    _on_rank0(own_run_dir, rank, world)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        found = ckpt.find_checkpoint(ckpt_root, resume, rank, world)
-    _say(caught)
-    changes = []
-    if found is not None:
-        ckpt.check_compatible(found, asdict(cfg.model))
-        changed = rundir.changes(found.meta.get("fingerprint", {}), fp)
-        rundir.check_allowed(found.path, changed, allow_change)
-        changes = list(found.meta.get("changes", []))
-        if changed:
-            changes.append({"step": found.meta["step"], "time": time.time(), "changed": changed})
+    fingerprint = run_fingerprint(cfg, layout, tokenizer)  # also checks data.path before anything is created
+    own_run_dir(run_dir, resume, overwrite, layout, held)
+    start = Resume.find(root, resume, cfg, fingerprint, list(allow_change), layout)
+    if start.step >= cfg.train.steps:
+        if rank == 0:
+            print(f"checkpoint {start.found.path} is at step {start.step}, train.steps={cfg.train.steps}: "
+                  f"nothing to train; {run_dir} is left as it is", flush=True)
+        return 0
+    stream = _open_data(cfg, tokenizer, layout, local_rank)
+    layout = layout.with_groups(cfg.train.collective_timeout_s)
+    model = _build_model(cfg, layout, resumed=start.found is not None)
+    # Counted before DeepSpeed partitions anything (ZeRO-3 leaves empty local tensors).
+    flops_tok, n_params = model.flops_per_token(layout.context_length), model.num_params()
+    stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
+    engine = _engine(cfg, model, world, universal=start.convert(root, stage))
+    progress = start.load(engine)
+    saver = Saver(cfg, layout, root, stage, fingerprint, start.changes,
+                  last_step=progress.step if start.saved_under(root) else -1)
+    with RunOutputs(cfg, layout, progress.step, flops_tok, peak_flops(cfg, device)) as outputs:
+        t_start, tokens_before = time.time(), progress.tokens
+        progress, preempted = _loop(cfg, layout, engine, stream, progress, saver, outputs, preempt, device)
+        if preempted:
             if rank == 0:
-                print("resuming with allowed changes: " + "; ".join(changed.values()), flush=True)
-        if found.meta["step"] >= cfg.train.steps:
-            if rank == 0:
-                print(f"checkpoint {found.path} is at step {found.meta['step']}, train.steps={cfg.train.steps}: "
-                      f"nothing to train; {run_dir} is left as it is", flush=True)
-            return 0
+                print(f"preempted: checkpoint at step {progress.step}, exiting with {REQUEUE_EXIT_CODE}", flush=True)
+            return REQUEUE_EXIT_CODE
+        # Replicated parameters must be bitwise equal on every rank; record their digests.
+        digests = [None] * world
+        dist.all_gather_object(digests, param_digest(engine.module) if stage < 3 else None)
+        outputs.finish(progress.step, {
+            "derived": layout.sizes(), "parameters": n_params, "flops_per_token": flops_tok,
+            "wall_s_this_process": time.time() - t_start, "tokens_this_process": progress.tokens - tokens_before,
+            "checkpoint": str(root / ckpt.tag_for(progress.step)), "param_digests": digests})
+        return 0
+
+
+def _loop(cfg: TrainConfig, layout: Layout, engine, stream, progress: Progress, saver: Saver,
+          outputs: RunOutputs, preempt: Preemption, device) -> tuple[Progress, bool]:
+    """Train from ``progress`` to ``train.steps``: the progress reached, and whether a preemption ended it
+    (after its checkpoint)."""
+    while progress.step < cfg.train.steps:
+        if saver.at_boundary(engine, progress, preempt, device):
+            return progress, True
+        t0 = time.time()
+        loss = _train_step(engine, stream, layout, progress.consumed, device)
+        progress = progress.advance(layout)
+        outputs.log_step(progress.step, progress.tokens, loss, engine.get_lr()[0], time.time() - t0)
+        if saver.due(progress.step):
+            saver.save(engine, progress)
+        if _eval_due(cfg, progress.step):
+            table = evaluate.loss_by_position(engine, stream, layout, cfg.eval.buckets, device)
+            outputs.log_eval(table, progress.step)
+    return progress, False
+
+
+def _open_data(cfg: TrainConfig, tokenizer, layout: Layout, local_rank: int):
+    """Collective: the token stream, tokenised once per machine (by local rank 0) while the others wait."""
+    from .data import open_stream, prepare_data
+
     if local_rank == 0:
         prepare_data(cfg.data, tokenizer)
     dist.barrier()
-    stream = open_stream(cfg.data, tokenizer, layout.context_length)  # the caches are present now
-    layout = layout.with_groups(cfg.train.collective_timeout_s)
+    return open_stream(cfg.data, tokenizer, layout.context_length)  # the caches are present now
+
+
+def _build_model(cfg: TrainConfig, layout: Layout, resumed: bool) -> torch.nn.Module:
+    """The model from ``train.seed`` (or ``model.init_from``'s weights; a resumed run has its own),
+    with this rank's sequence-parallel context applied from outside."""
+    from ..model import Transformer, apply_sequence_parallel
 
     torch.manual_seed(cfg.train.seed)
     model = Transformer(cfg.model)
-    if cfg.model.init_from and found is None:  # a resumed run has its own weights
+    if cfg.model.init_from and not resumed:
         from ..hf.convert import load_init_weights
 
         load_init_weights(model, cfg.model)
     if layout.sp is not None:
         apply_sequence_parallel(model, layout.sp)
-    # Counted before DeepSpeed partitions anything (ZeRO-3 leaves empty local tensors).
-    flops_tok, n_params = model.flops_per_token(layout.context_length), model.num_params()
-    same_world = found is not None and found.meta["world_size"] == world
-    stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
-    # ZeRO partitions optimizer state by world size: another world size loads DeepSpeed's
-    # universal form, converted here on the fly (stage 0 keeps it whole and loads as is).
-    universal = ckpt.to_universal(found, ckpt_root, rank) if found is not None and not same_world \
-        and stage > 0 else None
+    return model
+
+
+def _engine(cfg: TrainConfig, model: torch.nn.Module, world: int, universal: bool):
+    """The DeepSpeed engine over ``model``; ``universal``: it is to load a checkpoint's universal form."""
+    import deepspeed
+
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                           config=deepspeed_config(cfg, world, universal is not None))
-    step = 0
-    consumed = 0
-    tokens_before = 0  # tokens trained on before this process (the checkpoint's count)
-    if found is not None:
-        ckpt.load(engine, found, universal, rank, same_world)
-        dist.barrier()
-        if universal is not None and rank == 0:
-            shutil.rmtree(universal, ignore_errors=True)
-        step, consumed = found.meta["step"], found.meta["consumed"]
-        # Checkpoints written before the count was recorded trained at this run's layout, if any.
-        tokens_before = found.meta.get("tokens", step * layout.tokens_per_step)
-    if rank == 0:
-        for warning in cfg.schedule_warnings():
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        import yaml
+                                           config=deepspeed_config(cfg, world, universal))
+    return engine
 
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _truncate_metrics(run_dir, step)
-        _say(caught)
 
-    def meta(at_step: int, at_consumed: int) -> dict:
-        return {"step": at_step, "consumed": at_consumed, "world_size": world,
-                "sequence_parallel": layout.sequence_parallel, "data_parallel": layout.data_parallel,
-                "zero_stage": stage, "model": asdict(cfg.model), "context_length": layout.context_length,
-                "tokens": tokens_before + tokens_seen, "fingerprint": fp, "changes": changes, "time": time.time()}
+def _train_step(engine, stream, layout: Layout, consumed: int, device) -> float:
+    """One optimizer step over ``grad_accum`` micro batches (see the module docstring for the loss
+    scaling); the mean loss over every token of the step's sequences."""
+    loss_sum = torch.zeros(2, dtype=torch.float64)
+    for micro in range(layout.grad_accum):
+        batch = stream.train_batch(consumed, micro, layout.dp_rank, layout.data_parallel, layout.micro_batch,
+                                   layout.start, layout.end)
+        local_sum, count = engine(batch.tokens.to(device), batch.labels.to(device), batch.positions.to(device))
+        # Tokens of the whole sequence(s): every SP rank's count, summed.
+        total = float(count) if layout.sp is None else _sp_sum(count, layout.sp, device)
+        engine.backward(local_sum * (layout.sequence_parallel / total))
+        engine.step()
+        loss_sum += torch.tensor([float(local_sum.detach()), float(count)], dtype=torch.float64)
+    both = loss_sum.to(device)
+    dist.all_reduce(both)
+    return float(both[0] / both[1])
 
-    def save(at_step: int) -> None:
-        nonlocal last_saved, last_save_time
-        ckpt.save(engine, ckpt_root, at_step, meta(at_step, consumed), cfg.checkpoint.keep, rank, world)
-        last_saved, last_save_time = at_step, time.time()
 
-    peak = peak_flops(cfg, device)
-    writer = bar = None
-    if rank == 0 and cfg.run.tensorboard:
-        from torch.utils.tensorboard import SummaryWriter
-
-        # Events after the checkpoint's step are redone by this run; the checkpoint's own step stays.
-        writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=step + 1)
-    if rank == 0 and cfg.train.progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.train.steps, initial=step, desc="train", dynamic_ncols=True)
-    # A checkpoint of this run needs no second save if preempted before the first step.
-    last_saved = step if found is not None and found.root.resolve() == ckpt_root.resolve() else -1
-    t_start = last_save_time = time.time()
-    every_s = cfg.checkpoint.every_minutes * 60
-    tokens_seen = 0
-    try:
-        while step < cfg.train.steps:
-            stop, save_due = preempt.agreed(device, every_s > 0 and time.time() - last_save_time >= every_s)
-            if save_due and not stop and last_saved != step and step > 0:
-                save(step)
-            if stop:
-                if last_saved != step:
-                    save(step)
-                if rank == 0:
-                    print(f"preempted: checkpoint at step {step}, exiting with {REQUEUE_EXIT_CODE}", flush=True)
-                return REQUEUE_EXIT_CODE
-            t0 = time.time()
-            loss_sum = torch.zeros(2, dtype=torch.float64)
-            for micro in range(layout.grad_accum):
-                batch = stream.train_batch(consumed, micro, layout.dp_rank, layout.data_parallel, layout.micro_batch,
-                                           layout.start, layout.end)
-                local_sum, count = engine(batch.tokens.to(device), batch.labels.to(device),
-                                          batch.positions.to(device))
-                # Tokens of the whole sequence(s): every SP rank's count, summed.
-                total = float(count) if layout.sp is None else _sp_sum(count, layout.sp, device)
-                engine.backward(local_sum * (layout.sequence_parallel / total))
-                engine.step()
-                loss_sum += torch.tensor([float(local_sum.detach()), float(count)], dtype=torch.float64)
-            both = loss_sum.to(device)
-            dist.all_reduce(both)
-            loss = float(both[0] / both[1])
-            step += 1
-            consumed += layout.global_batch
-            dt = time.time() - t0
-            tokens_seen += layout.tokens_per_step
-            if rank == 0:
-                tps = layout.tokens_per_step / dt
-                mfu = flops_tok * tps / (world * peak) if peak else None
-                lr = engine.get_lr()[0]
-                row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens_before + tokens_seen,
-                       "tokens_per_s": tps, "mfu": mfu, "step_time_s": dt}
-                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    with (run_dir / "metrics.jsonl").open("a") as f:
-                        f.write(json.dumps(row) + "\n")
-                if writer is not None:
-                    writer.add_scalar("train/loss", loss, step)
-                    writer.add_scalar("train/tokens_per_s", tps, step)
-                    if lr is not None:
-                        writer.add_scalar("train/lr", lr, step)
-                    if mfu is not None:
-                        writer.add_scalar("train/mfu", mfu, step)
-                if bar is not None:
-                    post = {"loss": f"{loss:.4f}", "tok/s": f"{tps:,.0f}"}
-                    if mfu is not None:
-                        post["mfu"] = f"{100 * mfu:.1f}%"
-                    bar.set_postfix(post)
-                    bar.update(1)
-            at_end = step == cfg.train.steps
-            if at_end or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                save(step)
-            if cfg.data.eval_sequences and (at_end or (cfg.train.eval_every and step % cfg.train.eval_every == 0)):
-                table = evaluate.loss_by_position(engine, stream, layout, cfg.eval.buckets, device)
-                if rank == 0:
-                    evaluate.write_eval(run_dir, table, step)
-                    if writer is not None:
-                        for r in table:
-                            writer.add_scalar(f"eval/loss_pos_{r['start']}", r["loss"], step)
-        # Replicated parameters must be bitwise equal on every rank; record their digests.
-        digests = [None] * world
-        dist.all_gather_object(digests, param_digest(engine.module) if stage < 3 else None)
-        if rank == 0:
-            evaluate.plot_loss(run_dir)
-            rows = evaluate.read_metrics(run_dir)
-            summary = {"steps": step, "final_loss": rows[-1]["loss"] if rows else None,
-                       "derived": layout.sizes(), "parameters": n_params,
-                       "flops_per_token": flops_tok, "wall_s_this_process": time.time() - t_start,
-                       "tokens_this_process": tokens_seen, "checkpoint": str(ckpt_root / ckpt.tag_for(step)),
-                       "param_digests": digests}
-            (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        return 0
-    finally:
-        if bar is not None:
-            bar.close()
-        if writer is not None:
-            writer.close()
+def _eval_due(cfg: TrainConfig, step: int) -> bool:
+    every = cfg.train.eval_every
+    return bool(cfg.data.eval_sequences) and (step == cfg.train.steps or bool(every and step % every == 0))
 
 
 def param_digest(module: torch.nn.Module) -> str:
@@ -487,31 +340,3 @@ def _sp_sum(count: torch.Tensor, ctx, device) -> float:
     t = count.detach().to(device=device, dtype=torch.float64).reshape(1)
     dist.all_reduce(t, group=ctx.group)
     return float(t.item())
-
-
-def _truncate_metrics(run_dir: Path, step: int) -> None:
-    """Keep the metric rows up to ``step``: a resumed run rewrites what came after its checkpoint.
-
-    A torn last line (the process was killed while appending it) is dropped with a
-    :class:`MetricsCorrupt` warning; a bad line before the end is an error naming the file and line.
-    """
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return
-    lines = [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
-    rows = []
-    for i, line in enumerate(lines):
-        try:
-            row_step = json.loads(line)["step"]
-        except (ValueError, KeyError, TypeError):
-            if i == len(lines) - 1:
-                warnings.warn(MetricsCorrupt(f"{path}: the last line is torn ({line[:60]!r}); dropped"),
-                              stacklevel=2)
-                break
-            raise ValueError(f"{path}: line {i + 1} is not a metrics row ({line[:60]!r}); fix or remove it") \
-                from None
-        if row_step <= step:
-            rows.append(line)
-    tmp = path.with_name(".metrics.jsonl.tmp")
-    tmp.write_text("".join(r + "\n" for r in rows))
-    os.replace(tmp, path)

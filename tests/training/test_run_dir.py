@@ -286,16 +286,16 @@ def test_a_finished_run_resumed_trains_nothing_and_keeps_its_files(tmp_path, str
 
 
 def test_a_torn_last_metrics_line_is_dropped_with_a_warning(tmp_path):
-    from sparse_parallel.training.trainer import MetricsCorrupt, _truncate_metrics
+    from sparse_parallel.training.outputs import MetricsCorrupt, truncate_metrics
 
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1, "loss": 5.0}\n{"step": 2, "loss": 4.9}\n{"step": 3, "lo')
     with pytest.warns(MetricsCorrupt, match=rf"{path}: the last line is torn"):
-        _truncate_metrics(tmp_path, 2)
+        truncate_metrics(tmp_path, 2)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
     path.write_text('{"step": 1, "loss": 5.0}\nxx\n{"step": 2, "loss": 4.9}\n')
     with pytest.raises(ValueError, match=rf"{path}: line 2 is not a metrics row"):
-        _truncate_metrics(tmp_path, 2)
+        truncate_metrics(tmp_path, 2)
 
 
 def test_launch_refuses_a_fresh_start_in_a_used_run_dir_before_starting(tmp_path, capsys):

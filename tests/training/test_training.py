@@ -176,7 +176,7 @@ def test_a_second_ctrl_c_exits_at_once():
     import sys
 
     code = ("import os, signal, time\n"
-            "from sparse_parallel.training.trainer import Preemption\n"
+            "from sparse_parallel.training.preemption import Preemption\n"
             "p = Preemption()\n"
             "os.kill(os.getpid(), signal.SIGINT)\n"
             "print('flag', p.flag, flush=True)\n"
