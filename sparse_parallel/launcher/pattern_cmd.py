@@ -31,7 +31,9 @@ def load_pattern(file: str | None, specs: list[str], causal: bool) -> Pattern:
         return Pattern.from_dict(data)
     if not specs:
         raise ValueError("give component specs (e.g. window:left=64 strided:stride=16) or --file")
-    return Pattern(tuple(parse_component(s) for s in specs), causal=causal)
+    parts = [parse_component(s) for s in specs]  # a shorthand (dilated) gives a whole causal pattern
+    components = tuple(c for p in parts for c in (p.components if isinstance(p, Pattern) else (p,)))
+    return Pattern(components, causal=causal)
 
 
 def run(args) -> int:
@@ -46,20 +48,18 @@ def run(args) -> int:
 
 
 def components_help() -> str:
-    """The component types and their keys (with defaults), from the component classes themselves."""
-    import dataclasses
+    """The component types and their keys (with defaults), from the registry the configs read."""
+    import inspect
 
-    from ..patterns.components import COMPONENT_TYPES
+    from ..patterns.pattern import KINDS
 
     lines = ["component types (spec: TYPE:key=value,key=value):"]
-    for kind, cls in sorted(COMPONENT_TYPES.items()):
+    for kind, make in sorted(KINDS.items()):
         keys = []
-        for f in dataclasses.fields(cls):
-            if not f.init:
-                continue
-            has_default = f.default is not dataclasses.MISSING
-            keys.append(f"{f.name}={f.default!r}" if has_default else f"{f.name} (required)")
-        doc = (cls.__doc__ or "").strip().splitlines()[0]
+        for name, p in inspect.signature(make).parameters.items():
+            has_default = p.default is not inspect.Parameter.empty
+            keys.append(f"{name}={p.default!r}" if has_default else f"{name} (required)")
+        doc = (make.__doc__ or "").strip().splitlines()[0]
         lines.append(f"  {kind}: {', '.join(keys)}\n      {doc}")
     lines.append("example: sparse-parallel pattern show window:left=64 strided:stride=16 global:first=4 --out p.png")
     return "\n".join(lines)

@@ -1,12 +1,13 @@
 """Autoregressive decoding with a key/value cache that keeps only what the pattern can still reach.
 
 After position t has been processed, a cached key j is needed again only if some later query
-i > t may attend to it.  Per component (causal patterns):
+i > t may attend to it, which every component says through its own geometry (causal patterns):
 
-* ``Window(left)``: the keys ``j >= t + 1 - left`` -- W keys at most;
-* ``Strided(stride, offset, span)``: its own keys (``j % stride == offset``), within ``span`` of t + 1;
-* ``Global``: the global keys, always; a global *query* still to come sees every key, so until the
-  last one has been decoded everything is kept;
+* a term ``lo_rel*i + lo_c <= j <= hi_rel*i + hi_c, j = r (mod m)`` keeps j if some i in
+  ``(t, max_len)`` satisfies it -- a window keeps its last W keys, a strided level its own keys
+  within its span;
+* listed keys (``explicit_keys``: global keys) are kept always; a global *query* row still to come
+  sees every key, so until the last one has been decoded everything is kept;
 * block-list components (random blocks, layouts, top-k): their choices are per key block of a
   query block not yet seen, so everything is kept (``LayerCache.keeps_all`` says why).
 
@@ -19,7 +20,6 @@ import torch
 
 from ..api import sparse_attention
 from ..patterns import Pattern
-from ..patterns.components import Global, Strided, Window
 
 
 class LayerCache:
@@ -41,20 +41,28 @@ class LayerCache:
         """Keys among positions ``j`` that a query after position ``t`` may still attend to."""
         if self.keeps_all:
             return torch.ones_like(j, dtype=torch.bool)
-        nxt = t + 1
+        nxt, last = t + 1, self.max_len - 1
         keep = torch.zeros_like(j, dtype=torch.bool)
         for c in self.pattern.components:
-            if isinstance(c, Window):
-                keep |= j >= nxt - c.left
-            elif isinstance(c, Strided):
-                own = torch.remainder(j, c.stride) == c.offset
-                keep |= own if c.span is None else own & (nxt - j < c.span)
-            elif isinstance(c, Global):
-                keep |= c.is_global(j)
-                if c.queries and (c.first > nxt or any(p >= nxt for p in c.positions)):
-                    keep[:] = True
-            else:  # a component this rule does not know: keep everything rather than guess
-                keep[:] = True
+            rows = c.global_rows(self.max_len, True)
+            if rows is not None and bool((rows >= nxt).any()):
+                return torch.ones_like(j, dtype=torch.bool)
+            listed = c.explicit_keys(self.max_len)
+            if listed is not None:
+                keep |= torch.isin(j, listed.to(j.device))
+            for term in c.terms():
+                # the queries i in [nxt, last] whose range holds j: i <= j - lo_c (lo_rel 1) and
+                # i >= j - hi_c (hi_rel 1); a constant bound holds for every query or none
+                i_lo = torch.clamp(j - term.hi_c, min=nxt) if term.hi_rel else torch.full_like(j, nxt)
+                i_hi = torch.clamp(j - term.lo_c, max=last) if term.lo_rel else torch.full_like(j, last)
+                seen = i_lo <= i_hi
+                if not term.lo_rel:
+                    seen &= j >= term.lo_c
+                if not term.hi_rel:
+                    seen &= j <= term.hi_c
+                if term.m != 1:
+                    seen &= torch.remainder(j - term.r, term.m) == 0
+                keep |= seen
         return keep
 
     def attend(self, q, k, v, positions: torch.Tensor, scale=None) -> torch.Tensor:

@@ -36,3 +36,13 @@ def test_pattern_show_reads_yaml_file(tmp_path, capsys):
 def test_pattern_show_bad_input(args, message, capsys):
     assert main(args) == 2
     assert message in capsys.readouterr().err
+
+
+def test_pattern_show_takes_the_dilated_shorthand_and_lists_it(capsys):
+    assert main(["pattern", "show", "window:left=8", "dilated:window=4,levels=2", "--n", "64"]) == 0
+    text = capsys.readouterr().out
+    printed = json.loads(text[text.index("{"):])
+    p = sp.Window(8) | sp.Dilated(4, 2)
+    assert printed["describe"]["pairs"] == int(p.mask(64).sum())
+    from sparse_parallel.launcher.pattern_cmd import components_help
+    assert "dilated: window (required), levels (required), growth=2" in components_help()
