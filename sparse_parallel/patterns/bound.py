@@ -27,6 +27,8 @@ class BoundPattern:
     ``component_rows[c]``: its global query rows (None if it has none at any length);
     ``global_rows``: their union, the rows that see every key; ``global_keys``: the keys of every
     component with ``shared_keys``.  All sorted int64 on the host; the tables are on ``device``.
+    ``doc_start`` / ``doc_end``: int32 ``[Bd, n]`` on ``device``, the bounds of each position's document
+    (None without documents); a global query row sees every key of its document only.
     """
 
     pattern: object  # a Pattern (pattern.py imports this module, not the other way round)
@@ -38,9 +40,15 @@ class BoundPattern:
     component_rows: tuple = field(init=False, repr=False, compare=False)
     global_rows: torch.Tensor = field(init=False, repr=False, compare=False)
     global_keys: torch.Tensor = field(init=False, repr=False, compare=False)
+    doc_start: torch.Tensor | None = field(init=False, repr=False, compare=False)
+    doc_end: torch.Tensor | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         n, comps = self.n, self.pattern.components
+        docs = self.pattern.documents
+        start, end = docs.bounds(n, self.device) if docs is not None else (None, None)
+        object.__setattr__(self, "doc_start", start)
+        object.__setattr__(self, "doc_end", end)
         explicit = tuple(c.explicit_keys(n) for c in comps)
         rows = tuple(c.global_rows(n, self.pattern.causal) for c in comps)
         shared = []
@@ -52,8 +60,19 @@ class BoundPattern:
         object.__setattr__(self, "global_rows", _union(rows))
         object.__setattr__(self, "global_keys", _union(shared))
 
+    @property
+    def documents(self):
+        """The pattern's ``Documents`` (None: the whole sequence is one document)."""
+        return self.pattern.documents
+
+    def check_batch(self, batch: int) -> None:
+        """Raise ValueError unless the documents (if any) fit a batch of ``batch`` sequences."""
+        if self.documents is not None:
+            self.documents.validate(self.n, batch)
+
     def allows(self, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
-        """Allowed pairs for query positions ``i [C]`` and keys ``j [K]`` -> bool ``[Bt, Ht, C, K]``."""
+        """Allowed pairs for query positions ``i [C]`` and keys ``j [K]`` -> bool ``[Bt, Ht, C, K]``
+        (``Bt`` the batch size when the tables or the documents differ between batch elements)."""
         ok = torch.zeros(1, 1, len(i), len(j), dtype=torch.bool, device=i.device)
         for index in range(len(self.pattern.components)):
             ok = ok | self.component_allows(index, i, j, bounds=False)
@@ -92,28 +111,45 @@ class BoundPattern:
         return ok & self._bounds(i, j)
 
     def _bounds(self, i, j):
+        """Keys in the sequence, not later when causal, in the query's document -> ``[C, K]`` or
+        ``[Bd, 1, C, K]`` with documents."""
         ii, jj = i[:, None], j[None, :]
         ok = (jj < self.n) & (jj >= 0)
-        return ok & (jj <= ii) if self.pattern.causal else ok
+        if self.pattern.causal:
+            ok = ok & (jj <= ii)
+        if self.doc_start is None:
+            return ok
+        start = self.doc_start.to(i.device)[:, i][:, None, :, None]  # [Bd, 1, C, 1]
+        end = self.doc_end.to(i.device)[:, i][:, None, :, None]
+        return ok & (jj >= start) & (jj < end)
+
+    def key_reach(self, start: int, end: int) -> tuple[int, int]:
+        """[first, stop): the keys that queries in ``[start, end)`` may see lie in this range: the whole
+        sequence (causal: up to ``end``), cut to the documents of those queries."""
+        first, stop = 0, end if self.pattern.causal else self.n
+        if self.documents is not None:
+            lo, hi = self.documents.reach(start, end)
+            first, stop = lo, min(stop, hi)
+        return first, stop
 
     def candidates(self, start: int, end: int) -> torch.Tensor:
         """Sorted key positions that queries in ``[start, end)`` may see (a superset)."""
-        n, dev = self.n, self.device
-        hi_causal = end if self.pattern.causal else n
+        dev = self.device
+        first, stop = self.key_reach(start, end)
         rows = self.global_rows
         if len(rows) and bool(((rows >= start) & (rows < end)).any()):
-            return torch.arange(0, hi_causal, device=dev)
+            return torch.arange(first, stop, device=dev)
         parts = []
         for c, keys in zip(self.pattern.components, self.explicit_keys):
-            parts += [term.keys(start, end, hi_causal, dev) for term in c.terms()]
+            parts += [term.keys(start, end, stop, dev, floor=first) for term in c.terms()]
             if keys is not None:
-                parts.append(keys[keys < hi_causal].to(dev))
+                parts.append(keys[(keys >= first) & (keys < stop)].to(dev))
         for comp, table in zip(self.pattern.block_components, self.tables):
             qb = torch.arange(start // comp.block, (end - 1) // comp.block + 1, device=table.device)
             kb = table[:, :, qb].unique()
             kb = kb[kb >= 0].to(dev)
             keys = (kb[:, None] * comp.block + torch.arange(comp.block, device=dev)).flatten()
-            parts.append(keys[keys < hi_causal])
+            parts.append(keys[(keys >= first) & (keys < stop)])
         if not parts:
             return torch.zeros(0, dtype=torch.long, device=dev)
         return torch.cat(parts).unique()

@@ -9,6 +9,11 @@ global positions and block-list keys are added where no structured term covers
 them.  Global query rows see every (not later) key.  Everything is read from the
 bound pattern (``bound.py``) and the components' terms, so this module imports no
 component type.
+
+Within documents every key range of a query is cut to its document: the lower
+bound to at least the document's start, the upper one to at most its end - 1,
+per batch element, so the terms stay intervals and the count stays exact; no
+n x n structure is built for that either.
 """
 from __future__ import annotations
 
@@ -39,17 +44,23 @@ def _ap_count(lo, hi, m: int, r: int):
 
 
 class _Terms:
-    """The structured terms of a pattern for one chunk of queries."""
+    """The structured terms of a pattern for one chunk of queries ``i [C]``, as key intervals
+    ``[floor, top]`` per (batch element, query): ``[Bd, 1, C]`` (Bd = 1 without documents)."""
 
-    def __init__(self, pattern, i: torch.Tensor, n: int):
+    def __init__(self, pattern, i: torch.Tensor, n: int, bound=None):
         self.terms = []  # (lo, hi, m, r)
         top = i if pattern.causal else torch.full_like(i, n - 1)
-        self.top = top.clamp(max=n - 1)
-        zero = torch.zeros_like(i)
+        top = top.clamp(max=n - 1)[None, None]
+        floor = torch.zeros_like(top)
+        if bound is not None and bound.doc_start is not None:
+            floor = bound.doc_start[:, i].long()[:, None]
+            top = torch.minimum(top, bound.doc_end[:, i].long()[:, None] - 1)
+        self.floor, self.top = floor, top
+        zero = torch.zeros_like(top)
         for c in pattern.components:
             for term in c.terms():
                 lo, hi = term.bounds(i)
-                self._add(zero + lo, zero + hi, term.m, term.r)  # _add clamps to [0, top]
+                self._add(zero + lo, zero + hi, term.m, term.r)  # _add clamps to [floor, top]
         self.subsets = []
         for size in range(1, len(self.terms) + 1):
             for combo in itertools.combinations(range(len(self.terms)), size):
@@ -63,7 +74,12 @@ class _Terms:
                     self.subsets.append((combo, m, r, 1 if size % 2 else -1))
 
     def _add(self, lo, hi, m, r):
-        self.terms.append((lo.clamp(min=0), torch.minimum(hi, self.top), m, r))
+        self.terms.append((torch.maximum(lo, self.floor), torch.minimum(hi, self.top), m, r))
+
+    @property
+    def size(self):
+        """Keys in ``[floor, top]``: what a global query row sees."""
+        return (self.top - self.floor + 1).clamp(min=0)
 
     def count(self, lo=None, hi=None):
         """|union of terms| per query, optionally within keys [lo, hi]."""
@@ -84,19 +100,35 @@ class _Terms:
         return hit
 
 
+def _listed(terms: _Terms, pos: torch.Tensor, lo, hi):
+    """Listed keys ``pos`` (sorted) in ``[lo, hi]`` that no structured term covers, per query."""
+    inside = (torch.searchsorted(pos, hi.contiguous(), right=True) - torch.searchsorted(pos, lo.contiguous()))
+    inside = inside.clamp(min=0)
+    if terms.terms and inside.numel():
+        # Only the listed keys within this chunk's key ranges can be covered twice.
+        for p in pos[(pos >= int(lo.min())) & (pos <= int(hi.max()))].tolist():
+            inside = inside - ((lo <= p) & (p <= hi) & terms.covers(p)).long()
+    return inside
+
+
 def per_query_counts(pattern, n: int, heads: int = 1, q=None, k=None):
-    """Allowed keys per query -> int64 ``[Bt, Ht, n]`` and whether the count is exact."""
+    """Allowed keys per query -> int64 ``[B, Ht, n]`` and whether the count is exact; ``B`` is 1 or the
+    number of batch elements whose counts differ (rows of the documents, TopKBlocks' data)."""
     chosen = [c for c in pattern.components if c.data_dependent]
     if chosen and (q is None or k is None):
         # Without the data, a data-dependent component's count is its own bound (exact when alone).
         others = tuple(c for c in pattern.components if not c.data_dependent)
         base = per_query_counts(dataclasses.replace(pattern, components=others), n, heads)[0] if others else None
         i = torch.arange(n)
-        top = i if pattern.causal else torch.full_like(i, n - 1)
-        cnt = chosen[0].counts_without_data(n, pattern.causal)[None, None]
+        top = (i if pattern.causal else torch.full_like(i, n - 1))[None, None]
+        reach = top + 1
+        if pattern.documents is not None:
+            start, end = pattern.documents.bounds(n)
+            reach = torch.minimum(top, end.long()[:, None] - 1) - start.long()[:, None] + 1
+        cnt = torch.minimum(chosen[0].counts_without_data(n, pattern.causal)[None, None], reach)
         if base is not None:
-            cnt = torch.minimum(base + cnt, (top + 1)[None, None])
-        return cnt, len(pattern.components) == 1
+            cnt = torch.minimum(base + cnt, reach)
+        return cnt, len(pattern.components) == 1 and pattern.documents is None
     bound = pattern.bind(n, heads, q=q, k=k)
     table, block = bound.merged_table()
     listed = [keys for keys in bound.explicit_keys if keys is not None]
@@ -104,29 +136,25 @@ def per_query_counts(pattern, n: int, heads: int = 1, q=None, k=None):
     chunks = []
     for s in range(0, n, _CHUNK):
         i = torch.arange(s, min(n, s + _CHUNK))
-        terms = _Terms(pattern, i, n)
-        cnt = terms.count()
+        terms = _Terms(pattern, i, n, bound)
+        cnt = terms.count()  # [Bd, 1, C]
         if len(pos):
-            extra = torch.zeros_like(cnt)
-            for p in pos.tolist():
-                extra += ((p <= terms.top) & ~terms.covers(torch.tensor(p))).long()
-            cnt = cnt + extra
-        cnt = cnt[None, None]
+            cnt = cnt + _listed(terms, pos, terms.floor, terms.top)
         if table is not None:
             rows = table[:, :, i // block]  # [Bt, Ht, C, w]
-            lo = rows * block
-            hi = torch.minimum(lo + block - 1, terms.top[None, None, :, None])
+            # Each listed key block, cut to the query's reach (causal, its document).
+            lo = torch.maximum(rows * block, terms.floor[..., None])
+            hi = torch.minimum(rows * block + block - 1, terms.top[..., None])
             valid = (rows >= 0) & (hi >= lo)
             size = torch.where(valid, hi - lo + 1, 0)
             inside = torch.zeros_like(size)
             for w in range(rows.shape[-1]):
                 a, b = lo[..., w], hi[..., w]
-                inside[..., w] = terms.count(a, b) if terms.subsets else 0
-                for p in pos.tolist():
-                    inside[..., w] += ((a <= p) & (p <= b) & (p <= terms.top) & ~terms.covers(torch.tensor(p))).long()
+                got = terms.count(a, b) if terms.subsets else torch.zeros_like(a)
+                inside[..., w] = got + _listed(terms, pos, a, b) if len(pos) else got
             cnt = cnt + torch.where(valid, size - inside, 0).sum(-1)
         if len(bound.global_rows):
-            cnt = torch.where(torch.isin(i, bound.global_rows), terms.top + 1, cnt)
+            cnt = torch.where(torch.isin(i, bound.global_rows), terms.size, cnt)
         chunks.append(cnt)
     return torch.cat(chunks, dim=-1), True
 
@@ -134,7 +162,8 @@ def per_query_counts(pattern, n: int, heads: int = 1, q=None, k=None):
 def describe(pattern, n: int, heads: int = 1, dim: int = 128, q=None, k=None) -> dict:
     counts, exact = per_query_counts(pattern, n, heads, q=q, k=k)
     per_head = counts.shape[1] > 1
-    pairs = int(counts.sum()) * (1 if per_head else heads) // max(1, counts.shape[0])
+    batch = counts.shape[0]  # the sequences counted: rows of the documents or of TopKBlocks' data
+    pairs = int(counts.sum()) * (1 if per_head else heads)
     causal_pairs = n * (n + 1) // 2 if pattern.causal else n * n
     fwd = 4 * pairs * dim
     c = counts.double()
@@ -142,11 +171,12 @@ def describe(pattern, n: int, heads: int = 1, dim: int = 128, q=None, k=None) ->
         "n": n,
         "heads": heads,
         "dim": dim,
+        "batch": batch,
         "causal": pattern.causal,
         "keys_per_query": {"min": int(counts.min()), "mean": float(c.mean()), "max": int(counts.max())},
         "pairs": pairs,
-        "density": pairs / (heads * n * n),
-        "density_of_causal": pairs / (heads * causal_pairs),
+        "density": pairs / (batch * heads * n * n),
+        "density_of_causal": pairs / (batch * heads * causal_pairs),
         "useful_flops_fwd": fwd,
         "useful_flops_fwd_bwd": int(3.5 * fwd),
         "exact": exact,

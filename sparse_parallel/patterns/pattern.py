@@ -1,8 +1,9 @@
 """The pattern language's core: what a component is (``Term``, ``Component``) and their union, ``Pattern``.
 
 A (query i, key j, head h) pair is allowed iff (not causal or j <= i) and at
-least one component allows it; each allowed pair counts once in the softmax.
-``Pattern`` is immutable, hashable and serialisable.  ``Pattern.bind`` fixes the
+least one component allows it -- and, for a pattern ``within`` documents, i and j
+lie in the same document of their batch element; each allowed pair counts once
+in the softmax.  ``Pattern`` is immutable, hashable and serialisable.  ``Pattern.bind`` fixes the
 sequence length and head count (and, for ``TopKBlocks``, the data) and compiles
 it into a ``BoundPattern`` (``bound.py``): what the eager reference, the kernel
 planner and the sequence-parallel plans read.
@@ -22,6 +23,7 @@ import torch
 
 from .bound import BoundPattern
 from .counting import describe
+from .documents import Documents
 
 #: ``Pattern.mask`` refuses sequences longer than this (an n x n bool per head).
 MAX_MASK_N = 8192
@@ -52,16 +54,16 @@ class Term:
         """Unclamped (lo, hi) key bounds at query positions ``i`` (ints or tensors)."""
         return self.lo_rel * i + self.lo_c, self.hi_rel * i + self.hi_c
 
-    def key_range(self, start: int, end: int, top: int) -> tuple[int, int]:
-        """(first, stop): the keys below ``top`` that some query in ``[start, end)`` may see are
+    def key_range(self, start: int, end: int, top: int, floor: int = 0) -> tuple[int, int]:
+        """(first, stop): the keys in ``[floor, top)`` that some query in ``[start, end)`` may see are
         ``range(first, stop, m)`` (empty when stop <= first)."""
-        lo = max(0, self.lo_rel * start + self.lo_c)
+        lo = max(floor, self.lo_rel * start + self.lo_c)
         stop = min(top, self.hi_rel * (end - 1) + self.hi_c + 1)
         return lo + (self.r - lo) % self.m, stop
 
-    def keys(self, start: int, end: int, top: int, device=None) -> torch.Tensor:
-        """Sorted key positions below ``top`` that some query in ``[start, end)`` may see."""
-        first, stop = self.key_range(start, end, top)
+    def keys(self, start: int, end: int, top: int, device=None, floor: int = 0) -> torch.Tensor:
+        """Sorted key positions in ``[floor, top)`` that some query in ``[start, end)`` may see."""
+        first, stop = self.key_range(start, end, top, floor)
         return torch.arange(first, max(first, stop), self.m, device=device)
 
 
@@ -172,10 +174,23 @@ def component_from_dict(d: dict) -> Component | Pattern:
         raise ValueError(f"component {kind!r}: {e}") from None
 
 
+def _same_documents(a: Documents | None, b: Documents | None) -> Documents | None:
+    """The documents of a union: a pattern is restricted to its documents as a whole, so joining
+    a pattern within documents and one without restricts the union; two different ones conflict."""
+    if a is not None and b is not None and a != b:
+        raise ValueError("cannot join patterns within different documents; join them first, then call "
+                         ".within(documents) on the result")
+    return a if a is not None else b
+
+
 @dataclass(frozen=True)
 class Pattern:
+    """A union of components, causal or not, optionally restricted to packed ``documents``."""
+
     components: tuple[Component, ...]
     causal: bool = True
+    #: With documents, a pair is allowed only inside one document of its batch element (``within``).
+    documents: Documents | None = None
 
     def __post_init__(self):
         comps = self.components
@@ -183,10 +198,15 @@ class Pattern:
             comps = tuple(comps)
         if isinstance(comps, (Component, Pattern)):
             comps = (comps,)
+        if self.documents is not None and not isinstance(self.documents, Documents):
+            raise ValueError(f"Pattern.documents must be a Documents or None, got {type(self.documents).__name__}"
+                             " (build one with Documents.from_lengths or Documents.from_offsets)")
+        docs = self.documents
         flat: list[Component] = []
         for c in comps:
             if isinstance(c, Pattern):
                 flat.extend(c.components)
+                docs = _same_documents(docs, c.documents)
             elif isinstance(c, Component):
                 flat.append(c)
             else:
@@ -196,21 +216,36 @@ class Pattern:
         if not isinstance(self.causal, bool):
             raise ValueError(f"Pattern.causal must be True or False, got {self.causal!r}")
         object.__setattr__(self, "components", tuple(dict.fromkeys(flat)))
+        object.__setattr__(self, "documents", docs)
 
     def __or__(self, other) -> "Pattern":
         if isinstance(other, Pattern):
             if other.causal != self.causal:
                 raise ValueError("cannot join a causal and a non-causal Pattern; set causal= on the result "
                                  "with Pattern(a | b, causal=...) or .with_causal()")
-            return Pattern(self.components + other.components, self.causal)
+            return Pattern(self.components + other.components, self.causal,
+                           _same_documents(self.documents, other.documents))
         if isinstance(other, Component):
-            return Pattern(self.components + (other,), self.causal)
+            return Pattern(self.components + (other,), self.causal, self.documents)
         return NotImplemented
 
     __ror__ = __or__
 
     def with_causal(self, causal: bool) -> "Pattern":
         return replace(self, causal=causal)
+
+    def within(self, documents: Documents | None) -> "Pattern":
+        """The same pattern restricted to ``documents``: a pair (i, j) of batch element b is allowed iff the
+        pattern allows it and i, j lie in one document of b (None: no restriction)."""
+        if documents is not None and not isinstance(documents, Documents):
+            raise ValueError(f"Pattern.within takes a Documents or None, got {type(documents).__name__} "
+                             "(build one with Documents.from_lengths or Documents.from_offsets)")
+        return replace(self, documents=documents)
+
+    @property
+    def plain(self) -> "Pattern":
+        """The pattern without documents: its structure, which plans keyed by the pattern depend on."""
+        return self if self.documents is None else replace(self, documents=None)
 
     # -- inspection -------------------------------------------------------
     def of_type(self, cls) -> tuple:
@@ -247,24 +282,33 @@ class Pattern:
 
     # -- serialisation ----------------------------------------------------
     def to_dict(self) -> dict:
-        return {"causal": self.causal, "components": [c.to_dict() for c in self.components]}
+        out = {"causal": self.causal, "components": [c.to_dict() for c in self.components]}
+        if self.documents is not None:
+            out["documents"] = [list(row) for row in self.documents.offsets]
+        return out
 
     @classmethod
     def from_dict(cls, d: dict) -> "Pattern":
         if not isinstance(d, dict):
             raise ValueError(f"a pattern must be a dict with keys 'components' and 'causal', got {d!r}")
-        unknown = set(d) - {"components", "causal"}
+        unknown = set(d) - {"components", "causal", "documents"}
         if unknown:
-            raise ValueError(f"unknown pattern key(s) {sorted(unknown)}; allowed: ['causal', 'components']")
+            raise ValueError(f"unknown pattern key(s) {sorted(unknown)}; allowed: ['causal', 'components', "
+                             "'documents']")
         if "components" not in d or not isinstance(d["components"], list):
             raise ValueError("pattern.components must be a list of component dicts")
-        return cls(tuple(component_from_dict(c) for c in d["components"]), d.get("causal", True))
+        docs = d.get("documents")
+        return cls(tuple(component_from_dict(c) for c in d["components"]), d.get("causal", True),
+                   None if docs is None else Documents.from_offsets(docs))
 
     # -- binding ----------------------------------------------------------
     def bind(self, n: int, heads: int = 1, q=None, k=None, device=None) -> BoundPattern:
-        """Fix sequence length ``n`` and query-head count: build the block tables and compile the rest."""
+        """Fix sequence length ``n`` and query-head count: build the block tables and compile the rest
+        (the documents are checked against ``n``)."""
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"sequence length n must be an integer >= 1, got {n!r}")
+        if self.documents is not None:
+            self.documents.validate(n, None if q is None else q.shape[0])
         if device is None and q is not None:
             device = q.device
         tables = tuple(c.table(n, self.causal, heads, q=q, k=k, device=device) for c in self.block_components)
@@ -281,16 +325,19 @@ class Pattern:
         i = torch.arange(n)
         m = bound.allows(i, i)
         if m.shape[0] != 1:
-            raise ValueError("Pattern.mask is per batch element for TopKBlocks with batch > 1; pass one sample")
+            raise ValueError("Pattern.mask is per batch element for TopKBlocks or documents with batch > 1; "
+                             "pass one sample (for documents: one row of offsets)")
         return m[0].expand(heads or 1, n, n).clone() if m.shape[1] == 1 else m[0]
 
     def describe(self, n: int, heads: int = 1, dim: int = 128, q=None, k=None) -> dict:
-        """Keys per query (min/mean/max), density and useful FLOPs, without a mask."""
+        """Keys per query (min/mean/max), density and useful FLOPs, without a mask; pairs and FLOPs are
+        summed over the batch's sequences (one, unless the documents or TopKBlocks' data have more)."""
         return describe(self, n, heads, dim, q=q, k=k)
 
     def __str__(self) -> str:
         inner = " | ".join(repr(c) for c in self.components)
-        return f"Pattern({inner}, causal={self.causal})"
+        docs = "" if self.documents is None else f", within={self.documents}"
+        return f"Pattern({inner}, causal={self.causal}{docs})"
 
 
 def as_pattern(p) -> Pattern:
