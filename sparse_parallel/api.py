@@ -18,6 +18,10 @@ def sparse_attention(q, k, v, pattern, *, backend: str = "auto", return_lse: boo
     With ``sequence_parallel`` (a ``SequenceParallel`` of world size P > 1) the
     tensors are this rank's contiguous shards of the sequence, positions stay
     global, and the result is this rank's shard of the output.
+
+    A pattern ``within`` documents (``Pattern.within(Documents)``, offsets over the
+    whole sequence, one row per batch element or one for all) keeps every query
+    inside its own document, on every backend and under sequence parallelism.
     """
     check_qkv(q, k, v)
     pattern = as_pattern(pattern)
@@ -32,11 +36,13 @@ def sparse_attention(q, k, v, pattern, *, backend: str = "auto", return_lse: boo
 
 def local_attention(q, k, v, pattern: Pattern, *, backend: str = "auto", scale=None):
     """Whole-sequence attention on one device -> (out, lse)."""
+    if pattern.documents is not None:
+        pattern.documents.validate(q.shape[1], q.shape[0])
     backend = resolve_backend(backend, q.device)
     if backend == "triton":
         from .kernels import triton_attention
 
         return triton_attention(q, k, v, pattern, scale=scale)
     bound = pattern.bind(q.shape[1], q.shape[2], q=q if pattern.data_dependent else None,
-                         k=k if pattern.data_dependent else None)
+                         k=k if pattern.data_dependent else None, device=q.device)
     return reference_attention(q, k, v, bound, scale=scale)

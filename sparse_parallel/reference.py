@@ -5,7 +5,9 @@ union of what its components can reach), evaluates the pattern predicate on
 that chunk x candidates tile, and does a masked softmax.  Nothing N x N is ever
 held.  Works in any dtype on any device, float64 included; autograd runs through
 it, chunk by chunk under activation checkpointing so that backward memory stays
-at one chunk's tile.
+at one chunk's tile.  Within documents the candidates stop at the chunk's
+documents and the predicate applies the same-document rule per batch element
+(``BoundPattern``), so a chunk's tile is no larger than without them.
 """
 from __future__ import annotations
 
@@ -61,6 +63,7 @@ def _chunk(bound: BoundPattern, q_c, k, v, cand, start: int, scale: float):
 def reference_attention(q, k, v, bound: BoundPattern, scale: float | None = None, chunk: int = 256):
     """q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` -> out ``[B, N, Hq, D]``, lse ``[B, Hq, N]``."""
     b, n, hq, d = q.shape
+    bound.check_batch(b)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     outs, lses = [], []

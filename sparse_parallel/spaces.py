@@ -77,6 +77,7 @@ def reference_space_attention(q: torch.Tensor, q_pos: torch.Tensor, spaces: list
     in q and every space's k and v.
     """
     b, nq, hq, d = q.shape
+    bound.check_batch(b)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     q_pos = q_pos.to(torch.long)
     outs, lses = [], []

@@ -1,8 +1,12 @@
 """The eager reference against a dense float64 softmax built from ``Pattern.mask``."""
 import math
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before triton is imported (it decorates its own helpers then)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import sparse_parallel as sp
 from sparse_parallel import kernels
@@ -156,3 +160,99 @@ def test_bad_shapes(shapes, match):
     q, k, v = (torch.randn(*s) for s in shapes)
     with pytest.raises(ValueError, match=match):
         sp.sparse_attention(q, k, v, sp.Window(2))
+
+
+def _same_document(docs, n):
+    """``[B, n, n]``: i and j in one document of batch element b, one document at a time."""
+    out = torch.zeros(docs.batch, n, n, dtype=torch.bool)
+    for b, row in enumerate(docs.offsets):
+        for start, end in zip(row, row[1:]):
+            out[b, start:end, start:end] = True
+    return out
+
+
+def _random_lengths(rng, n):
+    """Lengths summing to n: a 1-token document, one of n/3 tokens or more, the rest short."""
+    out = [1, rng.randint(n // 3, n // 2)]
+    while sum(out) < n:
+        out.append(min(n - sum(out), rng.choice([1, 1, 2, 5, 9, 17])))
+    rng.shuffle(out)
+    return out
+
+
+DOCUMENT_PATTERNS = dict(PATTERNS, **{
+    "strided_noncausal": Pattern((sp.Strided(4, 1), sp.Window(1, 1)), causal=False),
+    "global_queries_noncausal": Pattern((sp.Window(2, 2), sp.Global(first=2, positions=(40, 70))), causal=False),
+    "topk": sp.TopKBlocks(16, 2) | sp.Window(3),
+})
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENT_PATTERNS))
+def test_reference_within_documents_matches_dense(name):
+    """Per-row documents (fresh lengths, 1-token documents among them): the dense softmax under the
+    pattern's mask and the same-document mask, for outputs, lse and every gradient."""
+    import random
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    n, hq, hkv = 97, 4, 2
+    docs = sp.patterns.Documents.from_lengths([_random_lengths(rng, n), _random_lengths(rng, n)])
+    pattern = DOCUMENT_PATTERNS[name]
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(2, n, h, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+               for h in (hq, hkv, hkv))
+    if pattern.data_dependent:  # TopKBlocks chooses per batch element
+        mask = torch.stack([pattern.mask(n, heads=hq, q=q[b:b + 1].detach(), k=k[b:b + 1].detach())
+                            for b in range(2)])
+    else:
+        mask = pattern.mask(n, heads=hq)[None]
+    mask = mask & _same_document(docs, n)[:, None]
+    out, lse = sp.sparse_attention(q, k, v, pattern.within(docs), backend="reference", return_lse=True)
+    ref, ref_lse = dense_attention(q, k, v, mask)
+    where = f"{name}, seed {seed}, documents {docs.offsets}"
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12, msg=where)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-12, atol=1e-12, msg=where)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad((out * do).sum() + lse.nan_to_num(neginf=0).sum(), (q, k, v))
+    ref_grads = torch.autograd.grad((ref * do).sum() + ref_lse.nan_to_num(neginf=0).sum(), (q, k, v))
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-11, atol=1e-11, msg=where)
+
+
+def test_documents_one_row_for_the_batch_and_one_document_for_the_sequence():
+    pattern = sp.Window(5) | sp.Strided(4) | sp.Global(first=2)
+    q, k, v = (torch.randn(3, 40, 2, 8, dtype=torch.float64) for _ in range(3))
+    docs = sp.patterns.Documents.from_lengths([7, 1, 32])
+    shared = sp.sparse_attention(q, k, v, pattern.within(docs), backend="reference")
+    per_row = sp.sparse_attention(q, k, v, pattern.within(sp.patterns.Documents.from_offsets(docs.offsets * 3)),
+                                  backend="reference")
+    assert torch.equal(shared, per_row)
+    whole = sp.patterns.Documents.from_lengths([40])
+    assert torch.equal(sp.sparse_attention(q, k, v, pattern.within(whole), backend="reference"),
+                       sp.sparse_attention(q, k, v, pattern, backend="reference"))
+
+
+def test_documents_must_fit_the_inputs():
+    q = torch.randn(2, 16, 1, 4)
+    docs = sp.patterns.Documents.from_lengths([[8, 8], [16], [4, 12]])
+    with pytest.raises(ValueError, match="3 rows for a batch of 2"):
+        sp.sparse_attention(q, q, q, sp.Window(2).__or__(sp.Window(1)).within(docs), backend="reference")
+    with pytest.raises(ValueError, match="n=16"):
+        sp.sparse_attention(q, q, q, Pattern(sp.Window(2)).within(sp.patterns.Documents.from_lengths([20])))
+
+
+def test_triton_backend_within_documents():
+    """The public op passes documents through to the kernels (float32 against the float64 reference)."""
+    pytest.importorskip("triton")
+    ok, why = kernels.available()
+    if not ok:
+        pytest.skip(why)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    docs = sp.patterns.Documents.from_lengths([[1, 30, 1, 32], [64]])
+    pattern = (sp.Window(8) | sp.Strided(5) | sp.Global(first=2, queries=False)).within(docs)
+    q, k, v = (torch.randn(2, 64, 2, 16, dtype=torch.float64) for _ in range(3))
+    ref = sp.sparse_attention(q, k, v, pattern, backend="reference")
+    low = sp.sparse_attention(q.float(), k.float(), v.float(), pattern, backend="reference")
+    got = sp.sparse_attention(*(t.float().to(dev) for t in (q, k, v)), pattern, backend="triton")
+    err = (got.double().cpu() - ref).abs().max().item()
+    assert err <= 2 * (low.double() - ref).abs().max().item() + 1e-6
