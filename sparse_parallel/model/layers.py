@@ -4,29 +4,30 @@ Nothing here knows about processes.  ``Attention.sequence_parallel`` is ``None``
 unless a trainer sets it from outside (``apply_sequence_parallel``); then the
 tensors a layer sees are this rank's contiguous shard of the sequence and the
 positions passed in are global.
+
+Modules built with ``fused=True`` run their element-wise work through :mod:`.fused`
+(compiled on CUDA, eager elsewhere); the arithmetic is the same either way.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..api import sparse_attention
 from ..patterns import Pattern
+from .fused import rms_norm, rotate, silu_mul
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5):
+    def __init__(self, dim: int, eps: float = 1e-5, fused: bool = False):
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in float32 so that bf16 activations keep their scale exactly.
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return xf.to(x.dtype) * self.weight
+        return (rms_norm if self.fused else rms_norm.eager)(x, self.weight, self.eps)
 
 
 def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,68 +44,79 @@ def rotary_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple
     return angles.cos().float(), angles.sin().float()
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int = 1 << 16) -> torch.Tensor:
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, chunk: int = 1 << 16,
+                 fused: bool = False) -> torch.Tensor:
     """Rotate pairs (x[2i], x[2i+1]) of ``x [B, N, H, D]`` by the angles of its positions.
 
-    Float32 arithmetic, ``chunk`` positions at a time: the float32 temporaries of a
-    million-token tensor would otherwise be several times its bf16 size.
+    Float32 arithmetic.  Eagerly ``chunk`` positions at a time: the float32 temporaries of a
+    million-token tensor would otherwise be several times its bf16 size.  With ``fused`` on a
+    device where the rotation compiles, all at once: the temporaries stay in registers.
     """
+    if fused and rotate.compiles(x):
+        return rotate(x, cos, sin)
     if x.shape[1] <= chunk:
-        return _rotate(x, cos, sin)
+        return rotate.eager(x, cos, sin)
     out = torch.empty_like(x)
     for s in range(0, x.shape[1], chunk):
-        out[:, s:s + chunk] = _rotate(x[:, s:s + chunk], cos[s:s + chunk], sin[s:s + chunk])
+        out[:, s:s + chunk] = rotate.eager(x[:, s:s + chunk], cos[s:s + chunk], sin[s:s + chunk])
     return out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[None, :, None, :], sin[None, :, None, :]
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
-    return out.to(x.dtype)
-
-
 class Attention(nn.Module):
-    """Grouped-query attention over a sparse ``pattern`` (q: Hq heads, k/v: Hkv heads)."""
+    """Grouped-query attention over a sparse ``pattern`` (q: Hq heads, k/v: Hkv heads).
 
-    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, pattern: Pattern, backend: str = "auto"):
+    ``forward`` is ``wo(attend(*qkv(x)))``; the pieces are public so that selective
+    checkpointing (``Block.selective``) can recompute the projections without the attention.
+    """
+
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, pattern: Pattern, backend: str = "auto",
+                 fused: bool = False):
         super().__init__()
         self.n_heads, self.n_kv_heads = n_heads, n_kv_heads
         self.head_dim = dim // n_heads
         self.pattern = pattern
         self.backend = backend
+        self.fused = fused
         self.sequence_parallel = None
         self.wq = nn.Linear(dim, n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(n_heads * self.head_dim, dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        """``cache`` (decoding): a ``generate.LayerCache`` holding earlier keys; ``positions`` those of x."""
+    def qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x ``[B, N, dim]`` -> rotated q ``[B, N, Hq, D]``, rotated k and v ``[B, N, Hkv, D]``."""
         b, n, _ = x.shape
         q = self.wq(x).view(b, n, self.n_heads, self.head_dim)
         k = self.wk(x).view(b, n, self.n_kv_heads, self.head_dim)
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            out = cache.attend(q, k, v, positions)
-        else:
-            out = sparse_attention(q, k, v, self.pattern, backend=self.backend,
-                                   sequence_parallel=self.sequence_parallel)
-        return self.wo(out.reshape(b, n, -1))
+        return apply_rotary(q, cos, sin, fused=self.fused), apply_rotary(k, cos, sin, fused=self.fused), v
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> torch.Tensor:
+        """The sparse attention op (across the ranks of ``sequence_parallel`` when set) -> ``[B, N, Hq, D]``.
+
+        ``documents`` (a ``patterns.Documents`` over the whole sequence): attend only within them.
+        """
+        pattern = self.pattern if documents is None else self.pattern.within(documents)
+        return sparse_attention(q, k, v, pattern, backend=self.backend, sequence_parallel=self.sequence_parallel)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                positions: torch.Tensor | None = None, documents=None) -> torch.Tensor:
+        """``cache`` (decoding): a ``generate.LayerCache`` holding earlier keys; ``positions`` those of x."""
+        q, k, v = self.qkv(x, cos, sin)
+        out = cache.attend(q, k, v, positions) if cache is not None else self.attend(q, k, v, documents)
+        return self.wo(out.flatten(2))
 
 
 class SwiGLU(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    def __init__(self, dim: int, hidden: int, fused: bool = False):
         super().__init__()
+        self.fused = fused
         self.w_gate = nn.Linear(dim, hidden, bias=False)
         self.w_up = nn.Linear(dim, hidden, bias=False)
         self.w_down = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return self.w_down((silu_mul if self.fused else silu_mul.eager)(self.w_gate(x), self.w_up(x)))
 
 
 class Block(nn.Module):
@@ -117,22 +129,47 @@ class Block(nn.Module):
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, pattern: Pattern,
-                 backend: str, eps: float, mlp_chunk: int = 0):
+                 backend: str, eps: float, mlp_chunk: int = 0, fused: bool = False):
         super().__init__()
-        self.attn_norm = RMSNorm(dim, eps)
-        self.attn = Attention(dim, n_heads, n_kv_heads, pattern, backend)
-        self.mlp_norm = RMSNorm(dim, eps)
-        self.mlp = SwiGLU(dim, hidden)
+        self.attn_norm = RMSNorm(dim, eps, fused)
+        self.attn = Attention(dim, n_heads, n_kv_heads, pattern, backend, fused)
+        self.mlp_norm = RMSNorm(dim, eps, fused)
+        self.mlp = SwiGLU(dim, hidden, fused)
         self.mlp_chunk = mlp_chunk
 
     def _mlp(self, x: torch.Tensor) -> torch.Tensor:
         return self.mlp(self.mlp_norm(x))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                positions: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, positions)
+                positions: torch.Tensor | None = None, documents=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, positions, documents)
         n, step = x.shape[1], self.mlp_chunk
         if not step or n <= step or not torch.is_grad_enabled():
             return x + self._mlp(x)
         parts = [checkpoint(self._mlp, x[:, s:s + step], use_reentrant=False) for s in range(0, n, step)]
         return x + torch.cat(parts, dim=1)
+
+    def selective(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, documents=None) -> torch.Tensor:
+        """``forward`` for training with selective activation checkpointing.
+
+        The attention op runs outside any checkpoint, so what it saves for its backward
+        (q, k, v, its output and log-sum-exp) is kept and its forward runs once per step.
+        Everything else is recomputed in backward from the layer input ``x``: the norm,
+        projections and rotary in one checkpoint; the output projection, residual and MLP,
+        which act on each token alone, in one checkpoint per ``mlp_chunk`` tokens, so that
+        the MLP is recomputed once and its hidden activations are held one chunk at a time.
+        """
+        q, k, v = checkpoint(self._project, x, cos, sin, use_reentrant=False)
+        out = self.attn.attend(q, k, v, documents)
+        n = x.shape[1]
+        step = self.mlp_chunk or n
+        parts = [checkpoint(self._finish, x[:, s:s + step], out[:, s:s + step], use_reentrant=False)
+                 for s in range(0, n, step)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        return self.attn.qkv(self.attn_norm(x), cos, sin)
+
+    def _finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn.wo(out.flatten(2))
+        return h + self._mlp(h)

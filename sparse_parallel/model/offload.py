@@ -6,6 +6,10 @@ At a million tokens per GPU the checkpointed inputs of the layers alone
 forward (asynchronously, on the compute stream, so ordering is kept), runs the
 layer without saving anything, and in the backward brings the input back,
 recomputes the layer with gradients and back-propagates through it.
+
+Only whole-layer checkpoints go through here: selective checkpointing keeps each
+layer's attention tensors on the GPU, several times the input offloaded here, so
+the config refuses the combination (``transformer.OFFLOAD_NEEDS_FULL``).
 """
 from __future__ import annotations
 

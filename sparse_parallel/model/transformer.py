@@ -6,10 +6,17 @@ can divide by the token count of the whole sequence-parallel group and get the
 same loss as one process holding everything.  Logits are formed ``loss_chunk``
 tokens at a time and recomputed in backward, so a million-token shard never
 holds ``N x vocab`` logits.
+
+``cfg.activation_checkpointing`` picks what a training forward keeps of each layer:
+everything (false); only the layer input, the whole layer recomputed in backward (true;
+with ``offload_activations`` the input waits in host memory); or the layer input and what
+the attention op saves, everything but the attention recomputed (``"selective"``,
+``Block.selective``): the attention forward then runs once per step instead of twice.
 """
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +28,11 @@ from .layers import Block, RMSNorm, rotary_tables
 from .offload import offloaded_checkpoint
 
 IGNORE_INDEX = -100
+#: Host offload stores whole-layer checkpoint inputs; selective checkpointing keeps each layer's
+#: attention tensors on the GPU instead, so the two do not combine.
+OFFLOAD_NEEDS_FULL = ("model.offload_activations needs model.activation_checkpointing: true (whole-layer "
+                      "checkpoints), not 'selective', which keeps every layer's attention q, k, v and output "
+                      "on the GPU")
 
 
 def mlp_hidden(dim: int, hidden: int) -> int:
@@ -43,11 +55,12 @@ class Transformer(nn.Module):
         patterns: list[Pattern] = cfg.patterns()
         hidden = mlp_hidden(cfg.dim, cfg.mlp_hidden)
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        fused = cfg.fused_elementwise
         self.layers = nn.ModuleList(
             Block(cfg.dim, cfg.n_heads, cfg.n_kv_heads, hidden, p, cfg.attention_backend, cfg.norm_eps,
-                  cfg.mlp_chunk if cfg.activation_checkpointing else 0)
+                  cfg.mlp_chunk if cfg.activation_checkpointing else 0, fused)
             for p in patterns)
-        self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, fused)
         self.output = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
@@ -66,36 +79,44 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         return self.tok_embeddings.weight if self.output is None else self.output.weight
 
-    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None,
+               documents=None) -> torch.Tensor:
         """Final-norm hidden states ``[B, N, dim]`` of ``tokens [B, N]`` at global ``positions [N]``.
 
         ``cache``: one ``generate.LayerCache`` per layer (decoding: the keys of earlier tokens).
+        ``documents``: a ``patterns.Documents`` over the whole sequence; every layer attends only
+        within them (positions, and so RoPE, stay those of the sequence).
         """
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device)
         cos, sin = rotary_tables(positions, self.cfg.dim // self.cfg.n_heads, self.cfg.rope_theta)
         x = self.tok_embeddings(tokens)
+        recompute = self.cfg.activation_checkpointing if torch.is_grad_enabled() and cache is None else False
+        if recompute == "selective" and self.cfg.offload_activations:
+            raise ValueError(OFFLOAD_NEEDS_FULL)
         for index, layer in enumerate(self.layers):
             if cache is not None:
                 x = layer(x, cos, sin, cache[index], positions)
-            elif self.cfg.activation_checkpointing and torch.is_grad_enabled():
-                if self.cfg.offload_activations:
-                    x = offloaded_checkpoint(layer, x, cos, sin)
-                else:
-                    x = checkpoint(layer, x, cos, sin, use_reentrant=False)
+            elif recompute == "selective":
+                x = layer.selective(x, cos, sin, documents)
+            elif recompute and self.cfg.offload_activations:
+                x = offloaded_checkpoint(partial(layer, documents=documents), x, cos, sin)
+            elif recompute:
+                x = checkpoint(layer, x, cos, sin, documents=documents, use_reentrant=False)
             else:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, documents=documents)
         return self.norm(x)
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None,
-                per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                documents=None, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """tokens, labels ``[B, N]`` -> (sum of token losses (float32, scalar), counted tokens (int64)).
 
         Labels equal to ``IGNORE_INDEX`` are not counted.  With ``per_token`` the first
-        result is the loss of every token ``[B, N]`` instead of their sum.
+        result is the loss of every token ``[B, N]`` instead of their sum.  ``documents``: see
+        :meth:`hidden`.
         """
         b, n = tokens.shape
-        h = self.hidden(tokens, positions).flatten(0, 1)
+        h = self.hidden(tokens, positions, documents=documents).flatten(0, 1)
         labels = labels.flatten()
         weight = self.output_weight
         step = self.cfg.loss_chunk
