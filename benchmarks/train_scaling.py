@@ -8,6 +8,11 @@ steps; we report tokens/s, MFU (6 x matmul params + useful attention FLOPs, per 
 peak memory, then probe the longest context that trains, and run the same model with the
 alternatives a user would pick (FlexAttention for the same pattern; dense causal SDPA) at the
 lengths they fit.  Prints a table and writes JSON (``--out``).
+
+``--checkpointing`` and ``--fused`` list the activation-checkpointing modes and element-wise
+settings to measure side by side at every ``--lengths`` entry.  One more step of each run is
+taken under torch.profiler, and its GPU time is reported by kernel category (sparse attention,
+matrix products, element-wise, copies, other) next to the timing.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import json
 import os
 import sys
 import time
+from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -32,16 +38,91 @@ PATTERNS = {
     "dilated": {"causal": True, "components": [{"type": "dilated", "window": 4096, "levels": 4}]},
 }
 PEAK_TFLOPS = 989.0  # H200 dense bf16, the usual MFU denominator
+#: --checkpointing names -> ModelConfig.activation_checkpointing
+CHECKPOINTING = {"none": False, "full": True, "selective": "selective"}
+FUSED = {"on": True, "off": False}
 
 
-def model_config(args, pattern: dict, backend: str) -> ModelConfig:
+def model_config(args, pattern: dict, backend: str, checkpointing: str, fused: str) -> ModelConfig:
     cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                      n_kv_heads=args.kv_heads, activation_checkpointing=True, loss_chunk=16384,
-                      attention_backend=backend, pattern=pattern)
+                      n_kv_heads=args.kv_heads, activation_checkpointing=CHECKPOINTING[checkpointing],
+                      loss_chunk=16384, attention_backend=backend, pattern=pattern,
+                      fused_elementwise=FUSED[fused])
     cfg.mlp_chunk = args.mlp_chunk
     cfg.offload_activations = args.offload
     cfg.validate()
     return cfg
+
+
+# -- where the GPU time of a step goes ------------------------------------------------------------
+CATEGORIES = ("attention", "matmul", "elementwise", "copies", "communication", "other")
+# Kernel names (CUDA) and operator names (CPU smoke run), lower-cased, by category; the first match
+# wins: inductor's fused kernels (model.fused_elementwise) name the ops they fuse, "_to_copy" among
+# them, and eager casts run as "elementwise_kernel<direct_copy_kernel_cuda>", counted as copies.
+# Host offload's transfers are copies; NCCL (sequence parallelism, gradients) runs on its own stream,
+# so with it the categories may add up to more than the step.
+_NAME_PARTS = (
+    ("attention", ("flash", "fmha", "flex_attention", "triton_tem_fused", "sdpa", "attention")),
+    ("communication", ("nccl",)),
+    ("elementwise", ("triton_poi", "triton_per", "triton_red")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "splitk", "aten::mm", "aten::addmm", "aten::bmm")),
+    ("copies", ("copy", "memcpy", "memset", "catarray", "aten::cat")),
+    ("elementwise", ("elementwise", "aten::mul", "aten::add", "aten::sub", "aten::silu", "aten::rsqrt",
+                     "aten::pow", "aten::neg", "aten::fill_")),
+)
+
+
+def _attention_kernels() -> tuple[str, ...]:
+    """Names of this project's Triton attention kernels (every ``*_kernel`` of the kernel module)."""
+    try:
+        from sparse_parallel.kernels import triton_kernels
+    except ImportError:
+        return ()
+    return tuple(name.lstrip("_") for name in vars(triton_kernels) if name.endswith("_kernel"))
+
+
+def category(name: str, attention_kernels: tuple[str, ...]) -> str:
+    if name.lstrip("_").startswith(attention_kernels):
+        return "attention"
+    low = name.lower()
+    for cat, parts in _NAME_PARTS:
+        if any(part in low for part in parts):
+            return cat
+    return "other"
+
+
+def time_breakdown(run_step, device) -> dict:
+    """One ``run_step()`` under torch.profiler -> its GPU time (ms) by category and the largest kernels.
+
+    On CPU (the smoke run) operators' self CPU time stands in for kernel time: that checks this code
+    and measures nothing.
+    """
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        run_step()
+        if cuda:
+            torch.cuda.synchronize()
+    per_name: dict[str, float] = defaultdict(float)  # microseconds
+    if cuda:
+        for event in prof.events():
+            if event.device_type == DeviceType.CUDA:
+                per_name[event.name] += event.time_range.elapsed_us()
+    else:
+        for avg in prof.key_averages():
+            per_name[avg.key] += avg.self_cpu_time_total
+    kernels = _attention_kernels()
+    ms = dict.fromkeys(CATEGORIES, 0.0)
+    for name, us in per_name.items():
+        ms[category(name, kernels)] += us / 1e3
+    busy = sum(ms.values())
+    top = sorted(per_name.items(), key=lambda kv: -kv[1])[:12]
+    return {"time_of": "GPU kernels" if cuda else "CPU operators (smoke run)", "time_ms": ms, "busy_ms": busy,
+            "share": {c: v / busy if busy else 0.0 for c, v in ms.items()},
+            "top_kernels": [{"name": name[:160], "ms": us / 1e3, "category": category(name, kernels)}
+                            for name, us in top]}
 
 
 # -- the alternatives, swapped in for the model's attention call ---------------------------------
@@ -73,8 +154,9 @@ def _sdpa_dense(q, k, v, _pattern, **kw):
     return out.transpose(1, 2)
 
 
-def train_steps(args, pattern_name: str, n_local: int, attention: str, world: int, rank: int) -> dict:
-    """Build model + engine, run warm-up and timed steps; returns the measurements."""
+def train_steps(args, pattern_name: str, n_local: int, attention: str, world: int, rank: int,
+                checkpointing: str, fused: str) -> dict:
+    """Build model + engine, run warm-up, timed and profiled steps; returns the measurements."""
     import deepspeed
 
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
@@ -87,7 +169,7 @@ def train_steps(args, pattern_name: str, n_local: int, attention: str, world: in
         model_layers.sparse_attention = _sdpa_dense
     try:
         torch.manual_seed(0)
-        cfg = model_config(args, pattern, "triton" if device.type == "cuda" else "reference")
+        cfg = model_config(args, pattern, "triton" if device.type == "cuda" else "reference", checkpointing, fused)
         with device:
             model = Transformer(cfg)
         if world > 1:
@@ -111,26 +193,31 @@ def train_steps(args, pattern_name: str, n_local: int, attention: str, world: in
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for step in range(args.warmup + args.steps):
-            sync()
-            t0 = time.perf_counter()
+
+        def train_step():
             total, count = engine(x, y, pos)
             loss = total / (count * world)
             engine.backward(loss * world)
             engine.step()
+            losses.append(loss.detach().item() * world)
+
+        for step in range(args.warmup + args.steps):
+            sync()
+            t0 = time.perf_counter()
+            train_step()
             sync()
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
-            losses.append(loss.detach().item() * world)
+        breakdown = time_breakdown(train_step, device) if args.profile else {}
         step_s = sorted(times)[len(times) // 2]
         useful_flops_tok = model.flops_per_token(n)
         flops_tok = useful_flops_tok if attention != "sdpa" else _dense_flops_per_token(model, n, useful_flops_tok)
-        return {"pattern": pattern_name, "attention": attention, "gpus": world, "tokens_per_gpu": n_local,
-                "context": n, "step_s": step_s, "tokens_per_s": n / step_s,
+        return {"pattern": pattern_name, "attention": attention, "checkpointing": checkpointing, "fused": fused,
+                "gpus": world, "tokens_per_gpu": n_local, "context": n, "step_s": step_s, "tokens_per_s": n / step_s,
                 "mfu": useful_flops_tok * n / step_s / world / (PEAK_TFLOPS * 1e12),
                 "executed_tflops_per_gpu": flops_tok * n / step_s / world / 1e12,
                 "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0,
-                "params": model.num_params(), "losses": losses, "status": "ok"}
+                "params": model.num_params(), "losses": losses, **breakdown, "status": "ok"}
     finally:
         model_layers.sparse_attention = original
 
@@ -146,16 +233,16 @@ def _dense_flops_per_token(model: Transformer, n: int, useful_flops_tok: float) 
 
 
 def attempt(args, *a) -> dict:
+    what = {"pattern": a[0], "attention": a[2], "checkpointing": a[5], "fused": a[6], "tokens_per_gpu": a[1]}
     try:
         return train_steps(args, *a)
     except torch.OutOfMemoryError as e:
-        return {"pattern": a[0], "attention": a[2], "tokens_per_gpu": a[1], "status": "oom",
-                "error": str(e).splitlines()[0]}
+        return {**what, "status": "oom", "error": str(e).splitlines()[0]}
     except Exception as e:  # one failing variant must not cost the others their numbers
         import traceback
 
         traceback.print_exc()
-        return {"pattern": a[0], "attention": a[2], "tokens_per_gpu": a[1], "status": f"error: {e!r}"[:300]}
+        return {**what, "status": f"error: {e!r}"[:300]}
     finally:
         import gc
 
@@ -179,7 +266,15 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--mlp-chunk", type=int, default=65536)
     ap.add_argument("--zero", type=int, default=1)
-    ap.add_argument("--offload", action="store_true", help="checkpointed layer inputs in host memory")
+    ap.add_argument("--offload", action="store_true",
+                    help="checkpointed layer inputs in host memory (with --checkpointing full only)")
+    ap.add_argument("--checkpointing", default="full",
+                    help=f"activation-checkpointing modes to measure, comma-separated: {', '.join(CHECKPOINTING)} "
+                         "(the alternatives, other patterns and the probe use the first)")
+    ap.add_argument("--fused", default="on",
+                    help="fused element-wise kernels (model.fused_elementwise) to measure, comma-separated: on, off")
+    ap.add_argument("--no-profile", dest="profile", action="store_false",
+                    help="skip the profiled step and its GPU-time breakdown")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=480, help="start no new run after this many seconds")
@@ -187,6 +282,12 @@ def main() -> int:
                     help="cpu: a gloo smoke run of the script itself (reference attention, float32)")
     ap.add_argument("--out", default="benchmarks/results/train_scaling.json")
     args = ap.parse_args()
+    modes, fused_settings = args.checkpointing.split(","), args.fused.split(",")
+    for name, values, allowed in (("--checkpointing", modes, CHECKPOINTING), ("--fused", fused_settings, FUSED)):
+        if not values or any(v not in allowed for v in values):
+            ap.error(f"{name} takes a comma-separated list of {list(allowed)}, got {','.join(values)!r}")
+    if args.offload and any(m != "full" for m in modes):
+        ap.error("--offload keeps whole-layer checkpoint inputs in host memory: it needs --checkpointing full")
     if args.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
 
@@ -206,7 +307,7 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
             "model": {"layers": args.layers, "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads,
                       "vocab": args.vocab, "zero": args.zero, "mlp_chunk": args.mlp_chunk,
-                      "offload_activations": args.offload}}
+                      "offload_activations": args.offload, "checkpointing": modes, "fused": fused_settings}}
 
     def record(row):
         rows.append(row)
@@ -219,39 +320,51 @@ def main() -> int:
         return time.perf_counter() - t_start < args.budget_s
 
     # In order of importance, so that a time budget cuts the least important runs.
-    plan = [("main", n, "ours") for n in map(int, args.lengths.split(","))]
-    plan += [(spec.split(":")[0], int(spec.split(":")[1]), "alt") for spec in filter(None, args.alternatives.split(","))]
-    plan += [(name, n, "ours") for name in args.patterns.split(",") if name != "main"
-             for n in map(int, args.lengths.split(","))]
-    for what, n_local, kind in plan:
+    lengths = list(map(int, args.lengths.split(",")))
+    variants = [(mode, f) for mode in modes for f in fused_settings]
+    plan = [("main", n, "ours", *v) for n in lengths for v in variants]
+    plan += [(spec.split(":")[0], int(spec.split(":")[1]), "alt", *variants[0])
+             for spec in filter(None, args.alternatives.split(","))]
+    plan += [(name, n, "ours", *variants[0]) for name in args.patterns.split(",") if name != "main" for n in lengths]
+    for what, n_local, kind, mode, f in plan:
         if not time_left():
-            record({"pattern": what, "tokens_per_gpu": n_local, "attention": kind, "status": "skipped (time budget)"})
+            record({"pattern": what, "tokens_per_gpu": n_local, "attention": kind, "checkpointing": mode,
+                    "fused": f, "status": "skipped (time budget)"})
             continue
         if kind == "alt":
-            record(attempt(args, "main", n_local, what, world, rank))
+            record(attempt(args, "main", n_local, what, world, rank, mode, f))
         else:
-            record(attempt(args, what, n_local, "ours", world, rank))
-        if what == "main" and n_local == max(map(int, args.lengths.split(","))):
+            record(attempt(args, what, n_local, "ours", world, rank, mode, f))
+        if what == "main" and n_local == max(lengths) and (mode, f) == variants[-1]:
             # Longest context that trains: probe downwards from the longest candidate.
             for probe in sorted((int(x) for x in args.max_probe.split(",") if x), reverse=True):
                 if not time_left():
                     break
-                row = attempt(args, "main", probe, "ours", world, rank)
+                row = attempt(args, "main", probe, "ours", world, rank, *variants[0])
                 row["probe"] = True
                 record(row)
                 if row["status"] == "ok":
                     break
 
     if rank == 0:
-        print(f"\n{'pattern':<9}{'attention':<10}{'GPUs':>5}{'tok/GPU':>10}{'step s':>9}{'tok/s':>10}"
-              f"{'MFU':>7}{'peak GiB':>10}  status")
+        print(f"\n{'pattern':<9}{'attention':<10}{'ckpt':<10}{'fused':<6}{'GPUs':>5}{'tok/GPU':>10}{'step s':>9}"
+              f"{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  status")
         for r in rows:
+            head = f"{r['pattern']:<9}{r['attention']:<10}{r.get('checkpointing', ''):<10}{r.get('fused', ''):<6}"
             if r["status"] == "ok":
-                print(f"{r['pattern']:<9}{r['attention']:<10}{r['gpus']:>5}{r['tokens_per_gpu']:>10}"
-                      f"{r['step_s']:>9.2f}{r['tokens_per_s']:>10.0f}{r['mfu']:>7.1%}{r['peak_mem_gib']:>10.1f}  ok")
+                print(f"{head}{r['gpus']:>5}{r['tokens_per_gpu']:>10}{r['step_s']:>9.2f}{r['tokens_per_s']:>10.0f}"
+                      f"{r['mfu']:>7.1%}{r['peak_mem_gib']:>10.1f}  ok")
+                if "time_ms" in r:
+                    parts = "  ".join(f"{c} {r['time_ms'][c]:.0f} ({r['share'][c]:.0%})" for c in CATEGORIES)
+                    print(f"{'':<9}ms of {r['time_of']} in one step: {parts}; busy {r['busy_ms']:.0f}")
+                first = next(q for q in rows if q["status"] == "ok" and q["pattern"] == r["pattern"]
+                             and q["attention"] == r["attention"] and q["tokens_per_gpu"] == r["tokens_per_gpu"])
+                if first is not r:  # same seed, same data: the variants must train alike
+                    diff = max(abs(a - b) for a, b in zip(r["losses"], first["losses"]))
+                    print(f"{'':<9}losses against {first['checkpointing']}/{first['fused']}: max |difference| "
+                          f"{diff:.2e} over {len(r['losses'])} steps")
             else:
-                print(f"{r['pattern']:<9}{r['attention']:<10}{world:>5}{r['tokens_per_gpu']:>10}"
-                      f"{'':>9}{'':>10}{'':>7}{'':>10}  {r['status']}")
+                print(f"{head}{world:>5}{r['tokens_per_gpu']:>10}{'':>9}{'':>10}{'':>7}{'':>10}  {r['status']}")
         print(f"wall {time.perf_counter() - t_start:.0f} s")
     dist.destroy_process_group()
     return 0
