@@ -72,7 +72,11 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     #: fields marked ``RUNTIME`` change how a step runs, not the model: a checkpoint resumes across them
-    activation_checkpointing: bool = field(default=False, metadata=RUNTIME)
+    #: what backward recomputes: false (nothing: every activation is kept), true (each whole layer
+    #: from its input: the least memory, the attention forward runs twice per step) or "selective"
+    #: (everything but the attention op, whose q, k, v, output and log-sum-exp are kept: about
+    #: (2 + 2 x n_kv_heads / n_heads) x N x dim more per layer than true, the attention forward once)
+    activation_checkpointing: bool | str = field(default=False, metadata=RUNTIME)
     #: tokens per cross-entropy chunk (bounds the logits held at once)
     loss_chunk: int = field(default=4096, metadata=RUNTIME)
     #: tokens per checkpointed MLP chunk under activation checkpointing (bounds the MLP's hidden
@@ -80,8 +84,11 @@ class ModelConfig:
     mlp_chunk: int = field(default=65536, metadata=RUNTIME)
     #: with activation checkpointing, keep each layer's saved input in pinned host memory
     #: (N x dim x 2 bytes per layer moved each way per step) for contexts whose layer inputs
-    #: do not fit on the GPU
+    #: do not fit on the GPU; needs activation_checkpointing true, not "selective"
     offload_activations: bool = field(default=False, metadata=RUNTIME)
+    #: run RMSNorm, rotary and SwiGLU's silu(gate) * up as one compiled kernel each (torch.compile,
+    #: forward and backward) on CUDA; the same float32 arithmetic, eager on other devices
+    fused_elementwise: bool = field(default=True, metadata=RUNTIME)
     #: one of sparse_parallel.backends.BACKENDS: "auto", "reference", "triton"
     attention_backend: str = field(default="auto", metadata=RUNTIME)
     #: default pattern of every layer (a pattern dict, see sparse_parallel.patterns)
@@ -111,9 +118,15 @@ class ModelConfig:
             raise ValueError(f"model.dim ({self.dim}) must be n_heads ({self.n_heads}) x an even head dim")
         _pos_float("model.rope_theta", self.rope_theta)
         _pos_float("model.norm_eps", self.norm_eps)
-        for name in ("tie_embeddings", "activation_checkpointing", "offload_activations"):
+        for name in ("tie_embeddings", "offload_activations", "fused_elementwise"):
             if not isinstance(getattr(self, name), bool):
                 _fail(f"model.{name}", "true or false", getattr(self, name))
+        if not isinstance(self.activation_checkpointing, bool) and self.activation_checkpointing != "selective":
+            _fail("model.activation_checkpointing", "one of [false, true, 'selective']", self.activation_checkpointing)
+        if self.offload_activations and self.activation_checkpointing == "selective":
+            from ..model.transformer import OFFLOAD_NEEDS_FULL
+
+            raise ValueError(OFFLOAD_NEEDS_FULL)
         if self.attention_backend not in BACKENDS:
             _fail("model.attention_backend", f"one of {list(BACKENDS)}", self.attention_backend)
         for key in self.layer_patterns:
