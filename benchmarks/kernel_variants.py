@@ -129,7 +129,7 @@ def compiled_info(seen: set) -> list:
     from sparse_parallel.kernels import triton_kernels as T
 
     rows = []
-    for fn in (T._query_kernel, T._dkdv_kernel):
+    for fn in (T.query_kernel, T.dkdv_kernel):
         for caches in getattr(fn, "device_caches", {}).values():
             for kernel in caches[0].values():
                 if id(kernel) not in seen:

@@ -155,6 +155,10 @@ class Problem:
     split: int = 1
     cache: dict = field(default_factory=dict)
     nq: int = -1
+    #: documents: int32 ``[B, N]`` start and end (exclusive) of the document holding each position
+    #: (positions as in ``terms.n``); a pair is kept only inside one document.  None: no documents.
+    doc_start: torch.Tensor | None = None
+    doc_end: torch.Tensor | None = None
 
     def __post_init__(self):
         if self.q_pos is not None:
@@ -175,6 +179,17 @@ class Problem:
 
 def _dummy(device, dtype=torch.int32):
     return torch.zeros(1, dtype=dtype, device=device)
+
+
+def _doc_args(prob: Problem, device) -> list:
+    """DS, DE, batch stride of the document bounds (dummies without documents)."""
+    if prob.doc_start is None:
+        d = _dummy(device)
+        return [d, d, 0]
+    ds, de = prob.doc_start, prob.doc_end
+    if ds.dtype != torch.int32 or de.dtype != torch.int32 or not (ds.is_contiguous() and de.is_contiguous()):
+        raise ValueError("document bounds must be contiguous int32 [B, N]")
+    return [ds, de, ds.stride(0) if ds.shape[0] > 1 else 0]
 
 
 def _block_args(prob: Problem, device):
@@ -272,7 +287,7 @@ def _check_block_alignment(prob: Problem, bm: int, bn: int):
 
 def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse2=None, delta=None):
     """Run the query-major kernel over every pass; returns (out, lse) or dq."""
-    from .triton_kernels import _query_kernel
+    from .triton_kernels import query_kernel
 
     b, nq, hq, d = q.shape
     device = q.device
@@ -318,16 +333,16 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
             dargs = [q, 0, 0, 0]
             xargs = [lse, lse, 0, 0]
         grid = (P.n_tiles(nq, bm), b * hq, nparts)
-        _query_kernel[grid](
+        query_kernel[grid](
             q, q.stride(0), q.stride(1), q.stride(2), *dargs, qpos, prob.q_pos0 or 0, nq, hq, hq // hkv,
             out, out.stride(1), out.stride(2), out.stride(3), out.stride(0),
             lse, lse.stride(1) if lse.dim() == 4 else 0, lse.stride(2) if lse.dim() == 4 else 0,
             lse.stride(0) if lse.dim() == 4 else 0, *xargs,
-            prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, chunk,
+            prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, chunk, *_doc_args(prob, device),
             *slots, *modes, **nts,
             CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
             Q_EXPLICIT=prob.q_pos0 is None, SPLIT=split > 1, BM=bm, BN=bn, D=d, IEEE=ieee, PHASE=phase,
-            num_warps=tiles[2], num_stages=tiles[3])
+            HAS_DOC=prob.doc_start is not None, num_warps=tiles[2], num_stages=tiles[3])
         results.append((out, lse))
     if phase == 1:
         if len(results) == 1 and results[0][0].shape[0] == 1:
@@ -378,7 +393,7 @@ def forward(prob: Problem, q, scale, cfg: Config):
 
 def _prepare_backward(out, dout, lse, dlse):
     """(delta, lse2) ``[B, H, N]`` float32: ``rowsum(dout * out) - dlse`` and ``lse * log2(e)``."""
-    from .triton_kernels import _bwd_prep_kernel
+    from .triton_kernels import bwd_prep_kernel
 
     b, nq, hq, d = out.shape
     lse = lse.contiguous()
@@ -386,7 +401,7 @@ def _prepare_backward(out, dout, lse, dlse):
     lse2 = torch.empty_like(delta)
     dl = dlse.contiguous() if dlse is not None else lse
     bm = 64
-    _bwd_prep_kernel[(P.n_tiles(nq, bm), b * hq)](
+    bwd_prep_kernel[(P.n_tiles(nq, bm), b * hq)](
         out, out.stride(0), out.stride(1), out.stride(2), dout, dout.stride(0), dout.stride(1), dout.stride(2),
         lse, dl, lse.stride(0), lse.stride(1), delta, lse2, nq, hq,
         HAS_DLSE=dlse is not None, BM=bm, D=d, num_warps=4)
@@ -411,7 +426,7 @@ def backward(prob: Problem, q, out, lse, dout, dlse, scale, cfg: Config, grads: 
 
 def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: list, dq32):
     """One key-major launch per pass; with ``dq32`` every launch also adds its dq into it."""
-    from .triton_kernels import _dkdv_kernel
+    from .triton_kernels import dkdv_kernel
 
     b, nq, hq, d = q.shape
     device = q.device
@@ -471,7 +486,7 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             out_k = torch.empty((split,) + tuple(dk_rows.shape), dtype=torch.float32, device=device)
             out_v = torch.empty_like(out_k)
             acc = False
-        _dkdv_kernel[(grid0, b * hkv, split)](
+        dkdv_kernel[(grid0, b * hkv, split)](
             q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
             qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, lse2, delta, lse2.stride(0), lse2.stride(1),
             dqb, *dq_strides,
@@ -479,10 +494,10 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem,
             served, qplan, qfplan, kblk, kstart, cptr, cidx,
             out_k, out_v, out_k.stride(-4), out_k.stride(-3), out_k.stride(-2), out_k.stride(0) if split > 1 else 0,
-            qchunk, t0,
+            qchunk, t0, *_doc_args(prob, device),
             MODE=ps.mode.value, NT=nt, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
             Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, FUSE_DQ=fuse, BM=bm, BN=bn, D=d,
-            IEEE=ieee, num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
+            IEEE=ieee, HAS_DOC=prob.doc_start is not None, num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
         if split > 1:  # partials summed in a fixed order
             if accum:
                 dk_rows.add_(out_k.sum(0))

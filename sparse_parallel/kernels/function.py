@@ -25,6 +25,24 @@ from . import plan as P
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Planned terms, tables and tile plans of recent (pattern, shape, device, config) keys.
 _PLANS: dict = {}
+#: Document bounds last made, by (documents, n, device): every layer of a step asks for the same.
+_DOC_BOUNDS: dict = {}
+
+
+def _documents(documents, n: int, b: int, device, problems) -> None:
+    """Give ``problems`` the int32 ``[B, n]`` start/end of each position's document (None: none)."""
+    if documents is None:
+        return
+    key = (documents, n, str(device))
+    if key not in _DOC_BOUNDS:
+        if len(_DOC_BOUNDS) >= 4:
+            _DOC_BOUNDS.pop(next(iter(_DOC_BOUNDS)))
+        _DOC_BOUNDS[key] = documents.bounds(n, device)
+    start, end = _DOC_BOUNDS[key]
+    if start.shape[0] not in (1, b):
+        raise ValueError(f"documents are given for {start.shape[0]} sequences, the batch holds {b}")
+    for prob in problems:
+        prob.doc_start, prob.doc_end = start, end
 
 
 def _check_dtype(q):
@@ -179,6 +197,7 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
     if not kspaces or not passes or nq == 0:
         raise ValueError("space_attention needs at least one non-empty key space serving a component")
     prob = core.Problem(terms, kspaces, passes, q_pos, int(q_pos[0]) if contiguous else None)
+    _documents(getattr(bound.pattern, "documents", None), bound.n, b, device, [prob])
 
     def grads(buffers):
         return [buffers[i].rows() for i in range(len(kspaces))]
@@ -254,7 +273,9 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
     device = q.device
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     cfg = config if config is not None else core.default_config(device)
-    # Plans depend on the pattern and the shapes only (not on the data, except TopKBlocks): reuse them.
+    # Plans depend on the pattern and the shapes only (not on the data, except TopKBlocks, nor on the
+    # documents, which the kernels read at run time): reuse them.
+    documents, pattern = getattr(pattern, "documents", None), getattr(pattern, "plain", pattern)
     key = None if pattern.data_dependent else (pattern, n, hq, k.shape[2], str(device), tuple(vars(cfg).items()))
     cached = _PLANS.get(key) if key is not None else None
     if cached is None:
@@ -305,6 +326,7 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
                 buffers["kv"].dv.index_add_(1, spaces[si].positions, buffers[si].dv)
 
         plan.fold = fold
+    _documents(documents, n, b, device, [part.prob for part in parts])
     if plans:
         for part in parts:
             core.build_plans(part.prob, cfg)

@@ -80,6 +80,22 @@ def _owned(qp, kp, TERMS, NT: tl.constexpr, served, CAUSAL: tl.constexpr, n,
 
 
 @triton.jit
+def _first_index(p, pos0, kstr):
+    """The first index of the arithmetic space ``pos0 + kstr*idx`` whose position is >= p (>= 0)."""
+    return (tl.maximum(p - pos0, 0) + kstr - 1) // kstr
+
+
+@triton.jit
+def _span(DS, DE, dbase, pos, valid):
+    """(smallest start, largest start, smallest end, largest end) of the documents holding ``pos``."""
+    start = tl.load(DS + dbase + pos, mask=valid, other=0)
+    end = tl.load(DE + dbase + pos, mask=valid, other=0)
+    big = 2147483647
+    return (start, end, tl.min(tl.where(valid, start, big)), tl.max(tl.where(valid, start, 0)),
+            tl.min(tl.where(valid, end, big)), tl.max(tl.where(valid, end, 0)))
+
+
+@triton.jit
 def _segments(lo, hi, flo, fhi):
     """Cut the tile range [lo, hi] into masked [lo, flo), full [flo, fhi], masked (fhi, hi].
 
@@ -94,7 +110,8 @@ def _segments(lo, hi, flo, fhi):
 def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, kbase, vbase, skn, pos0, kstr, nk, KPOS, KMEM,
           MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale,
           HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB,
-          MODE: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PHASE: tl.constexpr):
+          MODE: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PHASE: tl.constexpr,
+          HAS_DOC: tl.constexpr, dstart, dend):
     """One key tile for one query tile: online softmax (PHASE 0) or dq accumulation (PHASE 1).
 
     ``idx`` = the tile's first key index (scalar); ``e`` the listed key block (block passes).
@@ -126,6 +143,10 @@ def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, kbase, vbase, skn, pos0, k
             ok = _owned(qp[:, None], kp[None, :], TERMS, NT, served, CAUSAL, n, MODE, mem[None, :],
                         HAS_BLOCK, TBLH, stq, W, CB)
         ok = ok & kmask[None, :]
+        if HAS_DOC:  # the query's document: [dstart, dend)
+            ok = ok & (kp[None, :] >= dstart[:, None])
+            if not CAUSAL:
+                ok = ok & (kp[None, :] < dend[:, None])
         s = tl.where(ok, s, float("-inf"))
     if PHASE == 0:
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -148,8 +169,13 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
           K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, PLAN, TSTH,
           TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale, HAS_BLOCK: tl.constexpr, W, CB,
           MODE: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-          IEEE: tl.constexpr, PHASE: tl.constexpr):
-    """All key tiles of one pass for one query tile."""
+          IEEE: tl.constexpr, PHASE: tl.constexpr, HAS_DOC: tl.constexpr, dstart, dend, s_lo, s_hi, e_lo, e_hi):
+    """All key tiles of one pass for one query tile.
+
+    With documents, a range pass over an arithmetic space starts at the first key tile of the
+    query tile's first document and runs unmasked only over tiles inside every row's document;
+    other passes mask by document.
+    """
     kbase = K + tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
     vbase = V + tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
     if MODE >= BLOCK:
@@ -162,7 +188,7 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
                     acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, st + u * BN, kbase, vbase,
                                           skn, pos0, kstr, nk, KPOS, KMEM, True, e, served, TERMS, NT,
                                           CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
-                                          MODE, BN, D, IEEE, PHASE)
+                                          MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
     else:
         lo = tl.load(PLAN + qb * 4)
         hi = tl.load(PLAN + qb * 4 + 1)
@@ -171,31 +197,40 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
         if SPLIT:
             lo = tl.maximum(lo, split * chunk)
             hi = tl.minimum(hi, split * chunk + chunk - 1)
+        if HAS_DOC:
+            if MODE == RANGE:
+                lo = tl.maximum(lo, _first_index(s_lo, pos0, kstr) // BN)
+                flo = tl.maximum(flo, (_first_index(s_hi, pos0, kstr) + BN - 1) // BN)
+                if not CAUSAL:
+                    hi = tl.minimum(hi, (_first_index(e_hi, pos0, kstr) + BN - 1) // BN - 1)
+                    fhi = tl.minimum(fhi, _first_index(e_lo, pos0, kstr) // BN - 1)
+            else:
+                flo = hi + 1  # explicit positions: every tile masked
         flo, fhi = _segments(lo, hi, flo, fhi)
         for kb in range(lo, flo):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kbase, vbase,
                                   skn, pos0, kstr, nk, KPOS, KMEM, True, -1, served, TERMS, NT,
                                   CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
-                                  MODE, BN, D, IEEE, PHASE)
+                                  MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
         for kb in range(flo, fhi + 1):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kbase, vbase,
                                   skn, pos0, kstr, nk, KPOS, KMEM, False, -1, served, TERMS, NT,
                                   CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
-                                  MODE, BN, D, IEEE, PHASE)
+                                  MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
         for kb in range(fhi + 1, hi + 1):
             acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kbase, vbase,
                                   skn, pos0, kstr, nk, KPOS, KMEM, True, -1, served, TERMS, NT,
                                   CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
-                                  MODE, BN, D, IEEE, PHASE)
+                                  MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
     return acc, m_i, l_i
 
 
 # Lengths, offsets and strides of positions are run-time values: changing them must not recompile.
 @triton.jit(do_not_specialize=["qpos0", "nq", "n", "chunk", "W", "CB"]
             + [f"{a}{i}" for i in range(6) for a in ("pp", "ks", "nk")])
-def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
+def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
                   O, sob, son, soh, sos, LSE, slb, slh, sls, LSE2, DELTA, sxb, sxh,
-                  n, qk_scale, TBL, stb, sth, stq, W, CB, chunk,
+                  n, qk_scale, TBL, stb, sth, stq, W, CB, chunk, DS, DE, sdcb,
                   K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0, TM0,
                   K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1, TM1,
                   K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2, TM2,
@@ -208,7 +243,7 @@ def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, g
                   NT3: tl.constexpr, NT4: tl.constexpr, NT5: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr, Q_EXPLICIT: tl.constexpr,
                   SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                  IEEE: tl.constexpr, PHASE: tl.constexpr):
+                  IEEE: tl.constexpr, PHASE: tl.constexpr, HAS_DOC: tl.constexpr):
     """Query-major kernel: PHASE 0 writes out and lse, PHASE 1 writes dq (unscaled by nothing: final)."""
     qb = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows first
     bh = tl.program_id(1)
@@ -230,6 +265,10 @@ def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, g
     q = tl.load(Q + qoff + ld, mask=rmask[:, None], other=0.0)
     TBLH = TBL + tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
     toff = tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
+    if HAS_DOC:
+        dstart, dend, s_lo, s_hi, e_lo, e_hi = _span(DS, DE, tl.cast(b, tl.int64) * sdcb, qp, rmask)
+    else:
+        dstart, dend, s_lo, s_hi, e_lo, e_hi = qp, qp, 0, 0, 0, 0
     acc = tl.zeros([BM, D], dtype=tl.float32)
     m_i = tl.full([BM], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BM], dtype=tl.float32)
@@ -247,27 +286,33 @@ def _query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, g
     if MODE0 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0 + toff,
-                              TM0, NT0, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE0, SPLIT, BN, D, IEEE, PHASE)
+                              TM0, NT0, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE0, SPLIT, BN, D, IEEE, PHASE,
+                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
     if MODE1 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1 + toff,
-                              TM1, NT1, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE1, SPLIT, BN, D, IEEE, PHASE)
+                              TM1, NT1, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE1, SPLIT, BN, D, IEEE, PHASE,
+                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
     if MODE2 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2 + toff,
-                              TM2, NT2, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE2, SPLIT, BN, D, IEEE, PHASE)
+                              TM2, NT2, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE2, SPLIT, BN, D, IEEE, PHASE,
+                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
     if MODE3 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K3, V3, skb3, skn3, skh3, pp3, ks3, nk3, KP3, KM3, sv3, PL3, TS3 + toff,
-                              TM3, NT3, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE3, SPLIT, BN, D, IEEE, PHASE)
+                              TM3, NT3, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE3, SPLIT, BN, D, IEEE, PHASE,
+                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
     if MODE4 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K4, V4, skb4, skn4, skh4, pp4, ks4, nk4, KP4, KM4, sv4, PL4, TS4 + toff,
-                              TM4, NT4, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE4, SPLIT, BN, D, IEEE, PHASE)
+                              TM4, NT4, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE4, SPLIT, BN, D, IEEE, PHASE,
+                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
     if MODE5 != 0:
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
                               K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5 + toff,
-                              TM5, NT5, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE5, SPLIT, BN, D, IEEE, PHASE)
+                              TM5, NT5, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE5, SPLIT, BN, D, IEEE, PHASE,
+                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh
             + tl.cast(qb * BM, tl.int64) * son)
     optr = O + ooff + (tl.arange(0, BM) * son)[:, None] + offs_d[None, :]
@@ -290,7 +335,7 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbas
                QPOS, qpos0, MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr,
                n, qk_scale, mem, HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB, MODE: tl.constexpr,
                Q_EXPLICIT: tl.constexpr, FUSE_DQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-               IEEE: tl.constexpr):
+               IEEE: tl.constexpr, HAS_DOC: tl.constexpr, DSB, DEB):
     """One query tile against the program's key tile: dk/dv accumulate; with FUSE_DQ the tile's
     dq contribution ``ds @ k`` is added atomically (float32) instead of recomputed query-major."""
     offs_m = tl.arange(0, BM)
@@ -317,6 +362,10 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbas
             ok = _owned(qp[None, :], kp[:, None], TERMS, NT, served, CAUSAL, n, MODE, mem[:, None],
                         HAS_BLOCK, TBLH, stq, W, CB)
         ok = ok & kmask[:, None] & rmask[None, :]
+        if HAS_DOC:  # the key must lie in the query's document
+            ok = ok & (kp[:, None] >= tl.load(DSB + qp, mask=rmask, other=0)[None, :])
+            if not CAUSAL:
+                ok = ok & (kp[:, None] < tl.load(DEB + qp, mask=rmask, other=0)[None, :])
         st = tl.where(ok, st, float("-inf"))
     pt = tl.math.exp2(st - lse2[None, :])
     dv = dv + _dot(pt.to(do.dtype), do, IEEE)
@@ -332,13 +381,14 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbas
 
 
 @triton.jit(do_not_specialize=["qpos0", "nq", "n", "pos0", "kstr", "nk", "qchunk", "W", "CB", "t0"])
-def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
+def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
                  LSE2, DELTA, sxb, sxh, DQ, sqqb, sqqn, sqqh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
                  K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, QPLAN, QFPLAN, KBLK, KSTART, CPTR, CIDX,
-                 DK, DV, sob, son, soh, sos, qchunk, t0,
+                 DK, DV, sob, son, soh, sos, qchunk, t0, DS, DE, sdcb,
                  MODE: tl.constexpr, NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
                  Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, SPLIT: tl.constexpr, FUSE_DQ: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+                 HAS_DOC: tl.constexpr):
     """Key-major dk/dv of one pass: a key tile walks the query tiles that can see it.
 
     Range passes: key tile ``kb`` visits query tiles ``QPLAN[kb]``, of which ``QFPLAN[kb]``
@@ -382,6 +432,10 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
         mem = tl.load(KMEM + kidx, mask=kmask, other=0)
     else:
         mem = kmask
+    DSB = DS + tl.cast(b, tl.int64) * sdcb
+    DEB = DE + tl.cast(b, tl.int64) * sdcb
+    if HAS_DOC:  # the queries that can see these keys lie in the keys' documents
+        _s, _e, ks_lo, ks_hi, ke_lo, ke_hi = _span(DS, DE, tl.cast(b, tl.int64) * sdcb, kp, kmask)
     dk = tl.zeros([BN, D], dtype=tl.float32)
     dv = tl.zeros([BN, D], dtype=tl.float32)
     for g in range(0, group):
@@ -402,7 +456,8 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
                     dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn,
                                         LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
                                         QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                        HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE)
+                                        HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE,
+                                    HAS_DOC, DSB, DEB)
         else:
             q_lo = tl.load(QPLAN + t * 2)
             q_hi = tl.load(QPLAN + t * 2 + 1)
@@ -410,22 +465,36 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
                 base = q_lo + split * qchunk
                 q_lo = base
                 q_hi = tl.minimum(q_hi, base + qchunk - 1)
-            f_lo, f_hi = _segments(q_lo, q_hi, tl.load(QFPLAN + t * 2), tl.load(QFPLAN + t * 2 + 1))
+            f_lo = tl.load(QFPLAN + t * 2)
+            f_hi = tl.load(QFPLAN + t * 2 + 1)
+            if HAS_DOC:
+                if Q_EXPLICIT:
+                    f_lo = q_hi + 1  # explicit query positions: every tile masked
+                else:
+                    q_hi = tl.minimum(q_hi, (tl.maximum(ke_hi - qpos0, 0) + BM - 1) // BM - 1)
+                    f_hi = tl.minimum(f_hi, tl.maximum(ke_lo - qpos0, 0) // BM - 1)
+                    if not CAUSAL:
+                        q_lo = tl.maximum(q_lo, tl.maximum(ks_lo - qpos0, 0) // BM)
+                        f_lo = tl.maximum(f_lo, (tl.maximum(ks_hi - qpos0, 0) + BM - 1) // BM)
+            f_lo, f_hi = _segments(q_lo, q_hi, f_lo, f_hi)
             for qb in range(q_lo, f_lo):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn,
                                     LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE)
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE,
+                                    HAS_DOC, DSB, DEB)
             for qb in range(f_lo, f_hi + 1):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn,
                                     LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
                                     QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE)
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE,
+                                    HAS_DOC, DSB, DEB)
             for qb in range(f_hi + 1, q_hi + 1):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn,
                                     LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE)
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE,
+                                    HAS_DOC, DSB, DEB)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(hk, tl.int64) * soh
             + tl.cast(idx0 - t0 * BN, tl.int64) * son)
     optr = (offs_n * son)[:, None] + offs_d[None, :]
@@ -438,7 +507,7 @@ def _dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
 
 
 @triton.jit(do_not_specialize=["nq"])
-def _bwd_prep_kernel(O, sob, son, soh, DO, sdb, sdn, sdh, LSE, DLSE, slb, slh, DELTA, LSE2, nq, heads,
+def bwd_prep_kernel(O, sob, son, soh, DO, sdb, sdn, sdh, LSE, DLSE, slb, slh, DELTA, LSE2, nq, heads,
                      HAS_DLSE: tl.constexpr, BM: tl.constexpr, D: tl.constexpr):
     """Per query row: ``delta = rowsum(do * o) - dlse`` and ``lse2 = lse * log2(e)`` (+inf for empty
     rows, so that their probabilities are 0), read straight from the low-precision o and do."""
