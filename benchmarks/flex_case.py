@@ -8,6 +8,8 @@ case and variant.  The spec (built by ``kernels.flex_spec``) names the pattern (
 the sizes and the variant:
 
 - ``single``: one FlexAttention call whose mask_mod is the whole pattern.
+- With ``documents`` (lengths of packed documents), every mask_mod also keeps a pair only inside one
+  document (``and_masks``-style, a document id per position), in both variants.
 - ``split``: what a user can write by hand for a union of windows, strided levels and leading global
   keys: one call per component key set, each on compact K/V (the window on all keys, a strided level
   on ``K[:, :, o::s]``, the global part on ``K[:, :, :G]``).  Ownership order: windows, then strided
@@ -33,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from sparse_parallel.patterns import Global, Pattern, Strided, Window  # noqa: E402
+from sparse_parallel.patterns import Documents, Global, Pattern, Strided, Window  # noqa: E402
 
 #: Optimistic FLOP rate of Flex's computed blocks (H200, bf16), used only to skip hopeless cases early.
 FLEX_PEAK_FLOPS = 450e12
@@ -100,8 +102,17 @@ def allows(comp, qi, kv):
     raise TypeError(f"no arithmetic mask for {comp!r}")
 
 
-def single_mask(pat: Pattern, n: int, hq: int, q=None, k=None, device="cuda"):
-    """A mask_mod equal to the whole pattern; block-list components read their tables as tensors."""
+def document_ids(lengths, n: int, device):
+    """int32 ``[n]``: the index of the document holding each position (None without documents)."""
+    if not lengths:
+        return None
+    sizes = torch.tensor(lengths, device=device)
+    return torch.repeat_interleave(torch.arange(len(lengths), device=device, dtype=torch.int32), sizes)[:n]
+
+
+def single_mask(pat: Pattern, n: int, hq: int, q=None, k=None, device="cuda", doc=None):
+    """A mask_mod equal to the whole pattern (within the documents of ``doc``, document ids);
+    block-list components read their tables as tensors."""
     bound = pat.bind(n, hq, q=q if pat.data_dependent else None, k=k if pat.data_dependent else None,
                      device=device)
     tables = dict(zip(pat.block_components, (t.to(torch.int32).to(device) for t in bound.tables)))
@@ -116,7 +127,8 @@ def single_mask(pat: Pattern, n: int, hq: int, q=None, k=None, device="cuda"):
                     ok = ok | (row[w] == kv // c.block)
             else:
                 ok = ok | allows(c, qi, kv)
-        return ok & (kv <= qi)
+        ok = ok & (kv <= qi)
+        return ok if doc is None else ok & (doc[qi] == doc[kv])
 
     return mask_mod
 
@@ -132,7 +144,7 @@ class Part:
     mask_mod: Callable
 
 
-def split_parts(pat: Pattern, n: int) -> list[Part] | None:
+def split_parts(pat: Pattern, n: int, doc=None) -> list[Part] | None:
     """The hand split of ``pat`` over compact key sets, or None when it has no such split.
 
     Only causal unions of windows, strided levels and leading global keys (``Global(first=G,
@@ -154,26 +166,34 @@ def split_parts(pat: Pattern, n: int) -> list[Part] | None:
         else:
             offset, stride, kv_len = 0, 1, n
         parts.append(Part(f"{comp.kind}{index}", offset, stride, kv_len,
-                          _owned_mask(comp, order[:index], offset, stride)))
+                          _owned_mask(comp, order[:index], offset, stride, doc)))
     return parts
 
 
-def _owned_mask(comp, earlier, offset: int, stride: int):
-    """mask_mod in compact key coordinates: pairs ``comp`` allows and no ``earlier`` component does."""
+def _owned_mask(comp, earlier, offset: int, stride: int, doc=None):
+    """mask_mod in compact key coordinates: pairs ``comp`` allows and no ``earlier`` component does
+    (inside one document of ``doc``)."""
 
     def mask_mod(b, h, qi, c):
         kv = offset + stride * c
         ok = (kv <= qi) & allows(comp, qi, kv)
         for e in earlier:
             ok = ok & ~allows(e, qi, kv)
-        return ok
+        return ok if doc is None else ok & (doc[qi] == doc[kv])
 
     return mask_mod
 
 
-def verify(pat: Pattern, variant: str, n: int, hq: int, device) -> dict:
-    """Small-size check that the variant's masks cover the pattern's pairs exactly once."""
+def verify(pat: Pattern, variant: str, n: int, hq: int, device, lengths=None) -> dict:
+    """Small-size check that the variant's masks cover the pattern's pairs exactly once (the first
+    ``n`` positions of the documents of ``lengths``)."""
     from torch.nn.attention.flex_attention import create_mask
+
+    doc = document_ids(lengths, n, device)
+    counted_pattern = pat
+    if doc is not None:
+        cut = torch.bincount(doc.long()).tolist()
+        counted_pattern = pat.within(Documents.from_lengths([[x for x in cut if x]]))
 
     heads = hq if pat.per_head else 1
     q = k = None
@@ -182,14 +202,16 @@ def verify(pat: Pattern, variant: str, n: int, hq: int, device) -> dict:
         q = torch.randn(1, n, hq, 32, device=device, generator=g)
         k = torch.randn(1, n, hq, 32, device=device, generator=g)
     want = pat.mask(n, heads, q=q, k=k).to(device)
+    if doc is not None:
+        want = want & (doc[:, None] == doc[None, :])
     if variant == "single":
-        got = create_mask(single_mask(pat, n, hq, q, k, device), 1, heads, n, n, device=device)[0].int()
+        got = create_mask(single_mask(pat, n, hq, q, k, device, doc), 1, heads, n, n, device=device)[0].int()
     else:
         got = torch.zeros(heads, n, n, dtype=torch.int32, device=device)
-        for p in split_parts(pat, n):
+        for p in split_parts(pat, n, doc):
             m = create_mask(p.mask_mod, 1, 1, n, p.kv_len, device=device)[0].int()
             got[:, :, p.offset::p.stride][:, :, :p.kv_len] += m
-    described = pat.describe(n, hq, 128, q=q, k=k)["pairs"] / hq
+    described = counted_pattern.describe(n, hq, 128, q=q, k=k)["pairs"] / hq
     counted = got.sum().item() / heads
     return {"verify_n": n, "pairs_counted": counted, "pairs_described": described,
             "exact_cover": bool(torch.equal(got, want.int())) and counted == described}
@@ -224,7 +246,9 @@ def run_case(spec: dict) -> dict:
     n, hq, hkv, d, variant = spec["n"], spec["hq"], spec["hkv"], spec["d"], spec["variant"]
     device = spec["device"]
     dtype = getattr(torch, spec["dtype"])
-    res = {"variant": variant, **verify(pat, variant, min(n, spec["verify_n"]), hq, device)}
+    lengths = spec.get("documents")
+    res = {"variant": variant, **verify(pat, variant, min(n, spec["verify_n"]), hq, device, lengths)}
+    doc = document_ids(lengths, n, device)
     gen = torch.Generator(device=device).manual_seed(0)
     q, k, v = (torch.randn(1, h, n, d, device=device, dtype=dtype, generator=gen) for h in (hq, hkv, hkv))
     do = torch.randn_like(q)
@@ -234,12 +258,12 @@ def run_case(spec: dict) -> dict:
     compile_mask = device == "cuda"
     t = time.perf_counter()
     if variant == "single":
-        mm = single_mask(pat, n, hq, q.transpose(1, 2), k.transpose(1, 2), device)
+        mm = single_mask(pat, n, hq, q.transpose(1, 2), k.transpose(1, 2), device, doc)
         masks = [create_block_mask(mm, None, hq if pat.per_head else None, n, n, device=device,
                                    _compile=compile_mask)]
         kv_sets = [(k, v)]
     else:
-        parts = split_parts(pat, n)
+        parts = split_parts(pat, n, doc)
         masks = [create_block_mask(p.mask_mod, None, None, n, p.kv_len, device=device, _compile=compile_mask)
                  for p in parts]
         kv_sets = [(k[:, :, p.offset::p.stride][:, :, :p.kv_len].contiguous(),

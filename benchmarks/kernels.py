@@ -54,8 +54,8 @@ from flex_case import FLEX_PEAK_FLOPS, bench, split_parts  # noqa: E402
 from sparse_parallel.kernels import core  # noqa: E402
 from sparse_parallel.kernels import function as kfunction  # noqa: E402
 from sparse_parallel.kernels.function import prepare, triton_attention  # noqa: E402
-from sparse_parallel.patterns import (Dilated, Global, Pattern, RandomBlocks, Strided, TopKBlocks,  # noqa: E402
-                                      Window, as_pattern)
+from sparse_parallel.patterns import (Dilated, Documents, Global, Pattern, RandomBlocks, Strided,  # noqa: E402
+                                      TopKBlocks, Window, as_pattern)
 from sparse_parallel.reference import reference_attention  # noqa: E402
 
 K = 1024
@@ -75,10 +75,34 @@ class Case:
     pattern: Pattern
     n: int
     goal: bool = False
+    #: mean document length of packed documents (0: one sequence); lengths drawn by ``document_lengths``
+    docs_mean: int = 0
 
     @property
     def key(self) -> str:
         return f"{self.name}@{size_label(self.n)}"
+
+    @property
+    def lengths(self) -> list[int] | None:
+        return document_lengths(self.n, self.docs_mean) if self.docs_mean else None
+
+    @property
+    def attended(self) -> Pattern:
+        """The pattern our kernels run: with documents, intersected with them."""
+        lengths = self.lengths
+        return self.pattern.within(Documents.from_lengths([lengths])) if lengths else self.pattern
+
+
+def document_lengths(n: int, mean: int, seed: int = 0) -> list[int]:
+    """Lengths of packed documents filling n tokens: exponentially distributed around ``mean``
+    (at least one token), the last one cut to fit; the same for every run (seeded)."""
+    g = torch.Generator().manual_seed(seed)
+    out, left = [], n
+    while left > 0:
+        size = max(1, int(torch.empty(1).exponential_(1.0 / mean, generator=g)))
+        out.append(min(size, left))
+        left -= out[-1]
+    return out
 
 
 def size_label(n: int) -> str:
@@ -94,6 +118,8 @@ CASES = (
     Case("window4096", as_pattern(Window(4096)), 256 * K),
     Case("random(64,3)+w512", RandomBlocks(block=64, per_query_block=3) | Window(512), 256 * K),
     Case("topk(64,16)", as_pattern(TopKBlocks(block=64, k=16)), 64 * K),
+    Case("w4096+s64+g128 docs32k", Window(4096) | Strided(64) | Global(first=128, queries=False), 1024 * K,
+         docs_mean=32 * K),
 )
 #: The same shapes of pattern, shrunk for ``--smoke`` (N=256 under the interpreter).
 SMOKE_CASES = (
@@ -102,6 +128,7 @@ SMOKE_CASES = (
     Case("dilated(16,2)", as_pattern(Dilated(window=16, levels=2)), 256, goal=True),
     Case("random(16,2)+w16", RandomBlocks(block=16, per_query_block=2) | Window(16), 256),
     Case("topk(16,4)", as_pattern(TopKBlocks(block=16, k=4)), 256),
+    Case("w32+s8+g16 docs", Window(32) | Strided(8) | Global(first=16, queries=False), 256, docs_mean=40),
 )
 HEADS = {"16/16": (16, 16), "16/4": (16, 4)}
 
@@ -246,7 +273,7 @@ def tune(results, guard_s, device, n=64 * K, heads=16, d=128):
 # -- timing ----------------------------------------------------------------------------------------------
 def ours_row(case: Case, hq: int, hkv: int, d: int, guard_s: float, device: str) -> dict:
     """Our kernels on one case: plan time, forward and forward+backward ms, peak memory."""
-    pat = case.pattern
+    pat = case.attended
     n = case.n
     dtype = torch.float16 if SMOKE else torch.bfloat16  # bf16 tl.dot is wrong in the interpreter
     q, k, v = (torch.randn(1, n, h, d, device=device, dtype=dtype) for h in (hq, hkv, hkv))
@@ -287,7 +314,7 @@ def flex_spec(case: Case, hq: int, hkv: int, d: int, variant: str, args, device:
     """The JSON spec that ``flex_case.py`` runs (in a process of its own)."""
     return {"pattern": case.pattern.to_dict(), "n": case.n, "hq": hq, "hkv": hkv, "d": d, "variant": variant,
             "device": device, "dtype": "float32" if SMOKE else "bfloat16", "guard_s": args.guard,
-            "verify_n": 256 if SMOKE else 4096, "merged": not args.no_merged}
+            "verify_n": 256 if SMOKE else 4096, "merged": not args.no_merged, "documents": case.lengths}
 
 
 def flex_worker(spec: dict, timeout_s: float) -> dict:
@@ -316,8 +343,9 @@ def single_mask_hopeless(case: Case, hq: int, d: int, guard_s: float) -> str | N
     An unbounded strided level with stride <= 128 puts a key in every 128-key block, so Flex computes
     the whole causal triangle; past the guard it is skipped without spending a process on it.
     """
-    if not any(isinstance(c, Strided) and c.span is None and c.stride <= 128 for c in case.pattern.components):
-        return None
+    if case.docs_mean or not any(isinstance(c, Strided) and c.span is None and c.stride <= 128
+                                 for c in case.pattern.components):
+        return None  # within documents a strided level reaches back to its document's start only
     flops = 4.0 * hq * case.n * case.n / 2 * d
     if 4.5 * flops / FLEX_PEAK_FLOPS <= guard_s:
         return None
@@ -330,10 +358,10 @@ def time_job(case: Case, heads: str, args, device: str) -> dict:
     d = 128
     if SMOKE:
         hq, hkv, d = hq // 4, hkv // 4, 32
-    desc = case.pattern.describe(case.n, hq, d)  # TopKBlocks alone: exact without the data
+    desc = case.attended.describe(case.n, hq, d)  # TopKBlocks alone: exact without the data
     row = {"case": case.name, "key": case.key, "n": case.n, "heads": heads, "hq": hq, "hkv": hkv, "d": d,
            "goal": case.goal, "pairs_per_head": desc["pairs"] / hq, "useful_flops_fwd": desc["useful_flops_fwd"],
-           "density": desc["density_of_causal"]}
+           "density": desc["density_of_causal"], "documents": len(case.lengths) if case.docs_mean else 0}
     try:
         row["ours"] = ours_row(case, hq, hkv, d, args.guard, device)
     except Exception as e:  # noqa: BLE001 - record and go on to the baselines
