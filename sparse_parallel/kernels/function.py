@@ -197,7 +197,7 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
     if not kspaces or not passes or nq == 0:
         raise ValueError("space_attention needs at least one non-empty key space serving a component")
     prob = core.Problem(terms, kspaces, passes, q_pos, int(q_pos[0]) if contiguous else None)
-    _documents(getattr(bound.pattern, "documents", None), bound.n, b, device, [prob])
+    _documents(bound.pattern.documents, bound.n, b, device, [prob])
 
     def grads(buffers):
         return [buffers[i].rows() for i in range(len(kspaces))]
@@ -275,7 +275,7 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
     cfg = config if config is not None else core.default_config(device)
     # Plans depend on the pattern and the shapes only (not on the data, except TopKBlocks, nor on the
     # documents, which the kernels read at run time): reuse them.
-    documents, pattern = getattr(pattern, "documents", None), getattr(pattern, "plain", pattern)
+    documents, pattern = pattern.documents, pattern.plain
     key = None if pattern.data_dependent else (pattern, n, hq, k.shape[2], str(device), tuple(vars(cfg).items()))
     cached = _PLANS.get(key) if key is not None else None
     if cached is None:
