@@ -38,6 +38,9 @@ def attend_keys(q_c, k_c, v_c, allowed, scale):
     hkv = k_c.shape[2]
     g = hq // hkv
     acc = lse_dtype(q_c.dtype)
+    if k_c.shape[1] == 0:  # no candidate key at all (a chunk inside documents that hold none)
+        return q_c.new_zeros(b, c, hq, v_c.shape[3]), torch.full((b, hq, c), float("-inf"), dtype=acc,
+                                                                   device=q_c.device)
     s = torch.einsum("bchgd,bkhd->bhgck", q_c.view(b, c, hkv, g, d), k_c).reshape(b, hq, c, -1)
     s = s.to(acc) * scale
     allowed = allowed.expand_as(s)
