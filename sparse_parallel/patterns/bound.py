@@ -8,6 +8,7 @@ global keys (the keys of components that every query shares).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -40,15 +41,11 @@ class BoundPattern:
     component_rows: tuple = field(init=False, repr=False, compare=False)
     global_rows: torch.Tensor = field(init=False, repr=False, compare=False)
     global_keys: torch.Tensor = field(init=False, repr=False, compare=False)
-    doc_start: torch.Tensor | None = field(init=False, repr=False, compare=False)
-    doc_end: torch.Tensor | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
         n, comps = self.n, self.pattern.components
-        docs = self.pattern.documents
-        start, end = docs.bounds(n, self.device) if docs is not None else (None, None)
-        object.__setattr__(self, "doc_start", start)
-        object.__setattr__(self, "doc_end", end)
+        if self.documents is not None:
+            self.documents.validate(n)
         explicit = tuple(c.explicit_keys(n) for c in comps)
         rows = tuple(c.global_rows(n, self.pattern.causal) for c in comps)
         shared = []
@@ -64,6 +61,19 @@ class BoundPattern:
     def documents(self):
         """The pattern's ``Documents`` (None: the whole sequence is one document)."""
         return self.pattern.documents
+
+    @functools.cached_property
+    def _doc_bounds(self):
+        # Made on first use: the rank plans read only the offsets (key_reach), never these.
+        return self.documents.bounds(self.n, self.device) if self.documents is not None else (None, None)
+
+    @property
+    def doc_start(self) -> torch.Tensor | None:
+        return self._doc_bounds[0]
+
+    @property
+    def doc_end(self) -> torch.Tensor | None:
+        return self._doc_bounds[1]
 
     def check_batch(self, batch: int) -> None:
         """Raise ValueError unless the documents (if any) fit a batch of ``batch`` sequences."""

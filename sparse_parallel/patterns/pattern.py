@@ -109,6 +109,10 @@ class Component:
     def __or__(self, other):
         return Pattern((self,)) | other
 
+    def within(self, documents) -> "Pattern":
+        """This component alone as a pattern restricted to ``documents`` (``Pattern.within``)."""
+        return Pattern((self,)).within(documents)
+
     def terms(self) -> tuple[Term, ...]:
         """The component's keys as affine terms (empty for block-list components)."""
         return ()

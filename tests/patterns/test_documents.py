@@ -146,7 +146,7 @@ def test_documents_value():
     (lambda: Documents.from_lengths([[4], [4, 4]]).validate(8, 2), "must all end"),
     (lambda: Documents.from_lengths([[4, 4]]).validate(9, 1), "end at 8.*n=9"),
     (lambda: Documents.from_lengths([[4, 4], [8], [8]]).validate(8, 2), "3 rows for a batch of 2"),
-    (lambda: sp.Window(2).__or__(sp.Window(1)).within([[0, 8]]), "Pattern.within takes a Documents"),
+    (lambda: sp.Window(2).within([[0, 8]]), "Pattern.within takes a Documents"),
     (lambda: Pattern(sp.Window(2)).within(Documents.from_lengths([4, 4])).bind(9), "n=9"),
     (lambda: (Pattern(sp.Window(2)).within(Documents.from_lengths([4, 4]))
               | Pattern(sp.Window(1)).within(Documents.from_lengths([8]))), "different documents"),
