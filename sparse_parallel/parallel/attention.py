@@ -70,7 +70,8 @@ def sequence_parallel_attention(q_shard, k_shard, v_shard, pattern, ctx, backend
     """Sparse attention on this rank's shards -> (out_shard ``[B, n, Hq, D]``, lse_shard ``[B, Hq, n]``).
 
     q_shard ``[B, n, Hq, D]``, k_shard/v_shard ``[B, n, Hkv, D]``: this rank's
-    contiguous shard (``ctx.shard_range(N)``) of the sequence; positions are global.
+    contiguous shard (``ctx.shard_range(N)``) of the sequence; positions are global, and
+    so are the offsets of a pattern ``within`` documents (shards may cut through documents).
     ``exchange``: "pattern" (send only what the pattern needs), "ulysses"
     (all-to-all to head sharding; key/value heads must be divisible by P), or
     "auto" (ulysses for TopKBlocks; for static block lists whichever gives the
@@ -80,6 +81,8 @@ def sequence_parallel_attention(q_shard, k_shard, v_shard, pattern, ctx, backend
     pattern = as_pattern(pattern)
     n = ctx.global_length(q_shard.shape[1])
     _check_shards(q_shard, k_shard, v_shard, ctx, n)
+    if pattern.documents is not None:  # offsets over the whole sequence, the same on every rank
+        pattern.documents.validate(n, q_shard.shape[0])
     fn = space_attention_fn(backend, q_shard.device)
     hq, hkv = q_shard.shape[2], k_shard.shape[2]
     bound = pattern.bind(n, hq, device=q_shard.device) if not pattern.data_dependent else None
@@ -206,18 +209,32 @@ def _pattern_exchange(q, k, v, pattern: Pattern, ctx, n: int, bound: BoundPatter
     if round2 is None:
         out, lse = out_ng, lse_ng
     else:
-        got = round2.wait()
+        got = iter(round2.wait())
         token = round2.token
         own = owned_slice(me.global_q, s, e)
         outs, lses = [part_out[:, own]], [part_lse[:, :, own]]
-        for i in range(0, len(got), 2):
-            if got[i].shape[1] != len(me.global_rows):
-                raise RuntimeError("partial results of global rows must cover all of the owner's global rows")
-            outs.append(got[i])
-            lses.append(got[i + 1])
+        for r, plan in enumerate(plans):
+            rows_r = plan.global_q[owned_slice(plan.global_q, s, e)]  # the rows of mine that r computed
+            if r == rank or not len(rows_r):
+                continue
+            out_r, lse_r = next(got), next(got)
+            if len(rows_r) < len(me.global_rows):  # within documents: only rows whose document reaches r
+                out_r, lse_r = _widen(out_r, lse_r, torch.searchsorted(me.global_rows, rows_r).to(dev),
+                                      len(me.global_rows))
+            outs.append(out_r)
+            lses.append(lse_r)
         out_g, lse_g = merge_partials(outs, lses)
         out, lse = _interleave(out_ng, lse_ng, out_g, lse_g, is_global)
     return out + token.to(out.dtype), lse + token.to(lse.dtype)
+
+
+def _widen(out, lse, index: torch.Tensor, rows: int):
+    """A partial result for some of ``rows`` rows (at ``index``) as one for all of them: the others
+    empty (out 0, lse -inf), so that the log-sum-exp merge takes nothing from them."""
+    b, _, h, d = out.shape
+    full_out = out.new_zeros(b, rows, h, d).index_copy(1, index, out)
+    full_lse = lse.new_full((b, h, rows), float("-inf")).index_copy(2, index, lse)
+    return full_out, full_lse
 
 
 def _interleave(out_a, lse_a, out_b, lse_b, is_b: torch.Tensor):

@@ -19,6 +19,15 @@ and the global query rows (``Global(queries=True)``, see
 keys: all of them when not causal, else those at or after its shard start
 (earlier ones cannot see its keys).
 
+Within documents (``Pattern.within``) a shard needs no key before the earliest
+start, over the batch, of its first row's documents, nor (not causal) past the
+latest end of its last row's: every key set above is cut to that reach
+(``BoundPattern.key_reach``), so a window's halo shrinks to the part of the
+previous document that reaches into the shard and strided, global and block keys
+come only from the documents the shard's queries lie in.  A global query row
+then sees only its own document, and only ranks whose shard that document
+reaches compute partial results for it.
+
 ``comm_volume`` adds up the bytes each rank sends, forward and backward, for
 this plan or for the all-to-all (head-sharded) plan.
 """
@@ -28,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..patterns import BoundPattern, Pattern, as_pattern
+from ..patterns import BoundPattern, Documents, Pattern, as_pattern
 from .context import shard_bounds  # noqa: F401  (the shard rule; benchmarks import it from here too)
 from ..reference import lse_dtype
 
@@ -82,36 +91,50 @@ def rank_plan(pattern: Pattern, n: int, bounds: list[tuple[int, int]], rank: int
         bound = pattern.bind(n)
     s, e = bounds[rank]
     comps = pattern.components
-    hi = e if pattern.causal else n  # keys at or past hi are never allowed for this shard
+    # Keys outside [lo, hi) are never allowed for this shard: causality, and its queries' documents.
+    lo, hi = bound.key_reach(s, e)
     windows = [i for i, c in enumerate(comps) if c.halo is not None]
     reqs: list[KeyRequest] = []
     if windows:
         left = max(comps[i].halo[0] for i in windows)
         right = 0 if pattern.causal else max(comps[i].halo[1] for i in windows)
-        a, b = max(0, s - left), min(n, e + right)
+        a, b = max(lo, s - left), min(hi, e + right)
         reqs.append(KeyRequest("halo_left", _arange(a, s), tuple(windows), pos0=a))
         reqs.append(KeyRequest("halo_right", _arange(e, b), tuple(windows), pos0=e))
     for i, c in enumerate(comps):
         if c.lattice is None:
             continue
         (term,) = c.terms()  # a lattice component is one term: its keys within the term's reach of the shard
-        first, top = term.key_range(s, e, hi)
+        first, top = term.key_range(s, e, hi, floor=lo)
         reqs.append(KeyRequest(f"strided{i}", _arange(first, top, term.m), (i,), pos0=first, stride=term.m))
     globals_ = tuple(i for i, c in enumerate(comps) if c.shared_keys)
     if globals_:
         g = bound.global_keys
-        reqs.append(KeyRequest("global", g[g < hi], globals_))
+        reqs.append(KeyRequest("global", g[(g >= lo) & (g < hi)], globals_))
     blocks = tuple(i for i, c in enumerate(comps) if c.block_based)
     if blocks:
         if any(comps[i].data_dependent for i in blocks):
             raise ValueError("block-list keys can be fetched only for static layouts (RandomBlocks, "
                              "BlockLayout); TopKBlocks needs exchange='ulysses'")
         keys = torch.cat([_block_keys(bound, i, s, e, hi) for i in blocks]).unique()
-        reqs.append(KeyRequest("blocks", keys, blocks))
+        reqs.append(KeyRequest("blocks", keys[keys >= lo], blocks))
     gq = bound.global_rows
     own = gq[(gq >= s) & (gq < e)]
-    needed = gq[gq >= s] if pattern.causal else gq
-    return RankPlan(rank, s, e, reqs, tuple(windows), own, needed)
+    return RankPlan(rank, s, e, reqs, tuple(windows), own, _rows_reaching(bound, gq, s, e))
+
+
+def _rows_reaching(bound: BoundPattern, rows: torch.Tensor, s: int, e: int) -> torch.Tensor:
+    """The global query rows that may see some key of shard [s, e): all of them when not causal, else
+    those at or after s; within documents only those whose documents reach into the shard."""
+    if bound.pattern.causal:
+        rows = rows[rows >= s]
+    if bound.documents is None or not len(rows):
+        return rows
+    keep = []
+    for r in rows.tolist():
+        first, stop = bound.key_reach(r, r + 1)
+        keep.append(first < e and stop > s)
+    return rows[torch.tensor(keep, dtype=torch.bool)]
 
 
 def owned_slice(pos: torch.Tensor, lo: int, hi: int) -> slice:
@@ -189,15 +212,23 @@ def _count(pos: torch.Tensor, lo: int, hi: int) -> int:
 
 
 def comm_volume(pattern, n: int, world: int, heads, dim: int, dtype=torch.bfloat16, *, rank: int = 0,
-                batch: int = 1, exchange: str = "auto") -> dict:
+                batch: int = 1, exchange: str = "auto", documents: Documents | None = None) -> dict:
     """Bytes ``rank`` of ``world`` sequence-parallel ranks sends per attention layer:
     {"forward", "backward", "exchange", "per_rank"}.
 
     ``heads`` is the query-head count or a pair (query heads, key/value heads).
     Counts exactly what ``sequence_parallel_attention`` puts on the wire (one
-    layer, forward and backward; a world size of 1 sends nothing).
+    layer, forward and backward; a world size of 1 sends nothing).  ``documents``
+    (or a pattern already ``within`` them) counts the exchange of packed documents,
+    which sends only keys of the documents that reach into each shard.
     """
     pattern = as_pattern(pattern)
+    if documents is not None:
+        if pattern.documents is not None and pattern.documents != documents:
+            raise ValueError("comm_volume got documents and a pattern within other documents; pass one of them")
+        pattern = pattern.within(documents)
+    if pattern.documents is not None:
+        pattern.documents.validate(n, batch)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"dtype must be a torch.dtype (e.g. torch.bfloat16), got {dtype!r}")
     for name, value in (("n", n), ("world", world), ("dim", dim), ("batch", batch)):

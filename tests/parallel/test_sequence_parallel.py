@@ -7,10 +7,16 @@ dozen O(1) terms differ from each other by ~1e-15 (different order of
 summation and of the log-sum-exp merge), so 1e-10 leaves six orders of margin
 while any missed or double-counted pair shows up as an O(1e-2) error.
 
+Every family also runs within packed documents of fresh random lengths (drawn
+from the same seed on every rank), and each case checks that the bytes put on
+the wire are those ``comm_volume`` computes.
+
 All cases of one world size run in one spawned group: process start-up, not
 the arithmetic, is what costs time on the 2-core CI machine.
 """
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
@@ -19,6 +25,8 @@ from dist_utils import run_ranks
 from tolerance import reference_tolerance
 from sparse_parallel import (BlockLayout, Dilated, Global, Pattern, RandomBlocks, SequenceParallel, Strided,
                              TopKBlocks, Window, comm_volume, shard, sparse_attention)
+from sparse_parallel.parallel.context import shard_bounds
+from sparse_parallel.patterns import Documents
 
 TOL = 1e-10
 
@@ -60,6 +68,60 @@ def _cases(world):
               exchange="ulysses"),
         _case("public_api_scale", Window(3) | Strided(5) | Global(first=1), 26, hq=4, hkv=2, api=True, scale=0.3),
     ]
+
+
+def _documents(rng, n, world, batch, every_shard_bound=False):
+    """Fresh document lengths: 1-token documents in every row; row 0 has a document boundary on the first
+    shard boundary (on every one with ``every_shard_bound``), row 1 a document longer than a shard."""
+    bounds = shard_bounds(n, world)
+    rows = []
+    for b in range(batch):
+        cuts = {s for s, _ in bounds[1:None if every_shard_bound else 2]} if b == 0 else set()
+        span = (0, 0)
+        if b == 1:
+            length = min(n - 1, bounds[0][1] + rng.randint(1, 3))  # (world size 1: the longest that fits)
+            at = rng.randint(0, n - length)
+            span, cuts = (at, at + length), {at, at + length}
+        inside = lambda c: span[0] < c < span[1]  # noqa: E731
+        cuts |= {c for c in range(1, n) if rng.random() < 0.2 and not inside(c)}
+        one = rng.choice([c for c in range(n) if not inside(c) and not inside(c + 1)])
+        cuts |= {one, one + 1}
+        rows.append(sorted({0, n} | {c for c in cuts if 0 < c < n}))
+    return Documents.from_offsets(rows)
+
+
+def _document_cases(world, seed):
+    """Every family within fresh documents (see ``_documents``), causal and not, GQA, both exchanges."""
+    rng = random.Random(seed)
+    heads = 2 * world
+    layout = BlockLayout.from_rows(16, [[0], [0, 1], [1, 2], [0, 3]])
+    cases = [
+        ("window", Window(5), 29, {}),
+        ("window_noncausal", Pattern(Window(6, 3), causal=False), 27, {}),
+        ("strided_global_first_gqa", Window(3) | Strided(3, offset=1) | Global(first=2, queries=False), 31,
+         dict(hq=4, hkv=2)),
+        ("dilated", Dilated(window=3, levels=2), 30, {}),
+        ("strided_span_noncausal", Pattern((Window(1, 1), Strided(4, offset=2, span=9)), causal=False), 29, {}),
+        ("global_positions_queries", Window(2) | Global(first=2, positions=(9, 20)), 27, dict(hq=3, hkv=1)),
+        ("global_queries_noncausal", Pattern((Window(2, 2), Global(first=1, positions=(5, 14, 22))),
+                                             causal=False), 26, {}),
+        ("random_blocks_fetch", Window(4) | RandomBlocks(16, 2, seed=5, per_head=True), 61,
+         dict(exchange="pattern")),
+        ("layout_auto", Window(2) | layout, 57, dict(hq=heads, hkv=heads)),
+        ("topk_ulysses", Window(3) | TopKBlocks(16, 2), 50, dict(hq=2 * heads, hkv=heads)),
+        ("global_queries_ulysses", Window(4) | Strided(3) | Global(first=2, positions=(17,)), 29,
+         dict(hq=heads, hkv=heads, exchange="ulysses")),
+        ("public_api", Window(3) | Strided(5) | Global(first=1), 26, dict(hq=4, hkv=2, api=True, scale=0.3)),
+    ]
+    out = [_case(f"documents_{name}", p.within(_documents(rng, n, world, 2)), n, b=2, **kw)
+           for name, p, n, kw in cases]
+    # Every shard boundary a document boundary: no document reaches into another shard, nothing moves.
+    n = 37
+    isolated = (Window(6) | Strided(3, offset=1) | Global(first=2, positions=(n - 3,))
+                | RandomBlocks(16, 1, seed=2))
+    out.append(_case("documents_on_every_shard_bound", isolated.within(_documents(rng, n, world, 1, True)), n,
+                     exchange="pattern"))
+    return out
 
 
 def _reference(pattern, q, k, v, g_out, g_lse, scale=None):
@@ -145,7 +207,7 @@ def _event_order(ctx):
 def _worker(rank, world, seed):
     ctx = SequenceParallel()
     res = {}
-    for i, c in enumerate(_cases(world)):
+    for i, c in enumerate(_cases(world) + _document_cases(world, seed)):
         ctx.seq_len = c["n"] if i % 2 else None  # both ways of knowing N: given, or one all-reduce
         res[c["name"]] = _run_case(ctx, c, seed + i)
     ctx.seq_len = None
@@ -193,8 +255,10 @@ def test_matches_single_process(world, tmp_path):
                 assert r["exchange"] == "ulysses"
             if world > 1 and name.endswith("fetch"):
                 assert r["exchange"] == "pattern"
-    if world > 1:  # something really moved
+    if world > 1:  # something really moved, except where no document crosses a shard boundary
         assert sum(r["window"]["sent"][0] for r in results) > 0
+        assert sum(r["documents_window"]["sent"][0] for r in results) > 0
+        assert all(r["documents_on_every_shard_bound"]["sent"] == (0, 0) for r in results)
 
 
 def _error_messages(ctx):
@@ -230,6 +294,33 @@ def test_window_bytes_do_not_grow_with_n():
     strided = [comm_volume(Window(64) | Strided(64), n, 4, 4, 16, torch.bfloat16, rank=1)["forward"]
                for n in (1024, 65536)]
     assert strided[1] > strided[0]  # an unbounded strided level does grow with N
+
+
+def test_documents_shrink_what_is_sent():
+    """Only keys of documents that reach into a shard move: a window's halo shrinks to the part of the
+    previous document inside it, and strided and global keys come only from the shard's documents."""
+    n, world, heads, dim = 4096, 4, 4, 16  # shards of 1024
+    row = 2 * heads * dim * 2  # k and v of one position in bfloat16
+    docs = Documents.from_offsets([[0, 1014, 2048, 3072, 4096]])
+    plain = comm_volume(Window(64), n, world, heads, dim)["per_rank"]
+    assert plain["forward"] == [64 * row] * 3 + [0]
+    within = comm_volume(Window(64), n, world, heads, dim, documents=docs)["per_rank"]
+    # Rank 1's first document starts 10 tokens before it; ranks 2 and 3 start on document boundaries.
+    assert within == {"forward": [10 * row, 0, 0, 0], "backward": [0, 10 * row, 0, 0]}
+    assert comm_volume(Window(64).within(docs), n, world, heads, dim)["per_rank"] == within
+    # Two rows: a shard needs the keys of both rows' documents, from the earliest start on.
+    two = Documents.from_offsets([[0, 1014, 4096], [0, 1000, 4096]])
+    assert comm_volume(Window(64), n, world, heads, dim, batch=2, documents=two)["forward"] == 2 * 24 * row
+    p = Window(64) | Strided(64) | Global(first=128, queries=False)
+    lengths = [[300] * 13 + [196], [700] * 5 + [596]]  # boundaries off the shard boundaries
+    for causal in (True, False):
+        q = p.with_causal(causal)
+        without = comm_volume(q, n, world, heads, dim, batch=2)["per_rank"]
+        with_docs = comm_volume(q, n, world, heads, dim, batch=2, documents=Documents.from_lengths(lengths))
+        for direction in ("forward", "backward"):
+            assert all(a < b for a, b in zip(with_docs["per_rank"][direction], without[direction]) if b), causal
+    with pytest.raises(ValueError, match="3 rows for a batch of 2"):
+        comm_volume(p, n, world, heads, dim, batch=2, documents=Documents.from_lengths([[n]] * 3))
 
 
 TRITON_CASES = [  # (name, pattern, exchange, N, Hq, Hkv)
