@@ -5,8 +5,11 @@ library source (no download); two processes (gloo on CPU, or two GPUs when
 there are) share every sequence (sequence-parallel size 2); halfway through,
 the demo sends SIGUSR1 like a scheduler about to preempt the job; the ranks
 checkpoint and exit with code 85; a second start resumes from that checkpoint
-and finishes.  It prints the loss table and the held-out loss by position, and
-leaves the plots in out/demo/run/.
+and finishes.  Each file of the corpus is a document, and the config masks
+attention to documents (``data.document_mask``), so no layer attends from one
+file into the one packed before it.  It prints the loss table and the held-out
+loss by position in the context and within the document, and leaves the plots
+in out/demo/run/.
 """
 from __future__ import annotations
 
@@ -99,13 +102,18 @@ def report(run: Path) -> None:
     for r in rows:
         if r["step"] == 1 or r["step"] % 25 == 0 or r is rows[-1]:
             print(f"{r['step']:>6}{r['loss']:>10.4f}{r['tokens_per_s']:>12,.0f}")
-    table = json.loads((run / "eval_by_position.json").read_text())
-    print(f"\nheld-out loss by position (step {table['step']}):")
-    for b in table["buckets"]:
-        print(f"  tokens {b['start']:>4}-{b['end'] - 1:<4} {b['loss']:.4f}")
+    for name, what in (("eval_by_position", "position"),
+                       ("eval_by_document_position", "position within the document")):
+        if not (run / f"{name}.json").is_file():
+            continue
+        table = json.loads((run / f"{name}.json").read_text())
+        print(f"\nheld-out loss by {what} (step {table['step']}):")
+        for b in table["buckets"]:
+            print(f"  tokens {b['start']:>4}-{b['end'] - 1:<4} {b['loss']:.4f}   ({b['tokens']} tokens)")
     summary = json.loads((run / "summary.json").read_text())
     print(f"\nparameters equal on all ranks: {len(set(summary['param_digests'])) == 1}")
-    print(f"plots: {run / 'loss_curve.png'}, {run / 'eval_by_position.png'}; TensorBoard: {run / 'tensorboard'}")
+    plots = [run / name for name in ("loss_curve.png", "eval_by_position.png", "eval_by_document_position.png")]
+    print(f"plots: {', '.join(str(p) for p in plots if p.is_file())}; TensorBoard: {run / 'tensorboard'}")
 
 
 def main(out_dir: str = "out/demo") -> int:

@@ -168,6 +168,10 @@ class DataConfig:
     max_bytes: int = 8_000_000      #: stdlib corpus: take a deterministic subset of about this size
     eval_sequences: int = 4         #: held-out sequences (the end of the stream) for evaluation
     seed: int = 0                   #: order of training sequences
+    #: attend only within documents: a document starts at each sequence's first token and after every
+    #: EOS, and every layer's pattern is restricted to them (``Pattern.within``); RoPE positions stay
+    #: those of the sequence.  Held-out loss is then also reported by position within a document
+    document_mask: bool = False
 
     def validate(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -203,6 +207,8 @@ class DataConfig:
         _int("data.max_bytes", self.max_bytes, 1)
         _int("data.eval_sequences", self.eval_sequences, 0)
         _int("data.seed", self.seed, 0)
+        if not isinstance(self.document_mask, bool):
+            _fail("data.document_mask", "true or false", self.document_mask)
 
 
 @dataclass

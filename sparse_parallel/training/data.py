@@ -14,6 +14,12 @@
   drawn from (seed, epoch); the only state is ``consumed`` (samples taken), which
   checkpoints save.  A data-parallel rank takes its own sequences of each step;
   a sequence-parallel rank reads only its slice of each (its layout's ``start``/``end``).
+* Documents (``data.document_mask``): a document starts at a sequence's first token and
+  after every EOS of its inputs (:func:`document_offsets`).  The offsets are a function of
+  the sequence's tokens alone, so a resumed run, at any GPU count, sees the same ones; a
+  sequence-parallel rank scans the sequence's whole input row for them (its queries see
+  keys of earlier shards), so every rank of a sequence holds the same offsets without a
+  collective.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..patterns import Documents
 from .tokenizer import Tokenizer
 
 FORMATS_BY_SUFFIX = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".jsonl": "jsonl",
@@ -302,23 +309,42 @@ def build_token_cache(cfg, tokenizer: Tokenizer) -> Path:
 
 
 # -- packed, sharded sequences ----------------------------------------------
+def document_offsets(tokens: np.ndarray, eos_id: int) -> tuple[int, ...]:
+    """Offsets ``(0, o_1, ..., n)`` of the documents in one sequence's input row ``tokens [n]``.
+
+    A document starts at position 0 and after every EOS; an EOS ends the document it closes, so
+    an EOS at the last position starts none, and one at position 0 (its document began in the
+    previous sequence) or right after another EOS is a 1-token document.
+    """
+    n = len(tokens)
+    starts = np.flatnonzero(np.asarray(tokens[:n - 1]) == eos_id) + 1
+    return (0, *starts.tolist(), n)
+
+
 @dataclass
 class Batch:
     tokens: torch.Tensor      # [B, n_local] int64
     labels: torch.Tensor      # [B, n_local] int64
     positions: torch.Tensor   # [n_local] global positions of this slice
     indices: list[int]        # sequence indices in the stream
+    #: the documents of each whole sequence (global offsets, one row per sequence); None without
+    #: ``data.document_mask``
+    documents: Documents | None = None
 
 
 class TokenStream:
-    """Packed sequences of ``seq_len`` over a cached token file."""
+    """Packed sequences of ``seq_len`` over a cached token file.
 
-    def __init__(self, bin_path: str | os.PathLike, seq_len: int, eval_sequences: int, seed: int):
+    ``eos_id``: with it, every batch carries its sequences' documents (:func:`document_offsets`).
+    """
+
+    def __init__(self, bin_path: str | os.PathLike, seq_len: int, eval_sequences: int, seed: int,
+                 eos_id: int | None = None):
         bin_path = Path(bin_path)
         meta = json.loads(bin_path.with_suffix(".json").read_text())
         self.tokens = np.memmap(bin_path, dtype=np.dtype(meta["dtype"]), mode="r")
         self.vocab_size = meta["vocab_size"]
-        self.seq_len, self.seed = seq_len, seed
+        self.seq_len, self.seed, self.eos_id = seq_len, seed, eos_id
         n = (len(self.tokens) - 1) // seq_len
         self.n_eval = eval_sequences
         self.n_train = n - eval_sequences
@@ -343,7 +369,16 @@ class TokenStream:
         rows = [np.asarray(self.tokens[s * self.seq_len + start: s * self.seq_len + end + 1], dtype=np.int64)
                 for s in indices]
         arr = torch.from_numpy(np.stack(rows))
-        return Batch(arr[:, :-1].contiguous(), arr[:, 1:].contiguous(), torch.arange(start, end), list(indices))
+        return Batch(arr[:, :-1].contiguous(), arr[:, 1:].contiguous(), torch.arange(start, end), list(indices),
+                     self.documents(indices))
+
+    def documents(self, indices: list[int]) -> Documents | None:
+        """The documents of the given whole sequences (None without ``eos_id``)."""
+        if self.eos_id is None:
+            return None
+        n = self.seq_len
+        return Documents.from_offsets([document_offsets(self.tokens[s * n: s * n + n], self.eos_id)
+                                       for s in indices])
 
     def train_batch(self, consumed: int, micro_step: int, dp_rank: int, dp_size: int, micro_batch: int,
                     start: int, end: int) -> Batch:
@@ -409,8 +444,11 @@ class MixtureStream:
         for g in indices:
             s = int(np.searchsorted(self.offsets, g, side="right")) - 1
             parts.append(self.streams[s].read([g - int(self.offsets[s])], start, end))
+        documents = None
+        if parts[0].documents is not None:
+            documents = Documents.from_offsets([row for p in parts for row in p.documents.offsets])
         return Batch(torch.cat([p.tokens for p in parts]), torch.cat([p.labels for p in parts]), parts[0].positions,
-                     list(indices))
+                     list(indices), documents)
 
     def train_batch(self, consumed: int, micro_step: int, dp_rank: int, dp_size: int, micro_batch: int,
                     start: int, end: int) -> Batch:
@@ -424,17 +462,19 @@ def prepare_data(cfg, tokenizer: Tokenizer) -> list[Path]:
 
 
 def open_stream(cfg, tokenizer: Tokenizer, seq_len: int):
-    """The training stream of ``cfg``: a TokenStream, or a MixtureStream over ``cfg.sources``."""
+    """The training stream of ``cfg``: a TokenStream, or a MixtureStream over ``cfg.sources``; with
+    ``cfg.document_mask`` its batches carry their documents."""
     bins = prepare_data(cfg, tokenizer)
+    eos = tokenizer.eos_id if cfg.document_mask else None
     if not cfg.sources:
-        return TokenStream(bins[0], seq_len, cfg.eval_sequences, cfg.seed)
+        return TokenStream(bins[0], seq_len, cfg.eval_sequences, cfg.seed, eos)
     weights = [float(s.get("weight", 1.0)) for s in cfg.sources]
     total = sum(weights)
     streams = []
     for i, (b, w) in enumerate(zip(bins, weights)):
         held = max(1, round(cfg.eval_sequences * w / total)) if cfg.eval_sequences else 0
         try:
-            streams.append(TokenStream(b, seq_len, held, cfg.seed + i))
+            streams.append(TokenStream(b, seq_len, held, cfg.seed + i, eos))
         except ValueError as e:
             raise ValueError(f"data.sources[{i}] ({cfg.sources[i]['path']}): {e}") from None
     return MixtureStream(streams, weights, cfg.seed)

@@ -129,14 +129,18 @@ class RunOutputs:
             self.bar.set_postfix(post)
             self.bar.update(1)
 
-    def log_eval(self, table: list[dict], step: int) -> None:
-        """The held-out loss by position (:func:`evaluate.loss_by_position`) at ``step``."""
+    def log_eval(self, tables: dict[str, list[dict]], step: int) -> None:
+        """The held-out loss by position, and within the document (:func:`evaluate.loss_by_position`'s
+        tables by name), at ``step``."""
         if not self.active:
             return
-        evaluate.write_eval(self.run_dir, table, step)
-        if self.writer is not None:
-            for r in table:
-                self.writer.add_scalar(f"eval/loss_pos_{r['start']}", r["loss"], step)
+        for name, table in tables.items():
+            axis, tag = evaluate.AXES[name]
+            evaluate.write_eval(self.run_dir, table, step, name=name, xlabel=axis,
+                                title=f"loss by {axis.removeprefix('token ')}, step {step}")
+            if self.writer is not None:
+                for r in table:
+                    self.writer.add_scalar(f"eval/loss_{tag}_{r['start']}", r["loss"], step)
 
     def finish(self, step: int, summary: dict) -> None:
         """The loss plot and summary.json: ``step``, the final loss from metrics.jsonl, then ``summary``."""

@@ -4,6 +4,8 @@
 (:mod:`.layout`), the run directory and the resume point (:mod:`.resume`), the token stream, the
 model and its DeepSpeed engine, the run's outputs (:mod:`.outputs`) and its checkpoint saves and
 preemption (:mod:`.preemption`).  The loop trains a step, logs it, saves and evaluates when due.
+With ``data.document_mask`` each micro batch carries its sequences' documents (the same offsets on
+every rank of a sequence), and the model attends only within them in every layer.
 
 Gradients.  DeepSpeed is given no model-parallel unit, so it sees the whole
 world (SP x DP ranks) as its data-parallel group and averages gradients over
@@ -265,8 +267,8 @@ def _loop(cfg: TrainConfig, layout: Layout, engine, stream, progress: Progress, 
         if saver.due(progress.step):
             saver.save(engine, progress)
         if _eval_due(cfg, progress.step):
-            table = evaluate.loss_by_position(engine, stream, layout, cfg.eval.buckets, device)
-            outputs.log_eval(table, progress.step)
+            tables = evaluate.loss_by_position(engine, stream, layout, cfg.eval.buckets, device)
+            outputs.log_eval(tables, progress.step)
     return progress, False
 
 
@@ -312,7 +314,8 @@ def _train_step(engine, stream, layout: Layout, consumed: int, device) -> float:
     for micro in range(layout.grad_accum):
         batch = stream.train_batch(consumed, micro, layout.dp_rank, layout.data_parallel, layout.micro_batch,
                                    layout.start, layout.end)
-        local_sum, count = engine(batch.tokens.to(device), batch.labels.to(device), batch.positions.to(device))
+        local_sum, count = engine(batch.tokens.to(device), batch.labels.to(device), batch.positions.to(device),
+                                  documents=batch.documents)
         # Tokens of the whole sequence(s): every SP rank's count, summed.
         total = float(count) if layout.sp is None else _sp_sum(count, layout.sp, device)
         engine.backward(local_sum * (layout.sequence_parallel / total))
