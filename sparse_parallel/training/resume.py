@@ -71,7 +71,7 @@ def run_fingerprint(cfg, layout: Layout, tokenizer) -> dict:
 
     files, fmt = resolve_files(cfg.data.path, cfg.data.format, cfg.data.max_bytes)
     key = cache_key(files, fmt, cfg.data.text_field, tokenizer)
-    data = rundir.data_identity(cfg.data.path, fmt, cfg.data.text_field, files, key)
+    data = rundir.data_identity(cfg.data.path, fmt, cfg.data.text_field, files, key, cfg.data.document_mask)
     return rundir.fingerprint(layout.context_length, layout.global_batch, data, tokenizer.sha256)
 
 

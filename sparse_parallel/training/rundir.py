@@ -10,8 +10,8 @@
   :class:`RunDirNotEmpty`; with ``--overwrite`` the earlier run is moved aside to
   ``<run.dir>.old-<time>`` (``jobs/``, the submitted job scripts, stays), never deleted.
 * **Fingerprint.**  Each checkpoint records what defines the run beyond the model's shape: context
-  length, global batch, the corpus (path, format, file count and bytes, token-cache key) and the
-  tokenizer's SHA-256.  Resuming with another one is :class:`FingerprintChanged`, naming every change,
+  length, global batch, the corpus (path, format, file count and bytes, token-cache key, and whether
+  attention is masked to its documents) and the tokenizer's SHA-256.  Resuming with another one is :class:`FingerprintChanged`, naming every change,
   unless each changed part is allowed (``--allow-change context`` ...); allowed changes are recorded.
 """
 from __future__ import annotations
@@ -187,10 +187,14 @@ def fingerprint(context_length: int, global_batch: int, data: dict, tokenizer_sh
     return {"context": context_length, "batch": global_batch, "data": data, "tokenizer": tokenizer_sha256}
 
 
-def data_identity(path: str, fmt: str, text_field: str, files: list[Path], cache_key: str) -> dict:
-    return {"path": path if path == "stdlib" else str(Path(path).resolve()), "format": fmt,
-            "text_field": text_field, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
-            "cache_key": cache_key}
+def data_identity(path: str, fmt: str, text_field: str, files: list[Path], cache_key: str,
+                  document_mask: bool = False) -> dict:
+    out = {"path": path if path == "stdlib" else str(Path(path).resolve()), "format": fmt,
+           "text_field": text_field, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
+           "cache_key": cache_key}
+    if document_mask:  # only when on: the checkpoints of runs from before the switch stay the same run
+        out["document_mask"] = True
+    return out
 
 
 def changes(saved: dict, now: dict) -> dict[str, str]:
