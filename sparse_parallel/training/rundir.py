@@ -11,8 +11,9 @@
   ``<run.dir>.old-<time>`` (``jobs/``, the submitted job scripts, stays), never deleted.
 * **Fingerprint.**  Each checkpoint records what defines the run beyond the model's shape: context
   length, global batch, the corpus (path, format, file count and bytes, token-cache key, and whether
-  attention is masked to its documents) and the tokenizer's SHA-256.  Resuming with another one is :class:`FingerprintChanged`, naming every change,
-  unless each changed part is allowed (``--allow-change context`` ...); allowed changes are recorded.
+  attention is masked to its documents) and the tokenizer's SHA-256.  Resuming with another one is
+  :class:`FingerprintChanged`, naming every change, unless each changed part is allowed
+  (``--allow-change context`` ...); allowed changes are recorded.
 """
 from __future__ import annotations
 
