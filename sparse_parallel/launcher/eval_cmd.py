@@ -20,7 +20,9 @@ def run(args) -> int:
                                    text_field=args.text_field or trained.cfg.data.text_field, eval_sequences=0,
                                    sources=[], exclude=[])
     data_cfg.validate()
-    stream = TokenStream(build_token_cache(data_cfg, trained.tokenizer), n, 0, 0)
+    # A model trained within documents is scored within them too (documents end at each EOS).
+    eos = trained.tokenizer.eos_id if data_cfg.document_mask else None
+    stream = TokenStream(build_token_cache(data_cfg, trained.tokenizer), n, 0, 0, eos)
     count = stream.n_train if not args.max_sequences else min(args.max_sequences, stream.n_train)
     if args.device != "cpu":
         trained.model.to(args.device)

@@ -2,6 +2,7 @@
 loss within them, and runs that resume with the same boundaries at the same and another GPU count."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -229,3 +230,22 @@ def test_a_bad_document_mask_is_named(value):
     with pytest.raises(ValueError, match=r"data\.document_mask must be true or false, got "):
         config_from_dict({"data": {"tokenizer": "t.model", "document_mask": value}})
     assert config_from_dict({"data": {"tokenizer": "t.model"}}).data.document_mask is False
+
+
+def test_the_eval_command_scores_a_packed_run_within_its_documents(packed_run, short_documents, tmp_path):
+    """``sparse-parallel eval`` of a run trained within documents cuts the file's stream at the same EOS
+    tokens: its loss is the model's loss within the documents, not across them."""
+    from sparse_parallel.launcher.cli import main
+    from sparse_parallel.training.data import build_token_cache
+    from sparse_parallel.training.inference import load_run
+
+    out = tmp_path / "eval"
+    assert main(["eval", str(packed_run), "--data", str(short_documents), "--max-sequences", "3",
+                 "--buckets", "4", "--out", str(out)]) == 0
+    got = json.loads((out / "eval.json").read_text())["loss"]
+    trained = load_run(packed_run, "auto")
+    data = dataclasses.replace(trained.cfg.data, path=str(short_documents), eval_sequences=0, sources=[], exclude=[])
+    cache = build_token_cache(data, trained.tokenizer)
+    within, across = (evaluate.evaluate_model(trained.model, TokenStream(cache, 64, 0, 0, eos), [0, 1, 2], 4)[0]["loss"]
+                      for eos in (trained.tokenizer.eos_id, None))
+    assert abs(got - within) <= 1e-9 * within and abs(got - across) > 1e-4, (got, within, across)
