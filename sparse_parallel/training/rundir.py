@@ -210,8 +210,10 @@ def changes(saved: dict, now: dict) -> dict[str, str]:
             # The token-cache key includes the tokenizer's bytes: a new tokenizer is reported as such.
             if "tokenizer" in saved and saved["tokenizer"] != now["tokenizer"] and fields == ["cache_key"]:
                 continue
-            detail = ", ".join(f"data.{k}: checkpoint {saved[part].get(k)!r} vs now {now[part].get(k)!r}"
-                               for k in fields)
+            # document_mask is recorded only when on: absent means off
+            default = {"document_mask": False}
+            detail = ", ".join(f"data.{k}: checkpoint {saved[part].get(k, default.get(k))!r} vs now "
+                               f"{now[part].get(k, default.get(k))!r}" for k in fields)
         elif part == "tokenizer":
             detail = f"tokenizer SHA-256: checkpoint {saved[part][:12]} vs now {now[part][:12]}"
         else:

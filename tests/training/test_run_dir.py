@@ -194,7 +194,7 @@ def test_a_full_disk_during_a_save_is_named_and_leaves_the_previous_checkpoint(t
     (["train.tokens_per_gpu=32"], "context", r"context length: checkpoint 64 vs now 32"),
     (["train.micro_batch=4"], "batch", r"global batch \(sequences per step\): checkpoint 2 vs now 4"),
     (["data.max_bytes=200000"], "data", r"data.bytes: checkpoint \d+ vs now \d+"),
-    (["data.document_mask=true"], "data", r"data.document_mask: checkpoint None vs now True"),
+    (["data.document_mask=true"], "data", r"data.document_mask: checkpoint False vs now True"),
 ])
 def test_a_changed_run_is_refused_naming_the_change(tmp_path, straight_run, tokenizer_path, token_cache, local_env,
                                                     overrides, part, match):
