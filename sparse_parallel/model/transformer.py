@@ -137,19 +137,23 @@ class Transformer(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n if embeddings else n - self.tok_embeddings.weight.numel()
 
-    def flops_per_token(self, context_length: int) -> float:
-        """Training FLOPs per token: 6 x matmul params + useful attention FLOPs (fwd + bwd)."""
+    def flops_per_token(self, context_length: int, documents=None) -> float:
+        """Training FLOPs per token: 6 x matmul params + useful attention FLOPs (fwd + bwd), for sequences
+        of ``context_length`` tokens (within ``documents``, a ``patterns.Documents``, when given)."""
         matmul = self.num_params(embeddings=False) - sum(p.numel() for p in self.parameters() if p.dim() == 1)
         if self.output is None:
             matmul += self.tok_embeddings.weight.numel()
         head_dim = self.cfg.dim // self.cfg.n_heads
         per_pattern = {}  # describe() walks every query: once per distinct pattern
+        sequences = 1 if documents is None else documents.batch  # describe sums over the sequences
         for layer in self.layers:
             p = layer.attn.pattern
             if p not in per_pattern:
-                per_pattern[p] = p.describe(context_length, heads=self.cfg.n_heads, dim=head_dim)["useful_flops_fwd_bwd"]
+                counted = p if documents is None else p.within(documents)
+                per_pattern[p] = counted.describe(context_length, heads=self.cfg.n_heads,
+                                                  dim=head_dim)["useful_flops_fwd_bwd"]
         attn = sum(per_pattern[layer.attn.pattern] for layer in self.layers)
-        return 6.0 * matmul + attn / context_length
+        return 6.0 * matmul + attn / (context_length * sequences)
 
 
 def apply_sequence_parallel(model: Transformer, ctx) -> Transformer:

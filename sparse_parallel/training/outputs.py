@@ -103,13 +103,16 @@ class RunOutputs:
         if self.writer is not None:
             self.writer.close()
 
-    def log_step(self, step: int, tokens: int, loss: float, lr: float | None, step_time_s: float) -> None:
+    def log_step(self, step: int, tokens: int, loss: float, lr: float | None, step_time_s: float,
+                 flops_per_token: float | None = None) -> None:
         """One optimizer step: a metrics.jsonl row (every ``train.log_every`` steps and the last), scalars,
-        the bar.  ``tokens``: trained on so far, by every process of the run."""
+        the bar.  ``tokens``: trained on so far, by every process of the run; ``flops_per_token``: this
+        step's, where it differs from the run's (sequences within documents)."""
         if not self.active:
             return
         tps = self.layout.tokens_per_step / step_time_s
-        mfu = self.flops_per_token * tps / (self.layout.world_size * self.peak_flops) if self.peak_flops else None
+        flops = self.flops_per_token if flops_per_token is None else flops_per_token
+        mfu = flops * tps / (self.layout.world_size * self.peak_flops) if self.peak_flops else None
         row = {"step": step, "loss": loss, "lr": lr, "tokens": tokens, "tokens_per_s": tps, "mfu": mfu,
                "step_time_s": step_time_s}
         if step % self.cfg.train.log_every == 0 or step == self.cfg.train.steps:

@@ -261,9 +261,13 @@ def _loop(cfg: TrainConfig, layout: Layout, engine, stream, progress: Progress, 
         if saver.at_boundary(engine, progress, preempt, device):
             return progress, True
         t0 = time.time()
-        loss = _train_step(engine, stream, layout, progress.consumed, device)
+        loss, documents = _train_step(engine, stream, layout, progress.consumed, device)
+        step_time = time.time() - t0
         progress = progress.advance(layout)
-        outputs.log_step(progress.step, progress.tokens, loss, engine.get_lr()[0], time.time() - t0)
+        # Within documents the useful attention work depends on each step's sequences: counted from them.
+        flops = (sum(engine.module.flops_per_token(layout.context_length, d) for d in documents) / len(documents)
+                 if documents and outputs.active and outputs.peak_flops else None)
+        outputs.log_step(progress.step, progress.tokens, loss, engine.get_lr()[0], step_time, flops)
         if saver.due(progress.step):
             saver.save(engine, progress)
         if _eval_due(cfg, progress.step):
@@ -307,15 +311,19 @@ def _engine(cfg: TrainConfig, model: torch.nn.Module, world: int, universal: boo
     return engine
 
 
-def _train_step(engine, stream, layout: Layout, consumed: int, device) -> float:
+def _train_step(engine, stream, layout: Layout, consumed: int, device) -> tuple[float, list]:
     """One optimizer step over ``grad_accum`` micro batches (see the module docstring for the loss
-    scaling); the mean loss over every token of the step's sequences."""
+    scaling) -> (the mean loss over every token of the step's sequences, this rank's micro batches'
+    documents: empty without ``data.document_mask``)."""
     loss_sum = torch.zeros(2, dtype=torch.float64)
+    documents = []
     for micro in range(layout.grad_accum):
         batch = stream.train_batch(consumed, micro, layout.dp_rank, layout.data_parallel, layout.micro_batch,
                                    layout.start, layout.end)
         local_sum, count = engine(batch.tokens.to(device), batch.labels.to(device), batch.positions.to(device),
                                   documents=batch.documents)
+        if batch.documents is not None:
+            documents.append(batch.documents)
         # Tokens of the whole sequence(s): every SP rank's count, summed.
         total = float(count) if layout.sp is None else _sp_sum(count, layout.sp, device)
         engine.backward(local_sum * (layout.sequence_parallel / total))
@@ -323,7 +331,7 @@ def _train_step(engine, stream, layout: Layout, consumed: int, device) -> float:
         loss_sum += torch.tensor([float(local_sum.detach()), float(count)], dtype=torch.float64)
     both = loss_sum.to(device)
     dist.all_reduce(both)
-    return float(both[0] / both[1])
+    return float(both[0] / both[1]), documents
 
 
 def _eval_due(cfg: TrainConfig, step: int) -> bool:

@@ -137,3 +137,20 @@ def test_per_layer_patterns_and_flops():
     attn = sum(layer.attn.pattern.describe(n, heads=6, dim=4)["useful_flops_fwd_bwd"] for layer in model.layers)
     matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)  # tied: embedding is the output head
     assert model.flops_per_token(n) == pytest.approx(6 * matmul + attn / n)
+
+
+def test_flops_within_documents_count_only_the_pairs_inside_them():
+    """Useful attention FLOPs per token within documents: the pairs of each sequence's documents, from a
+    dense mask (pattern mask & same document), averaged over the batch's tokens."""
+    from sparse_parallel.patterns import Documents
+
+    model = Transformer(small_cfg())
+    n, lengths = 64, [[1, 30, 33], [64]]
+    docs = Documents.from_lengths(lengths)
+    start, _ = docs.bounds(n, "cpu")
+    same = start[:, :, None] == start[:, None, :]
+    pairs = sum(int((layer.attn.pattern.mask(n)[None] & same).sum()) for layer in model.layers)
+    attn = 3.5 * 4 * 6 * 4 * pairs  # fwd+bwd = 3.5 x the forward's 4 FLOPs per pair, head dim and head
+    matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)
+    assert model.flops_per_token(n, docs) == pytest.approx(6 * matmul + attn / (2 * n))
+    assert model.flops_per_token(n, docs) < model.flops_per_token(n)
