@@ -143,6 +143,11 @@ class Transformer(nn.Module):
         matmul = self.num_params(embeddings=False) - sum(p.numel() for p in self.parameters() if p.dim() == 1)
         if self.output is None:
             matmul += self.tok_embeddings.weight.numel()
+        return 6.0 * matmul + self.attention_flops_per_token(context_length, documents)
+
+    def attention_flops_per_token(self, context_length: int, documents=None) -> float:
+        """The useful attention FLOPs (fwd + bwd) per token of every layer: from the patterns alone, so
+        also right once ZeRO-3 has partitioned the parameters."""
         head_dim = self.cfg.dim // self.cfg.n_heads
         per_pattern = {}  # describe() walks every query: once per distinct pattern
         sequences = 1 if documents is None else documents.batch  # describe sums over the sequences
@@ -153,7 +158,7 @@ class Transformer(nn.Module):
                 per_pattern[p] = counted.describe(context_length, heads=self.cfg.n_heads,
                                                   dim=head_dim)["useful_flops_fwd_bwd"]
         attn = sum(per_pattern[layer.attn.pattern] for layer in self.layers)
-        return 6.0 * matmul + attn / (context_length * sequences)
+        return attn / (context_length * sequences)
 
 
 def apply_sequence_parallel(model: Transformer, ctx) -> Transformer:

@@ -231,6 +231,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
     model = _build_model(cfg, layout, resumed=start.found is not None)
     # Counted before DeepSpeed partitions anything (ZeRO-3 leaves empty local tensors).
     flops_tok, n_params = model.flops_per_token(layout.context_length), model.num_params()
+    matmul_flops = flops_tok - model.attention_flops_per_token(layout.context_length)
     stage = int(cfg.deepspeed.get("zero_optimization", {}).get("stage", 0))
     engine = _engine(cfg, model, world, universal=start.convert(root, stage))
     progress = start.load(engine)
@@ -238,7 +239,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
                   last_step=progress.step if start.saved_under(root) else -1)
     with RunOutputs(cfg, layout, progress.step, flops_tok, peak_flops(cfg, device)) as outputs:
         t_start, tokens_before = time.time(), progress.tokens
-        progress, preempted = _loop(cfg, layout, engine, stream, progress, saver, outputs, preempt, device)
+        progress, preempted = _loop(cfg, layout, engine, stream, progress, saver, outputs, preempt, device,
+                                    matmul_flops)
         if preempted:
             if rank == 0:
                 print(f"preempted: checkpoint at step {progress.step}, exiting with {REQUEUE_EXIT_CODE}", flush=True)
@@ -254,9 +256,9 @@ def _train(cfg: TrainConfig, rank: int, world: int, local_rank: int, device, res
 
 
 def _loop(cfg: TrainConfig, layout: Layout, engine, stream, progress: Progress, saver: Saver,
-          outputs: RunOutputs, preempt: Preemption, device) -> tuple[Progress, bool]:
+          outputs: RunOutputs, preempt: Preemption, device, matmul_flops: float) -> tuple[Progress, bool]:
     """Train from ``progress`` to ``train.steps``: the progress reached, and whether a preemption ended it
-    (after its checkpoint)."""
+    (after its checkpoint).  ``matmul_flops``: per token, counted before any partitioning."""
     while progress.step < cfg.train.steps:
         if saver.at_boundary(engine, progress, preempt, device):
             return progress, True
@@ -265,8 +267,10 @@ def _loop(cfg: TrainConfig, layout: Layout, engine, stream, progress: Progress, 
         step_time = time.time() - t0
         progress = progress.advance(layout)
         # Within documents the useful attention work depends on each step's sequences: counted from them.
-        flops = (sum(engine.module.flops_per_token(layout.context_length, d) for d in documents) / len(documents)
-                 if documents and outputs.active and outputs.peak_flops else None)
+        flops = None
+        if documents and outputs.active and outputs.peak_flops:
+            attn = sum(engine.module.attention_flops_per_token(layout.context_length, d) for d in documents)
+            flops = matmul_flops + attn / len(documents)
         outputs.log_step(progress.step, progress.tokens, loss, engine.get_lr()[0], step_time, flops)
         if saver.due(progress.step):
             saver.save(engine, progress)

@@ -154,3 +154,7 @@ def test_flops_within_documents_count_only_the_pairs_inside_them():
     matmul = sum(p.numel() for p in model.parameters() if p.dim() == 2)
     assert model.flops_per_token(n, docs) == pytest.approx(6 * matmul + attn / (2 * n))
     assert model.flops_per_token(n, docs) < model.flops_per_token(n)
+    # the trainer adds a step's attention work to the matmul part it counted once before partitioning
+    matmul_part = model.flops_per_token(n) - model.attention_flops_per_token(n)
+    assert matmul_part == pytest.approx(6 * matmul)
+    assert matmul_part + model.attention_flops_per_token(n, docs) == pytest.approx(model.flops_per_token(n, docs))

@@ -249,3 +249,19 @@ def test_the_eval_command_scores_a_packed_run_within_its_documents(packed_run, s
     within, across = (evaluate.evaluate_model(trained.model, TokenStream(cache, 64, 0, 0, eos), [0, 1, 2], 4)[0]["loss"]
                       for eos in (trained.tokenizer.eos_id, None))
     assert abs(got - within) <= 1e-9 * within and abs(got - across) > 1e-4, (got, within, across)
+
+
+def test_mfu_within_documents_counts_each_steps_documents(tmp_path, tokenizer_path, token_cache, short_documents):
+    """With a peak given (``train.peak_tflops``) a step's MFU counts the attention work of that step's
+    sequences within their documents: less than the whole-sequence pattern's."""
+    cfg_path = _config(tmp_path, "mfu", tokenizer_path, token_cache, short_documents)
+    codes, out = run_ranks(cfg_path, ["train.peak_tflops=1", "train.steps=2"])
+    assert codes == [0], out[-3000:]
+    cfg = load_config(tmp_path / "mfu" / "config.yaml")
+    row = [json.loads(line) for line in (tmp_path / "mfu" / "metrics.jsonl").read_text().splitlines()][0]
+    assert row["step"] == 1
+    flops = row["mfu"] * 1e12 / row["tokens_per_s"]
+    batch = open_stream(cfg.data, Tokenizer(cfg.data.tokenizer), 64).train_batch(0, 0, 0, 1, 2, 0, 64)
+    model = Transformer(cfg.model)
+    assert flops == pytest.approx(model.flops_per_token(64, batch.documents), rel=1e-9)
+    assert flops < model.flops_per_token(64)
