@@ -315,17 +315,17 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
         else:
             out = torch.empty(nparts, b, nq, hq, d, dtype=torch.float32 if many else q.dtype, device=device)
             lse = _dummy(device, torch.float32)
-        slots, modes = [], []
+        slots, modes, nts = [], [], {}
         for s in range(MAX_SLOTS):
             if s < len(group):
                 slots += _slot_args(prob, group[s], bm, bn, device)
                 modes.append(prob.passes[group[s]].mode.value)
+                nts[f"NT{s}"] = _pass_terms(prob, group[s], device)[1]
             else:
                 slots += [q, q, 0, 0, 0, 0, 1, 0, _dummy(device), _dummy(device, torch.int8), 0, _dummy(device),
                           _dummy(device), _dummy(device)]
                 modes.append(0)
-        nts = {f"NT{s}": _pass_terms(prob, p, device)[1] if s < len(group) else 0
-               for s, p in enumerate(list(group) + [None] * (MAX_SLOTS - len(group)))}
+                nts[f"NT{s}"] = 0
         if phase == 1:
             dargs = [do, do.stride(0), do.stride(1), do.stride(2)]
             xargs = [lse2, delta, lse2.stride(0), lse2.stride(1)]

@@ -25,22 +25,12 @@ from . import plan as P
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 #: Planned terms, tables and tile plans of recent (pattern, shape, device, config) keys.
 _PLANS: dict = {}
-#: Document bounds last made, by (documents, n, device): every layer of a step asks for the same.
-_DOC_BOUNDS: dict = {}
-
-
 def _documents(documents, n: int, b: int, device, problems) -> None:
     """Give ``problems`` the int32 ``[B, n]`` start/end of each position's document (None: none)."""
     if documents is None:
         return
-    key = (documents, n, str(device))
-    if key not in _DOC_BOUNDS:
-        if len(_DOC_BOUNDS) >= 4:
-            _DOC_BOUNDS.pop(next(iter(_DOC_BOUNDS)))
-        _DOC_BOUNDS[key] = documents.bounds(n, device)
-    start, end = _DOC_BOUNDS[key]
-    if start.shape[0] not in (1, b):
-        raise ValueError(f"documents are given for {start.shape[0]} sequences, the batch holds {b}")
+    documents.validate(n, b)
+    start, end = documents.bounds(n, device)
     for prob in problems:
         prob.doc_start, prob.doc_end = start, end
 
@@ -197,7 +187,8 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
     if not kspaces or not passes or nq == 0:
         raise ValueError("space_attention needs at least one non-empty key space serving a component")
     prob = core.Problem(terms, kspaces, passes, q_pos, int(q_pos[0]) if contiguous else None)
-    _documents(bound.pattern.documents, bound.n, b, device, [prob])
+    bound.check_batch(b)
+    prob.doc_start, prob.doc_end = bound.doc_start, bound.doc_end
 
     def grads(buffers):
         return [buffers[i].rows() for i in range(len(kspaces))]

@@ -43,11 +43,9 @@ class LayerCache:
             return torch.ones_like(j, dtype=torch.bool)
         nxt, last = t + 1, self.max_len - 1
         keep = torch.zeros_like(j, dtype=torch.bool)
-        for c in self.pattern.components:
-            rows = c.global_rows(self.max_len, True)
-            if rows is not None and bool((rows >= nxt).any()):
-                return torch.ones_like(j, dtype=torch.bool)
-            listed = c.explicit_keys(self.max_len)
+        if bool((self.bound.global_rows >= nxt).any()):  # a global query row still to come sees every key
+            return torch.ones_like(j, dtype=torch.bool)
+        for c, listed in zip(self.pattern.components, self.bound.explicit_keys):
             if listed is not None:
                 keep |= torch.isin(j, listed.to(j.device))
             for term in c.terms():

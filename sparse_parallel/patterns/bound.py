@@ -8,7 +8,6 @@ global keys (the keys of components that every query shares).
 """
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass, field
 
@@ -62,18 +61,14 @@ class BoundPattern:
         """The pattern's ``Documents`` (None: the whole sequence is one document)."""
         return self.pattern.documents
 
-    @functools.cached_property
-    def _doc_bounds(self):
-        # Made on first use: the rank plans read only the offsets (key_reach), never these.
-        return self.documents.bounds(self.n, self.device) if self.documents is not None else (None, None)
-
     @property
     def doc_start(self) -> torch.Tensor | None:
-        return self._doc_bounds[0]
+        # Made on first use (``Documents.bounds`` keeps them): the rank plans read only the offsets.
+        return self.documents.bounds(self.n, self.device)[0] if self.documents is not None else None
 
     @property
     def doc_end(self) -> torch.Tensor | None:
-        return self._doc_bounds[1]
+        return self.documents.bounds(self.n, self.device)[1] if self.documents is not None else None
 
     def check_batch(self, batch: int) -> None:
         """Raise ValueError unless the documents (if any) fit a batch of ``batch`` sequences."""

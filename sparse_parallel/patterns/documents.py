@@ -15,6 +15,7 @@ from it on demand, in O(B * n).
 from __future__ import annotations
 
 import bisect
+import functools
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -114,7 +115,10 @@ class Documents:
 
     def bounds(self, n: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
         """(start, end): int32 ``[B, n]``, the first and one past the last position of each position's
-        document."""
+        document; made once per (documents, n, device): every layer of a step asks for the same."""
+        return _bounds(self, n, str(torch.device(device)) if device is not None else "cpu")
+
+    def _make_bounds(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         self.validate(n)
         starts, ends = [], []
         for row in self.offsets:
@@ -135,3 +139,8 @@ class Documents:
     def __str__(self) -> str:
         docs = [len(row) - 1 for row in self.offsets]
         return f"Documents(batch={self.batch}, n={self.n}, documents per row={docs})"
+
+
+@functools.lru_cache(maxsize=4)
+def _bounds(documents: Documents, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return documents._make_bounds(n, device)

@@ -188,13 +188,18 @@ def fingerprint(context_length: int, global_batch: int, data: dict, tokenizer_sh
     return {"context": context_length, "batch": global_batch, "data": data, "tokenizer": tokenizer_sha256}
 
 
+#: Data-identity fields recorded only where they differ from these values, so that the checkpoints of
+#: runs from before a field existed stay the same run; a missing field reads as its default.
+DATA_DEFAULTS = {"document_mask": False}
+
+
 def data_identity(path: str, fmt: str, text_field: str, files: list[Path], cache_key: str,
                   document_mask: bool = False) -> dict:
     out = {"path": path if path == "stdlib" else str(Path(path).resolve()), "format": fmt,
            "text_field": text_field, "files": len(files), "bytes": sum(f.stat().st_size for f in files),
            "cache_key": cache_key}
-    if document_mask:  # only when on: the checkpoints of runs from before the switch stay the same run
-        out["document_mask"] = True
+    if document_mask != DATA_DEFAULTS["document_mask"]:
+        out["document_mask"] = document_mask
     return out
 
 
@@ -210,10 +215,8 @@ def changes(saved: dict, now: dict) -> dict[str, str]:
             # The token-cache key includes the tokenizer's bytes: a new tokenizer is reported as such.
             if "tokenizer" in saved and saved["tokenizer"] != now["tokenizer"] and fields == ["cache_key"]:
                 continue
-            # document_mask is recorded only when on: absent means off
-            default = {"document_mask": False}
-            detail = ", ".join(f"data.{k}: checkpoint {saved[part].get(k, default.get(k))!r} vs now "
-                               f"{now[part].get(k, default.get(k))!r}" for k in fields)
+            detail = ", ".join(f"data.{k}: checkpoint {saved[part].get(k, DATA_DEFAULTS.get(k))!r} vs now "
+                               f"{now[part].get(k, DATA_DEFAULTS.get(k))!r}" for k in fields)
         elif part == "tokenizer":
             detail = f"tokenizer SHA-256: checkpoint {saved[part][:12]} vs now {now[part][:12]}"
         else:

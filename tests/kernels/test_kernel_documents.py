@@ -120,5 +120,5 @@ def test_documents_must_fit_the_batch():
     from sparse_parallel.kernels import triton_attention
 
     q = torch.randn(2, 32, 1, 16, device=DEV)
-    with pytest.raises(ValueError, match="documents"):
+    with pytest.raises(ValueError, match="Documents.offsets has 3 rows for a batch of 2"):
         triton_attention(q, q, q, as_pattern(Window(4)).within(Documents.from_lengths([[16, 16]] * 3)))
