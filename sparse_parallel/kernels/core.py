@@ -31,6 +31,9 @@ class Config:
 
     bm: int = 128
     bn: int = 64
+    #: forward key tile of a problem with a single pass (0: ``bn``): its runs of unmasked tiles are
+    #: long, where a wider tile pays; several passes mean short runs and more boundary tiles.
+    bn_single: int = 0
     bm_kv: int = 64
     bn_kv: int = 128
     warps: int = 8
@@ -41,9 +44,6 @@ class Config:
     bn_dq: int = 64
     warps_dq: int = 4
     stages_dq: int = 3
-    #: dq by a query-major kernel that recomputes QK^T and dP (bitwise reproducible) instead of
-    #: float32 atomic additions from the dk/dv kernel (two matrix products fewer per tile pair).
-    deterministic: bool = False
     #: dk/dv of range passes: every key tile's query range is split into chunks of at most
     #: total/(sms*kv_waves) iterations (GQA heads counted), so that a few long key tiles (global
     #: keys, the first tiles of a strided level, a GQA group looping over its heads) do not leave
@@ -60,8 +60,8 @@ class Config:
 
 
 #: Defaults per device type; pass a Config to the entry points to use another.
-_DEFAULTS = {"cuda": Config(bm=128, bn=64, warps=8, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3,
-                            bm_dq=128, bn_dq=64, warps_dq=8, stages_dq=3, deterministic=True),
+_DEFAULTS = {"cuda": Config(bm=128, bn=64, bn_single=128, warps=8, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3,
+                            bm_dq=128, bn_dq=64, warps_dq=8, stages_dq=3),
              "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1, stages_kv=1,
                            bm_dq=16, bn_dq=16, warps_dq=1, stages_dq=1, kv_min_chunk=1, sms=1)}
 
@@ -285,6 +285,28 @@ def _check_block_alignment(prob: Problem, bm: int, bn: int):
     return bm, min(bn, cb)
 
 
+def check_descriptor_alignment(name: str, t: torch.Tensor):
+    """The kernels read ``t`` through tensor descriptors: 16-byte aligned start and row strides."""
+    size = t.element_size()
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+        raise ValueError(f"{name} must have a contiguous last dim and 16-byte aligned start and strides "
+                         f"for the kernels' tensor descriptors; got strides {tuple(t.stride())}")
+
+
+def _descriptor_scratch(device):
+    """Global memory for the descriptors the kernels make on the device (Triton asks its allocator).
+
+    Set per launch: Triton keeps the allocator per thread, and backward runs on autograd's threads.
+    """
+    import triton
+
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+
+
+def _forward_bn(prob: Problem, cfg: Config) -> int:
+    return cfg.bn_single if cfg.bn_single and len(prob.passes) == 1 else cfg.bn
+
+
 def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse2=None, delta=None):
     """Run the query-major kernel over every pass; returns (out, lse) or dq."""
     from .triton_kernels import query_kernel
@@ -292,9 +314,14 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
     b, nq, hq, d = q.shape
     device = q.device
     hkv = prob.spaces[0].k.shape[2]
-    tiles = (cfg.bm, cfg.bn, cfg.warps, cfg.stages) if phase == 0 else (cfg.bm_dq, cfg.bn_dq, cfg.warps_dq,
-                                                                         cfg.stages_dq)
+    tiles = (cfg.bm, _forward_bn(prob, cfg), cfg.warps, cfg.stages) if phase == 0 else (
+        cfg.bm_dq, cfg.bn_dq, cfg.warps_dq, cfg.stages_dq)
     bm, bn = _check_block_alignment(prob, tiles[0], tiles[1])
+    check_descriptor_alignment("q", q)
+    for sp in prob.spaces:
+        check_descriptor_alignment("k", sp.k)
+        check_descriptor_alignment("v", sp.v)
+    _descriptor_scratch(device)
     ieee = q.dtype == torch.float32
     tbl, stb, sth, stq, w, cb = _block_args(prob, device)
     split = prob.split
@@ -376,14 +403,13 @@ def _kv_plans(prob: Problem, i: int, bm: int, bn: int):
 
 def build_plans(prob: Problem, cfg: Config):
     """Every range plan the forward and backward will use (they are otherwise built on first use)."""
-    bm, bn = _check_block_alignment(prob, cfg.bm, cfg.bn)
+    bm, bn = _check_block_alignment(prob, cfg.bm, _forward_bn(prob, cfg))
     bmq, bnq = _check_block_alignment(prob, cfg.bm_dq, cfg.bn_dq)
     bmk, bnk = _kv_tiles(prob, cfg)
     for i, ps in enumerate(prob.passes):
         if not ps.mode.is_block:
             _range_plan(prob, i, bm, bn)
-            if cfg.deterministic:
-                _range_plan(prob, i, bmq, bnq)
+            _range_plan(prob, i, bmq, bnq)
             _kv_plans(prob, i, bmk, bnk)
 
 
@@ -409,23 +435,18 @@ def _prepare_backward(out, dout, lse, dlse):
 
 
 def backward(prob: Problem, q, out, lse, dout, dlse, scale, cfg: Config, grads: list):
-    """dq; dk/dv are accumulated into ``grads[space]`` (a ``SpaceGrad`` per key space).
-
-    Unless ``cfg.deterministic``, the dk/dv kernel also produces dq (float32 atomics).
-    """
+    """dq (query-major: recomputes QK^T and dP, no atomics, bitwise reproducible); dk/dv are
+    accumulated into ``grads[space]`` (a ``SpaceGrad`` per key space)."""
     dout = dout.contiguous()
+    check_descriptor_alignment("dout", dout)
     delta, lse2 = _prepare_backward(out, dout, lse, dlse)
-    if cfg.deterministic:
-        dq = _launch_query(prob, q, scale, cfg, 1, do=dout, lse2=lse2, delta=delta)
-        _launch_dkdv(prob, q, dout, lse2, delta, scale, cfg, grads, None)
-        return dq
-    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-    _launch_dkdv(prob, q, dout, lse2, delta, scale, cfg, grads, dq32)
-    return dq32.to(q.dtype)
+    dq = _launch_query(prob, q, scale, cfg, 1, do=dout, lse2=lse2, delta=delta)
+    _launch_dkdv(prob, q, dout, lse2, delta, scale, cfg, grads)
+    return dq
 
 
-def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: list, dq32):
-    """One key-major launch per pass; with ``dq32`` every launch also adds its dq into it."""
+def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: list):
+    """One key-major launch per pass."""
     from .triton_kernels import dkdv_kernel
 
     b, nq, hq, d = q.shape
@@ -434,9 +455,7 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
     tbl, stb, sth, stq, w, cb = _block_args(prob, device)
     qpos = _qpos32(prob)
     bm, bn = _kv_tiles(prob, cfg)
-    fuse = dq32 is not None
-    dqb = dq32 if fuse else _dummy(device, torch.float32)
-    dq_strides = (dq32.stride(0), dq32.stride(1), dq32.stride(2)) if fuse else (0, 0, 0)
+    _descriptor_scratch(device)
     for i, ps in enumerate(prob.passes):
         sp = prob.spaces[ps.space]
         hkv = sp.k.shape[2]
@@ -489,14 +508,13 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
         dkdv_kernel[(grid0, b * hkv, split)](
             q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
             qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, lse2, delta, lse2.stride(0), lse2.stride(1),
-            dqb, *dq_strides,
             terms, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, ctb, cth,
             sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem,
             served, qplan, qfplan, kblk, kstart, cptr, cidx,
             out_k, out_v, out_k.stride(-4), out_k.stride(-3), out_k.stride(-2), out_k.stride(0) if split > 1 else 0,
             qchunk, t0, *_doc_args(prob, device),
             MODE=ps.mode.value, NT=nt, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
-            Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, FUSE_DQ=fuse, BM=bm, BN=bn, D=d,
+            Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, BM=bm, BN=bn, D=d,
             IEEE=ieee, HAS_DOC=prob.doc_start is not None, num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
         if split > 1:  # partials summed in a fixed order
             if accum:

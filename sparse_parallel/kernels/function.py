@@ -42,12 +42,15 @@ def _check_dtype(q):
         raise ValueError(f"head dim must be one of 16, 32, 64, 128 for the Triton kernels, got {q.shape[-1]}")
 
 
-def _lastdim(t):
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _descriptor_ready(t):
+    """``t``, or a fresh contiguous copy where the kernels' tensor descriptors could not read it."""
+    size = t.element_size()
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+    return t if ok else t.clone(memory_format=torch.contiguous_format)
 
 
 def _kv(k, v):
-    k, v = _lastdim(k), _lastdim(v)
+    k, v = _descriptor_ready(k), _descriptor_ready(v)
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
     return k, v
@@ -195,7 +198,7 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
 
     plan = LaunchPlan([Part(prob, None, grads)], {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))})
     cfg = config if config is not None else core.default_config(device)
-    return _Function.apply(plan, scale, cfg, q, *[t for ks in spaces for t in (ks.k, ks.v)])
+    return _Function.apply(plan, scale, cfg, _descriptor_ready(q), *[t for ks in spaces for t in (ks.k, ks.v)])
 
 
 def _passes(q, terms: P.Terms, spaces, use_blocks: bool):
@@ -253,7 +256,7 @@ def triton_attention(q, k, v, pattern, scale=None, config: core.Config | None = 
     ``config`` (tile sizes, backward scheduling) defaults to ``core.default_config(q.device)``.
     """
     plan, scale, cfg = prepare(q, k, v, pattern, scale, config=config)
-    return _Function.apply(plan, scale, cfg, q, *_kv(k, v))
+    return _Function.apply(plan, scale, cfg, _descriptor_ready(q), *_kv(k, v))
 
 
 def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Config | None = None):

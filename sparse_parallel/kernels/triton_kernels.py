@@ -17,6 +17,11 @@ The forward and dq kernels fuse up to six passes of one query tile in one
 online-softmax loop, each pass with its own terms (``TMi``/``NTi``: see ``core._pass_terms``); dk/dv runs one pass per launch, key-major, over the key
 tiles that some query sees, with long query ranges split into balanced chunks.  Offsets that
 can pass 2^31 (batch, head and tile bases) are int64.
+
+The streamed operand of each loop (k/v tiles of the query-major kernel, q/do tiles of dk/dv) is read
+through a tensor descriptor of one (batch, head): on Hopper a TMA copy (no per-element address
+registers, zeros outside the rows), elsewhere rewritten by Triton to masked loads.  The launcher checks
+the 16-byte alignment descriptors need (``core.check_descriptor_alignment``).
 """
 import triton
 import triton.language as tl
@@ -107,24 +112,22 @@ def _segments(lo, hi, flo, fhi):
 
 
 @triton.jit
-def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, kbase, vbase, skn, pos0, kstr, nk, KPOS, KMEM,
+def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, kdesc, vdesc, pos0, kstr, nk, KPOS, KMEM,
           MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale,
           HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB,
           MODE: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PHASE: tl.constexpr,
           HAS_DOC: tl.constexpr, dstart, dend):
     """One key tile for one query tile: online softmax (PHASE 0) or dq accumulation (PHASE 1).
 
-    ``idx`` = the tile's first key index (scalar); ``e`` the listed key block (block passes).
+    ``idx`` = the tile's first key index (scalar); ``e`` the listed key block (block passes);
+    ``kdesc``/``vdesc`` describe the space's keys (rows outside [0, nk) read as zeros).
     ``MASKED`` is a compile-time flag so that the loop over a plan's full tiles has no
     branch in its body and is software-pipelined like a dense attention loop.
     """
-    offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, D)
-    kidx = idx + offs_n
+    kidx = idx + tl.arange(0, BN)
     kmask = (kidx < nk) & (kidx >= 0)
-    toff = tl.cast(idx, tl.int64) * skn + (offs_n * skn)[:, None] + offs_d[None, :]
-    k = tl.load(kbase + toff, mask=kmask[:, None], other=0.0)
-    v = tl.load(vbase + toff, mask=kmask[:, None], other=0.0)
+    k = kdesc.load([idx, 0])
+    v = vdesc.load([idx, 0])
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if MASKED:
         if MODE == RANGE or MODE == BLOCK:
@@ -176,8 +179,9 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
     query tile's first document and runs unmasked only over tiles inside every row's document;
     other passes mask by document.
     """
-    kbase = K + tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
-    vbase = V + tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
+    hoff = tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
+    kdesc = tl.make_tensor_descriptor(K + hoff, shape=[nk, D], strides=[skn, 1], block_shape=[BN, D])
+    vdesc = tl.make_tensor_descriptor(V + hoff, shape=[nk, D], strides=[skn, 1], block_shape=[BN, D])
     if MODE >= BLOCK:
         crow = (row0 // CB) * stq
         for w in range(0, W):
@@ -185,8 +189,8 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
             if e >= 0:
                 st = tl.load(TSTH + crow + w)
                 for u in range(0, CB // BN):
-                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, st + u * BN, kbase, vbase,
-                                          skn, pos0, kstr, nk, KPOS, KMEM, True, e, served, TERMS, NT,
+                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, st + u * BN, kdesc, vdesc,
+                                          pos0, kstr, nk, KPOS, KMEM, True, e, served, TERMS, NT,
                                           CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
                                           MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
     else:
@@ -208,18 +212,18 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
                 flo = hi + 1  # explicit positions: every tile masked
         flo, fhi = _segments(lo, hi, flo, fhi)
         for kb in range(lo, flo):
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kbase, vbase,
-                                  skn, pos0, kstr, nk, KPOS, KMEM, True, -1, served, TERMS, NT,
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kdesc, vdesc,
+                                  pos0, kstr, nk, KPOS, KMEM, True, -1, served, TERMS, NT,
                                   CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
                                   MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
         for kb in range(flo, fhi + 1):
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kbase, vbase,
-                                  skn, pos0, kstr, nk, KPOS, KMEM, False, -1, served, TERMS, NT,
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kdesc, vdesc,
+                                  pos0, kstr, nk, KPOS, KMEM, False, -1, served, TERMS, NT,
                                   CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
                                   MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
         for kb in range(fhi + 1, hi + 1):
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kbase, vbase,
-                                  skn, pos0, kstr, nk, KPOS, KMEM, True, -1, served, TERMS, NT,
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kdesc, vdesc,
+                                  pos0, kstr, nk, KPOS, KMEM, True, -1, served, TERMS, NT,
                                   CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
                                   MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
     return acc, m_i, l_i
@@ -331,21 +335,16 @@ def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbase, dbase, dqbase, sqqn,
+def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase,
                QPOS, qpos0, MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr,
                n, qk_scale, mem, HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB, MODE: tl.constexpr,
-               Q_EXPLICIT: tl.constexpr, FUSE_DQ: tl.constexpr, BM: tl.constexpr, D: tl.constexpr,
-               IEEE: tl.constexpr, HAS_DOC: tl.constexpr, DSB, DEB):
-    """One query tile against the program's key tile: dk/dv accumulate; with FUSE_DQ the tile's
-    dq contribution ``ds @ k`` is added atomically (float32) instead of recomputed query-major."""
-    offs_m = tl.arange(0, BM)
-    offs_d = tl.arange(0, D)
-    rows = rows0 + offs_m
+               Q_EXPLICIT: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr, HAS_DOC: tl.constexpr, DSB, DEB):
+    """One query tile (rows ``rows0 ..``, read through the head's descriptors) against the program's
+    key tile: dk/dv accumulate."""
+    rows = rows0 + tl.arange(0, BM)
     rmask = (rows < nq) & (rows >= 0)
-    q = tl.load(qbase + tl.cast(rows0, tl.int64) * sqn + (offs_m * sqn)[:, None] + offs_d[None, :],
-                mask=rmask[:, None], other=0.0)
-    do = tl.load(dobase + tl.cast(rows0, tl.int64) * sdn + (offs_m * sdn)[:, None] + offs_d[None, :],
-                 mask=rmask[:, None], other=0.0)
+    q = qdesc.load([rows0, 0])
+    do = dodesc.load([rows0, 0])
     lse2 = tl.load(lbase + rows, mask=rmask, other=0.0)
     delta = tl.load(dbase + rows, mask=rmask, other=0.0)
     st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM]
@@ -371,22 +370,17 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn, lbas
     dv = dv + _dot(pt.to(do.dtype), do, IEEE)
     dpt = _dot(v, tl.trans(do), IEEE)
     dst = pt * (dpt - delta[None, :])
-    dst_lo = dst.to(q.dtype)
-    dk = dk + _dot(dst_lo, q, IEEE)
-    if FUSE_DQ:
-        dq = _dot(tl.trans(dst_lo), k, IEEE) * (qk_scale * 0.6931471805599453)
-        dqp = dqbase + tl.cast(rows0, tl.int64) * sqqn + (offs_m * sqqn)[:, None] + offs_d[None, :]
-        tl.atomic_add(dqp, dq, mask=rmask[:, None], sem="relaxed")
+    dk = dk + _dot(dst.to(q.dtype), q, IEEE)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["qpos0", "nq", "n", "pos0", "kstr", "nk", "qchunk", "W", "CB", "t0"])
 def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
-                 LSE2, DELTA, sxb, sxh, DQ, sqqb, sqqn, sqqh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
+                 LSE2, DELTA, sxb, sxh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
                  K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, QPLAN, QFPLAN, KBLK, KSTART, CPTR, CIDX,
                  DK, DV, sob, son, soh, sos, qchunk, t0, DS, DE, sdcb,
                  MODE: tl.constexpr, NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
-                 Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, SPLIT: tl.constexpr, FUSE_DQ: tl.constexpr,
+                 Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, SPLIT: tl.constexpr,
                  BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
                  HAS_DOC: tl.constexpr):
     """Key-major dk/dv of one pass: a key tile walks the query tiles that can see it.
@@ -399,7 +393,6 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
     ``idx - t0*BN`` of DK/DV (a buffer of the launched tiles only).  With SPLIT, program
     ``(t, bhk, s)`` takes query tiles ``[q_lo + s*qchunk, q_lo + (s+1)*qchunk)`` and writes a
     partial at ``s * sos`` (keys seen by very many query tiles: global keys, strided levels).
-    With FUSE_DQ every visited tile also adds its dq contribution into the float32 ``DQ``.
     """
     t = tl.program_id(0) + t0
     bhk = tl.program_id(1)
@@ -440,9 +433,10 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
     dv = tl.zeros([BN, D], dtype=tl.float32)
     for g in range(0, group):
         h = hk * group + g
-        qbase = Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh
-        dobase = DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh
-        dqbase = DQ + tl.cast(b, tl.int64) * sqqb + tl.cast(h, tl.int64) * sqqh
+        qdesc = tl.make_tensor_descriptor(Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh,
+                                          shape=[nq, D], strides=[sqn, 1], block_shape=[BM, D])
+        dodesc = tl.make_tensor_descriptor(DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh,
+                                           shape=[nq, D], strides=[sdn, 1], block_shape=[BM, D])
         xoff = tl.cast(b, tl.int64) * sxb + tl.cast(h, tl.int64) * sxh
         TBLH = TBL + tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
         if MODE >= BLOCK:
@@ -453,11 +447,11 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
                 c = tl.load(CIDX + ci)
                 for u in range(0, CB // BM):
                     rows0 = c * CB + u * BM - qpos0
-                    dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qbase, dobase, sqn, sdn,
-                                        LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
+                    dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc,
+                                        LSE2 + xoff, DELTA + xoff,
                                         QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                        HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE,
-                                    HAS_DOC, DSB, DEB)
+                                        HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, IEEE,
+                                        HAS_DOC, DSB, DEB)
         else:
             q_lo = tl.load(QPLAN + t * 2)
             q_hi = tl.load(QPLAN + t * 2 + 1)
@@ -478,22 +472,22 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
                         f_lo = tl.maximum(f_lo, (tl.maximum(ks_hi - qpos0, 0) + BM - 1) // BM)
             f_lo, f_hi = _segments(q_lo, q_hi, f_lo, f_hi)
             for qb in range(q_lo, f_lo):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn,
-                                    LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qdesc, dodesc,
+                                    LSE2 + xoff, DELTA + xoff,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE,
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, IEEE,
                                     HAS_DOC, DSB, DEB)
             for qb in range(f_lo, f_hi + 1):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn,
-                                    LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qdesc, dodesc,
+                                    LSE2 + xoff, DELTA + xoff,
                                     QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE,
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, IEEE,
                                     HAS_DOC, DSB, DEB)
             for qb in range(f_hi + 1, q_hi + 1):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qbase, dobase, sqn, sdn,
-                                    LSE2 + xoff, DELTA + xoff, dqbase, sqqn,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qdesc, dodesc,
+                                    LSE2 + xoff, DELTA + xoff,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, FUSE_DQ, BM, D, IEEE,
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, IEEE,
                                     HAS_DOC, DSB, DEB)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(hk, tl.int64) * soh
             + tl.cast(idx0 - t0 * BN, tl.int64) * son)
