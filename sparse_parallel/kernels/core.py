@@ -445,8 +445,58 @@ def backward(prob: Problem, q, out, lse, dout, dlse, scale, cfg: Config, grads: 
     return dq
 
 
+@dataclass
+class KvLaunch:
+    """The dk/dv launch of one pass: key tiles ``t0 .. t0 + grid0 - 1`` (all listed key-block sub-tiles
+    for block passes), ``split`` query chunks of ``qchunk`` tiles, and whether it writes every row
+    of its key space."""
+
+    grid0: int
+    t0: int
+    split: int
+    qchunk: int
+    writes_every_row: bool
+
+
+def kv_launches(prob: Problem, cfg: Config, device, hq: int) -> dict:
+    """{pass index: KvLaunch} of the passes whose dk/dv the backward launches, for ``hq`` query heads
+    (plans cached)."""
+    out = {}
+    bm, bn = _kv_tiles(prob, cfg)
+    for i, ps in enumerate(prob.passes):
+        sp = prob.spaces[ps.space]
+        if sp.nk == 0:
+            continue
+        if ps.mode.is_block:
+            kblk, _ = _key_blocks(prob, i, device)
+            grid0 = len(kblk) * (prob.terms.block // bn)
+            if grid0:
+                out[i] = KvLaunch(grid0, 0, 1, 0, False)
+            continue
+        qplan, _ = _kv_plans(prob, i, bm, bn)
+        t0, t1, total, longest = _kv_extent(prob, i, bm, bn, qplan)
+        if longest == 0:
+            continue  # no query sees this pass's keys
+        hkv = sp.k.shape[2]
+        grid0 = t1 - t0 + 1
+        split, qchunk = _kv_split(cfg, device, total, longest, hq // hkv, sp.k.shape[0] * hkv,
+                                  min(sp.nk, (t1 + 1) * bn) - t0 * bn, sp.k.shape[3])
+        out[i] = KvLaunch(grid0, t0, split, qchunk, t0 == 0 and grid0 == P.n_tiles(sp.nk, bn))
+    return out
+
+
+def _key_blocks(prob: Problem, i: int, device):
+    """(listed key blocks, their first key index) of block pass ``i`` (cached)."""
+    key = ("kblocks", i)
+    if key not in prob.cache:
+        sp = prob.spaces[prob.passes[i].space]
+        kb_, ks_ = P.key_blocks(prob.terms.block, sp.pos0, sp.nk, sp.positions)
+        prob.cache[key] = (kb_.to(device), ks_.to(device))
+    return prob.cache[key]
+
+
 def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: list):
-    """One key-major launch per pass."""
+    """One key-major launch per pass (``kv_launches``)."""
     from .triton_kernels import dkdv_kernel
 
     b, nq, hq, d = q.shape
@@ -456,7 +506,8 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
     qpos = _qpos32(prob)
     bm, bn = _kv_tiles(prob, cfg)
     _descriptor_scratch(device)
-    for i, ps in enumerate(prob.passes):
+    for i, launch in kv_launches(prob, cfg, device, hq).items():
+        ps = prob.passes[i]
         sp = prob.spaces[ps.space]
         hkv = sp.k.shape[2]
         target = grads[ps.space]
@@ -464,13 +515,9 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
         d32 = _dummy(device)
         kpos = sp.positions.to(torch.int32).contiguous() if sp.positions is not None else d32
         kmem = sp.member if sp.member is not None else _dummy(device, torch.int8)
-        t0, split, qchunk = 0, 1, 0
+        t0, grid0, split, qchunk = launch.t0, launch.grid0, launch.split, launch.qchunk
         if ps.mode.is_block:
-            key = ("kblocks", i)
-            if key not in prob.cache:
-                kb_, ks_ = P.key_blocks(cb, sp.pos0, sp.nk, sp.positions)
-                prob.cache[key] = (kb_.to(device), ks_.to(device))
-            kblk, kstart = prob.cache[key]
+            kblk, kstart = _key_blocks(prob, i, device)
             n_kb = P.n_tiles(prob.terms.n, cb)
             key = ("csr", n_kb)
             if key not in prob.cache:
@@ -478,25 +525,14 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             cptr, cidx, ctb, cth = prob.cache[key]
             qplan = qfplan = d32
             served = prob.terms.block_bit
-            grid0 = len(kblk) * (cb // bn)
-            whole = False
         else:
             qplan, qfplan = _kv_plans(prob, i, bm, bn)
             kblk = kstart = cptr = cidx = d32
             ctb = cth = 0
             served = prob.served_bits(ps)
-            t0, t1, total, longest = _kv_extent(prob, i, bm, bn, qplan)
-            if longest == 0:
-                continue  # no query sees this pass's keys
-            grid0 = t1 - t0 + 1
-            split, qchunk = _kv_split(cfg, device, total, longest, hq // hkv, b * hkv,
-                                      min(sp.nk, (t1 + 1) * bn) - t0 * bn, d)
-            whole = t0 == 0 and grid0 == P.n_tiles(sp.nk, bn)
-        if grid0 == 0 or sp.nk == 0:
-            continue
         terms, nt = _pass_terms(prob, i, device)
         # A range pass over all key tiles of a space that is the whole buffer writes every row.
-        accum = target.buffers.before_launch(whole and dk.shape == target.buffers.dk.shape)
+        accum = target.buffers.before_launch(launch.writes_every_row and dk.shape == target.buffers.dk.shape)
         # The launched key tiles' rows of dk/dv: [t0*bn, t0*bn + rows).
         rows = min(sp.nk, (t0 + grid0) * bn) - t0 * bn
         dk_rows, dv_rows = dk[:, t0 * bn:t0 * bn + rows], dv[:, t0 * bn:t0 * bn + rows]

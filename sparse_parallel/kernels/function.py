@@ -64,12 +64,16 @@ def _split_for(n_qtiles: int, bh: int, nk: int, bn: int, sms: int) -> int:
 
 @dataclass
 class Part:
-    """One Problem of a launch plan: the query rows it owns (None = all) and, given the gradient
-    buffers by name, the ``SpaceGrad`` of each of its key spaces."""
+    """One Problem of a launch plan: the query rows it owns (None = all) and, per key space of the
+    problem, where its dk/dv go: (gradient buffer name, first row, row stride)."""
 
     prob: core.Problem
     rows: torch.Tensor | None
-    grads: Callable[[dict], list]
+    targets: list
+
+    def grads(self, buffers: dict) -> list:
+        """The ``SpaceGrad`` of each key space, given the gradient buffers by name."""
+        return [buffers[name].rows(first, stride) for name, first, stride in self.targets]
 
 
 @dataclass
@@ -82,6 +86,20 @@ class LaunchPlan:
     buffers: dict
     copies: list = field(default_factory=list)
     fold: Callable[[dict], None] | None = None
+
+    def sole_writers(self, cfg: core.Config, hq: int) -> set:
+        """Names of the buffers that exactly one dk/dv launch writes, every row of them: those can be
+        written in the inputs' dtype (no float32 buffer, no cast).  Folding adds into buffers, so a
+        plan that folds keeps them all float32."""
+        if self.fold is not None:
+            return set()
+        launches, whole = {}, {}
+        for part in self.parts:
+            for i, launch in core.kv_launches(part.prob, cfg, part.prob.spaces[0].k.device, hq).items():
+                name, first, stride = part.targets[part.prob.passes[i].space]
+                launches[name] = launches.get(name, 0) + 1
+                whole[name] = launch.writes_every_row and first == 0 and stride == 1
+        return {name for name, count in launches.items() if count == 1 and whole[name]}
 
 
 class _Function(torch.autograd.Function):
@@ -104,7 +122,11 @@ class _Function(torch.autograd.Function):
         plan, scale, cfg = ctx.plan, ctx.scale, ctx.cfg
         if dout is None:
             dout = torch.zeros_like(out)
-        flat = [torch.empty(t.shape, dtype=torch.float32, device=t.device) for t in list(inputs) + plan.copies]
+        sole = plan.sole_writers(cfg, q.shape[2])
+        kinds = list(inputs) + plan.copies
+        dtypes = {i: (kinds[i].dtype if name in sole else torch.float32)
+                  for name, pair in plan.buffers.items() for i in pair}
+        flat = [torch.empty(t.shape, dtype=dtypes.get(i, torch.float32), device=t.device) for i, t in enumerate(kinds)]
         buffers = {name: core.GradBuffers(flat[a], flat[b]) for name, (a, b) in plan.buffers.items()}
         main, rest = plan.parts[0], plan.parts[1:]
         do_main, dlse_main = dout, dlse
@@ -193,10 +215,8 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
     bound.check_batch(b)
     prob.doc_start, prob.doc_end = bound.doc_start, bound.doc_end
 
-    def grads(buffers):
-        return [buffers[i].rows() for i in range(len(kspaces))]
-
-    plan = LaunchPlan([Part(prob, None, grads)], {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))})
+    plan = LaunchPlan([Part(prob, None, [(i, 0, 1) for i in range(len(kspaces))])],
+                      {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))})
     cfg = config if config is not None else core.default_config(device)
     return _Function.apply(plan, scale, cfg, _descriptor_ready(q), *[t for ks in spaces for t in (ks.k, ks.v)])
 
@@ -295,12 +315,9 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
     main = core.Problem(terms, spaces, passes, None, 0, cache=cached["main"], nq=n)
     gathered = [si for si, sp in enumerate(spaces) if sp.positions is not None]
 
-    def main_grads(buffers):
-        # a gathered space has its own buffers; every other space is K/V or a strided view of it
-        return [buffers[si].rows() if si in gathered else buffers["kv"].rows(sp.pos0, sp.kstr)
-                for si, sp in enumerate(spaces)]
-
-    parts = [Part(main, None, main_grads)]
+    # a gathered space has its own buffers; every other space is K/V or a strided view of it
+    main_targets = [(si, 0, 1) if si in gathered else ("kv", sp.pos0, sp.kstr) for si, sp in enumerate(spaces)]
+    parts = [Part(main, None, main_targets)]
     rows = terms.global_rows
     if len(rows):
         gterms = P.Terms([(0, 0, 0, P.BIG, 1, 0)], [0], pattern.causal, n,
@@ -308,7 +325,7 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
         split_k = _split_for(P.n_tiles(len(rows), cfg.bm), b * hq, n, cfg.bn, core.multiprocessors(cfg, device))
         gprob = core.Problem(gterms, [core.Space(k, v)], [core.Pass(0, P.PassKind.RANGE, [0])], rows, None,
                              split_k, cache=cached["global"])
-        parts.append(Part(gprob, rows, lambda buffers: [buffers["kv"].rows()]))
+        parts.append(Part(gprob, rows, [("kv", 0, 1)]))
     plan = LaunchPlan(parts, {"kv": (0, 1)})
     for si in gathered:
         plan.buffers[si] = (2 + len(plan.copies), 3 + len(plan.copies))

@@ -279,3 +279,38 @@ def test_inputs_the_descriptors_cannot_read_are_copied_and_the_launcher_refuses_
         core.check_descriptor_alignment("k", k)
     with pytest.raises(ValueError, match="16-byte aligned"):
         core.check_descriptor_alignment("q", torch.zeros(4, 6, dtype=torch.float16, device=DEV)[:, :5])
+
+
+def test_a_buffer_one_launch_writes_whole_is_in_the_input_dtype_with_the_same_gradients(monkeypatch):
+    """dk/dv that a single launch writes row by row need no float32 buffer: the kernel rounds its float32
+    accumulators once either way, so the gradients are bitwise those of the float32-buffer path."""
+    from sparse_parallel.kernels import core, function
+
+    made = []
+    real = core.GradBuffers.__init__
+
+    def spy(self, dk, dv):
+        made.append(dk.dtype)
+        real(self, dk, dv)
+
+    monkeypatch.setattr(core.GradBuffers, "__init__", spy)
+    g = torch.Generator().manual_seed(11)
+    n, d = 75, 16
+    q, k, v = (torch.randn(1, n, h, d, generator=g).to(DEV, torch.float16) for h in (2, 1, 1))
+    dout = torch.randn(1, n, 2, d, generator=g).to(DEV, torch.float16)
+
+    def grads(pattern):
+        ts = [t.clone().requires_grad_() for t in (q, k, v)]
+        out, _ = kernels().triton_attention(*ts, pattern)
+        out.backward(dout)
+        return [t.grad for t in ts]
+
+    sole = grads(Window(20))
+    assert made == [torch.float16]
+    two_passes = grads(Window(20) | Strided(8))
+    assert made[1:] == [torch.float32]  # two launches add into K/V's buffer
+    monkeypatch.setattr(function.LaunchPlan, "sole_writers", lambda self, cfg, hq: set())
+    wide = grads(Window(20))
+    assert made[2:] == [torch.float32]
+    assert all(torch.equal(a, b) for a, b in zip(sole, wide))
+    assert all(t.dtype == torch.float16 for t in sole + two_passes)
