@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--arch", type=int, default=90)
     ap.add_argument("--ptx", default="", help="write each compiled kernel's PTX here")
     ap.add_argument("--json", default="", help="write the rows as JSON here")
+    ap.add_argument("--set", action="append", default=[], metavar="FIELD=INT",
+                    help="override a core.Config field of the CUDA defaults (repeatable), e.g. --set bn_dq=32")
     args = ap.parse_args()
     if args.triton:
         sys.path.insert(0, args.triton)
@@ -118,7 +120,13 @@ def main():
         "docs": (Window(1024) | Strided(64) | Global(first=128, queries=False)).within(
             Documents.from_lengths([[args.n // 3, args.n - args.n // 3]])),
     }
-    cfg = core.default_config("cuda").replace(sms=132)
+    overrides = {}
+    for item in args.set:
+        name, _, value = item.partition("=")
+        if name not in vars(core.default_config("cuda")) or not value.lstrip("-").isdigit():
+            raise SystemExit(f"--set {item}: expected FIELD=INT with FIELD one of {sorted(vars(core.default_config('cuda')))}")
+        overrides[name] = int(value)
+    cfg = core.default_config("cuda").replace(sms=132, **overrides)
     for name in args.patterns.split(","):
         for heads in args.heads.split(","):
             hq, hkv = (int(x) for x in heads.split("/"))
