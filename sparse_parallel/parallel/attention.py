@@ -256,7 +256,8 @@ def bind_heads(pattern: Pattern, n: int, heads: int, h0: int, h1: int, q_local, 
     for comp in pattern.block_components:
         if comp.data_dependent:
             # Computed per key/value head from that head's own query group: head-local.
-            tables.append(comp.table(n, pattern.causal, h1 - h0, q=q_local, k=k_local, device=device))
+            tables.append(comp.table(n, pattern.causal, h1 - h0, q=q_local, k=k_local, device=device,
+                                     documents=pattern.documents))
         else:
             t = comp.table(n, pattern.causal, heads, device=device)
             tables.append(t[:, h0:h1] if t.shape[1] > 1 else t)

@@ -117,11 +117,12 @@ def pool_blocks(x: torch.Tensor, block: int) -> torch.Tensor:
 
 
 def topk_rows(comp, q_pooled: torch.Tensor, k_pooled: torch.Tensor, query_blocks: torch.Tensor,
-              causal: bool) -> torch.Tensor:
+              causal: bool, reach: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Selected key blocks for ``query_blocks`` -> ``[B, Hkv, len(query_blocks), k]``.
 
     ``q_pooled`` is ``[B, len(query_blocks), Hkv, D]`` (already summed over the
-    group's query heads); ``k_pooled`` is ``[B, n_kb, Hkv, D]``.
+    group's query heads); ``k_pooled`` is ``[B, n_kb, Hkv, D]``.  ``reach``: (first, last) key block
+    ``[B, len(query_blocks)]`` that shares a document with each query block; the others do not compete.
     """
     n_kb = k_pooled.shape[1]
     scores = torch.einsum("bqhd,bkhd->bhqk", q_pooled, k_pooled)
@@ -129,6 +130,10 @@ def topk_rows(comp, q_pooled: torch.Tensor, k_pooled: torch.Tensor, query_blocks
     qb = query_blocks.to(scores.device)
     if causal:
         scores = scores.masked_fill(kb[None, :] > qb[:, None], float("-inf"))
+    if reach is not None:
+        first, last = (r.to(scores.device) for r in reach)
+        outside = (kb[None, None, :] < first[..., None]) | (kb[None, None, :] > last[..., None])
+        scores = scores.masked_fill(outside[:, None], float("-inf"))
     own = (kb[None, :] == qb[:, None]).expand_as(scores)
     scores = scores.masked_fill(own, float("inf"))
     s, idx = torch.sort(scores, dim=-1, descending=True, stable=True)
@@ -137,16 +142,27 @@ def topk_rows(comp, q_pooled: torch.Tensor, k_pooled: torch.Tensor, query_blocks
     return _sort_rows(top)
 
 
+def document_reach(documents, n: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(first, last) key block ``[B, n_query_blocks]`` overlapping the documents of each query block:
+    from the block of its first row's document start to that of its last row's document end."""
+    start, end = documents.bounds(n)
+    rows = torch.arange(0, n, block)
+    last_rows = torch.clamp(rows + block - 1, max=n - 1)
+    return start[:, rows].long() // block, (end[:, last_rows].long() - 1) // block
+
+
 def topk_table(comp, q: torch.Tensor, k: torch.Tensor, causal: bool,
-               chunk_blocks: int = 1024) -> torch.Tensor:
+               chunk_blocks: int = 1024, documents=None) -> torch.Tensor:
     hq, hkv = q.shape[2], k.shape[2]
     with torch.no_grad():
         qp = pool_blocks(q, comp.block)
         qp = qp.view(qp.shape[0], qp.shape[1], hkv, hq // hkv, qp.shape[-1]).sum(3)
         kp = pool_blocks(k, comp.block)
+        reach = None if documents is None else document_reach(documents, q.shape[1], comp.block)
         rows = []
         for start in range(0, qp.shape[1], chunk_blocks):
             qbs = torch.arange(start, min(start + chunk_blocks, qp.shape[1]), device=q.device)
-            rows.append(topk_rows(comp, qp[:, start:start + chunk_blocks], kp, qbs, causal))
+            part = None if reach is None else tuple(r[:, start:start + chunk_blocks] for r in reach)
+            rows.append(topk_rows(comp, qp[:, start:start + chunk_blocks], kp, qbs, causal, part))
         table = torch.cat(rows, dim=2)
     return table.repeat_interleave(hq // hkv, dim=1)

@@ -204,7 +204,7 @@ class RandomBlocks(Component):
         if not isinstance(self.per_head, bool):
             raise ValueError(f"RandomBlocks.per_head must be True or False, got {self.per_head!r}")
 
-    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None) -> torch.Tensor:
+    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None, documents=None) -> torch.Tensor:
         return blocks.random_table(self, n, causal, heads, device)
 
 
@@ -263,7 +263,7 @@ class BlockLayout(Component):
     def per_head(self) -> bool:
         return len(self.indptr) > 1
 
-    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None) -> torch.Tensor:
+    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None, documents=None) -> torch.Tensor:
         return blocks.layout_table(self, n, heads, device)
 
 
@@ -292,11 +292,13 @@ class TopKBlocks(Component):
     def per_head(self) -> bool:
         return True
 
-    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None) -> torch.Tensor:
+    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None, documents=None) -> torch.Tensor:
+        """Within ``documents`` only key blocks that share a document with the query block compete (the
+        others' pairs are all masked: choosing one would spend a slot on nothing)."""
         if q is None or k is None:
             raise ValueError("TopKBlocks selects blocks from q and k: pass q and k (for example "
                              "Pattern.bind(n, heads, q=q, k=k))")
-        return blocks.topk_table(self, q, k, causal)
+        return blocks.topk_table(self, q, k, causal, documents=documents)
 
     def counts_without_data(self, n: int, causal: bool) -> torch.Tensor:
         """The own block and ``k - 1`` full ones (fewer where fewer blocks are allowed); exact except

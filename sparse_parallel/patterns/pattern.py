@@ -131,8 +131,10 @@ class Component:
         leaves them to another); None when there are none."""
         return None
 
-    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None) -> torch.Tensor:
-        """The block table ``[Bt, Ht, n_query_blocks, width]`` of a block-list component (``blocks.py``)."""
+    def table(self, n: int, causal: bool, heads: int, q=None, k=None, device=None,
+              documents=None) -> torch.Tensor:
+        """The block table ``[Bt, Ht, n_query_blocks, width]`` of a block-list component (``blocks.py``);
+        ``documents``: those of the pattern the component is bound in (None: no documents)."""
         raise TypeError(f"{type(self).__name__} is not a block-list component")
 
     def counts_without_data(self, n: int, causal: bool) -> torch.Tensor:
@@ -315,7 +317,8 @@ class Pattern:
             self.documents.validate(n, None if q is None else q.shape[0])
         if device is None and q is not None:
             device = q.device
-        tables = tuple(c.table(n, self.causal, heads, q=q, k=k, device=device) for c in self.block_components)
+        tables = tuple(c.table(n, self.causal, heads, q=q, k=k, device=device, documents=self.documents)
+                       for c in self.block_components)
         return BoundPattern(self, n, heads, tables, device)
 
     def mask(self, n: int, heads: int | None = None, q=None, k=None) -> torch.Tensor:

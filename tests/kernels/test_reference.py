@@ -214,9 +214,9 @@ def test_reference_within_documents_matches_dense(name):
     gen = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, n, h, 16, generator=gen, dtype=torch.float64, requires_grad=True)
                for h in (hq, hkv, hkv))
-    if pattern.data_dependent:  # TopKBlocks chooses per batch element
-        mask = torch.stack([pattern.mask(n, heads=hq, q=q[b:b + 1].detach(), k=k[b:b + 1].detach())
-                            for b in range(2)])
+    if pattern.data_dependent:  # TopKBlocks chooses per batch element, among its documents' blocks
+        mask = torch.stack([pattern.within(sp.patterns.Documents.from_offsets([docs.offsets[b]])).mask(
+            n, heads=hq, q=q[b:b + 1].detach(), k=k[b:b + 1].detach()) for b in range(2)])
     else:
         mask = pattern.mask(n, heads=hq)[None]
     mask = mask & _same_document(docs, n)[:, None]

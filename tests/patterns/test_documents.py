@@ -75,21 +75,52 @@ def test_allows_describe_and_candidates_against_brute_force(trial):
             assert bool(torch.isin(reachable, bound.candidates(start, end)).all()), f"seed {seed} {name}"
 
 
+def _topk_within(q, k, block, kk, same):
+    """Brute force of TopKBlocks within documents: per batch element, KV head and query block, the own
+    block and the kk - 1 best-scoring others among the causal key blocks holding at least one key in the
+    same document as one of the block's queries (``same [B, n, n]``) -> selected ``[B, Hkv, nqb, nkb]``."""
+    from sparse_parallel.patterns.blocks import pool_blocks
+
+    b, n, hq, _ = q.shape
+    hkv = k.shape[2]
+    nb = -(-n // block)
+    qp = pool_blocks(q, block).view(b, nb, hkv, hq // hkv, -1).sum(3)
+    kp = pool_blocks(k, block)
+    chosen = torch.zeros(b, hkv, nb, nb, dtype=torch.bool)
+    for bi in range(b):
+        for h in range(hkv):
+            for qb in range(nb):
+                shares = [bool(same[bi, qb * block:(qb + 1) * block, kb * block:(kb + 1) * block].any())
+                          for kb in range(qb + 1)]
+                others = [kb for kb in range(qb) if shares[kb]]
+                scores = torch.stack([qp[bi, qb, h] @ kp[bi, kb, h] for kb in others]) if others else None
+                best = [] if scores is None else [others[j] for j in torch.argsort(scores, descending=True,
+                                                                                   stable=True)[:kk - 1]]
+                chosen[bi, h, qb, [qb] + best] = True
+    return chosen
+
+
 def test_topk_blocks_within_documents_gqa():
-    """Data-dependent blocks (per key/value head, per batch element) intersected with per-row documents."""
+    """Data-dependent blocks (per key/value head, per batch element) within per-row documents: only key
+    blocks sharing a document with the query block compete, so no slot goes to a block whose pairs are
+    all masked; the pairs are the selection's, intersected with the documents."""
     gen = torch.Generator().manual_seed(3)
-    n, hq, hkv = 70, 4, 2
+    n, hq, hkv, block, kk = 70, 4, 2, 16, 2
     q = torch.randn(2, n, hq, 8, generator=gen)
     k = torch.randn(2, n, hkv, 8, generator=gen)
     docs = Documents.from_lengths([[1, 30, 1, 38], [45, 25]])
-    p = sp.TopKBlocks(16, 2) | sp.Window(2)
-    table = p.bind(n, hq, q=q, k=k).tables[0]  # [B, Hq, nqb, k]
+    same = same_document(docs, n)
+    chosen = _topk_within(q, k, block, kk, same)  # [B, Hkv, nqb, nkb]
     i = torch.arange(n)
-    blocks = (table[:, :, i // 16, :, None] == (i // 16)[None, None, None, None, :]).any(-2)  # [B, H, n, n]
+    blocks = chosen.repeat_interleave(hq // hkv, dim=1)[:, :, i // block][..., i // block]  # [B, H, n, n]
     window = (i[:, None] - i[None, :] <= 2) & (i[None, :] <= i[:, None])
-    want = (blocks | window) & (i[None, :] <= i[:, None]) & same_document(docs, n)[:, None]
+    p = sp.TopKBlocks(block, kk) | sp.Window(2)
+    want = (blocks | window) & (i[None, :] <= i[:, None]) & same[:, None]
     got = p.within(docs).bind(n, hq, q=q, k=k).allows(i, i)
     assert torch.equal(got.expand_as(want), want)
+    # Without documents the selection differs here (a block of another document scores higher).
+    plain = p.bind(n, hq, q=q, k=k).allows(i, i) & same[:, None]
+    assert not torch.equal(plain.expand_as(want), want)
     d = p.within(docs).describe(n, heads=hq, q=q, k=k)
     assert d["pairs"] == int(want.sum()) and d["exact"]
     assert not p.within(docs).describe(n, heads=hq)["exact"]  # without the data: a bound
