@@ -3,8 +3,8 @@
 Runs the real launchers on CPU tensors under a stand-in Triton driver whose target is sm_90a: every
 launch is compiled (the device's tile configuration, ``core.default_config("cuda")``) and not run.
 Prints, per compiled kernel, its constexpr specialisation and ptxas's registers, spill bytes and
-shared memory; ``--ptx DIR`` also writes each kernel's PTX, so that two trees can be diffed for an
-unchanged code generation. It checks compilation and resources only: speed needs the GPU.
+shared memory; ``--ptx DIR`` also writes each kernel's PTX (without debug information) and the digest is
+of that text, so that two trees can be compared for an unchanged code generation. It checks compilation and resources only: speed needs the GPU.
 
     python3 benchmarks/kernel_registers.py --triton /path/to/unpacked/triton-3.6 --ptx /tmp/ptx
 
@@ -23,6 +23,15 @@ import sys
 import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _code(ptx: str) -> str:
+    """The PTX without its debug information (line tables, DWARF sections, their labels), which moves
+    with every edit of the source file: equal code gives equal text."""
+    ptx = re.split(r"^\s*\.section\s+\.debug", ptx, maxsplit=1, flags=re.M)[0]
+    keep = [line for line in ptx.splitlines()
+            if not re.match(r"\s*(\.loc|\.file)\b", line) and not re.match(r"\$L__tmp\d+:", line)]
+    return "\n".join(keep) + "\n"
 
 
 def main():
@@ -97,7 +106,8 @@ def main():
         consts = {k[0] if isinstance(k, tuple) and len(k) == 1 else str(k): v for k, v in constexprs.items()
                   if isinstance(v, (int, bool)) and not isinstance(v, type)}
         name = kernel.metadata.name
-        digest = hashlib.sha1(ptx.replace(name, "KERNEL").encode()).hexdigest()[:12]
+        code = _code(ptx).replace(name, "KERNEL")
+        digest = hashlib.sha1(code.encode()).hexdigest()[:12]
         row = {"case": label["now"], "fn": fn.name, "regs": int(regs.group(1)) if regs else None,
                "spill_bytes": int(spill.group(1)) if spill else None, "shared": kernel.metadata.shared,
                "warps": kernel.metadata.num_warps, "stages": kernel.metadata.num_stages, "ptx_sha1": digest,
@@ -106,7 +116,7 @@ def main():
         if args.ptx:
             os.makedirs(args.ptx, exist_ok=True)
             with open(os.path.join(args.ptx, f"{len(rows):02d}_{row['fn']}.ptx"), "w") as f:
-                f.write(ptx.replace(name, "KERNEL"))
+                f.write(code)
         print(f"{label['now']:28s} {row['fn']:16s} regs {row['regs']} spill {row['spill_bytes']} B shared "
               f"{row['shared']} warps {row['warps']} stages {row['stages']} ptx {digest}", flush=True)
         return True  # compiled here; nothing to launch
