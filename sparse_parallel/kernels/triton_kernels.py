@@ -287,36 +287,22 @@ def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
         do = q
         lse2 = m_i
         delta = m_i
-    if MODE0 != 0:
-        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
-                              K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0 + toff,
-                              TM0, NT0, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE0, SPLIT, BN, D, IEEE, PHASE,
-                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
-    if MODE1 != 0:
-        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
-                              K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1 + toff,
-                              TM1, NT1, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE1, SPLIT, BN, D, IEEE, PHASE,
-                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
-    if MODE2 != 0:
-        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
-                              K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2 + toff,
-                              TM2, NT2, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE2, SPLIT, BN, D, IEEE, PHASE,
-                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
-    if MODE3 != 0:
-        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
-                              K3, V3, skb3, skn3, skh3, pp3, ks3, nk3, KP3, KM3, sv3, PL3, TS3 + toff,
-                              TM3, NT3, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE3, SPLIT, BN, D, IEEE, PHASE,
-                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
-    if MODE4 != 0:
-        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
-                              K4, V4, skb4, skn4, skh4, pp4, ks4, nk4, KP4, KM4, sv4, PL4, TS4 + toff,
-                              TM4, NT4, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE4, SPLIT, BN, D, IEEE, PHASE,
-                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
-    if MODE5 != 0:
-        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
-                              K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5 + toff,
-                              TM5, NT5, CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODE5, SPLIT, BN, D, IEEE, PHASE,
-                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
+    # The slots as rows: top-level arguments keep their specialisation (and do_not_specialize) rules.
+    slots = ((K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0, TM0),
+             (K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1, TM1),
+             (K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2, TM2),
+             (K3, V3, skb3, skn3, skh3, pp3, ks3, nk3, KP3, KM3, sv3, PL3, TS3, TM3),
+             (K4, V4, skb4, skn4, skh4, pp4, ks4, nk4, KP4, KM4, sv4, PL4, TS4, TM4),
+             (K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5, TM5))
+    modes: tl.constexpr = (MODE0, MODE1, MODE2, MODE3, MODE4, MODE5)
+    nts: tl.constexpr = (NT0, NT1, NT2, NT3, NT4, NT5)
+    for i in tl.static_range(6):
+        if modes[i] != 0:
+            K, V, skb, skn, skh, pp, ks, nk, KP, KM, sv, PL, TS, TM = slots[i]
+            acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH,
+                                  stq, K, V, skb, skn, skh, pp, ks, nk, KP, KM, sv, PL, TS + toff, TM, nts[i],
+                                  CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, modes[i], SPLIT, BN, D, IEEE, PHASE,
+                                  HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh
             + tl.cast(qb * BM, tl.int64) * son)
     optr = O + ooff + (tl.arange(0, BM) * son)[:, None] + offs_d[None, :]
