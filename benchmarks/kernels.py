@@ -181,6 +181,11 @@ CHECK_CASES = (
     ("global queries+keys gqa d128", Window(128) | Global(first=16, positions=(1000, 3001)), 4, 2, 128),
     ("strided(64,63) masked rows d64", Strided(64, 63) | Window(0), 4, 4, 64),
     ("noncausal window+strided d128", Pattern(Window(300, 200) | Strided(48, 5, span=2000), causal=False), 4, 4, 128),
+    # packed documents (1-token ones among them) with every kind of pass, and top-k within them (n = 4096)
+    ("w512+g64+s32 in documents gqa d128", (Window(512) | Global(first=64, queries=False) | Strided(32)).within(
+        Documents.from_lengths([1, 700, 1, 1500, 33, 1861])), 4, 2, 128),
+    ("topk(64,4)+w64 in documents gqa d64", (TopKBlocks(block=64, k=4) | Window(64)).within(
+        Documents.from_lengths([900, 1, 2000, 1195])), 4, 2, 64),
 )
 
 
