@@ -238,33 +238,41 @@ def _slot_args(prob: Problem, i: int, bm: int, bn: int, device):
         key = ("starts", ps.space)
         if key not in prob.cache:
             prob.cache[key] = P.block_starts(prob.terms.table, prob.terms.block, sp.pos0, sp.kstr, sp.positions)
-        plan, starts, served = d32, prob.cache[key], prob.terms.block_bit
+        plan, starts = d32, prob.cache[key]
     else:
-        plan, starts, served = _range_plan(prob, i, bm, bn), d32, prob.served_bits(ps)
+        plan, starts = _range_plan(prob, i, bm, bn), d32
+    terms, _, served = _pass_terms(prob, i, device)
     k, v = sp.k, sp.v
     return [k, v, k.stride(0), k.stride(1), k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem, served, plan, starts,
-            _pass_terms(prob, i, device)[0]]
+            terms]
 
 
-def _pass_terms(prob: Problem, i: int, device) -> tuple[torch.Tensor, int]:
-    """(terms in kernel form, their count) that pass ``i``'s ownership mask evaluates (cached).
+def _pass_terms(prob: Problem, i: int, device) -> tuple[torch.Tensor, int, int]:
+    """(terms in kernel form, their count, the bits of the served ones) that pass ``i``'s ownership
+    mask evaluates (cached).
 
     A range pass over structured terms stops at its last served term (later terms cannot take a
     pair), and a term's congruence is dropped where every key of the pass's space satisfies it
-    (a strided view of the term's own lattice): the mask of a boundary tile then costs a few
-    comparisons per pair instead of an integer remainder.
+    (a strided view of the term's own lattice); where what the served term owns is then one band
+    (``plan.owned_band``: the earlier bands cut off its ends), that band is the only term.  The mask
+    of a boundary tile then costs two comparisons per pair instead of a few per earlier term.
     """
     key = ("terms", i)
     if key not in prob.cache:
         ps = prob.passes[i]
         sp = prob.spaces[ps.space]
         rows = prob.terms.rows
-        if ps.mode == P.PassKind.RANGE and not ps.member and ps.served:
+        served = prob.terms.block_bit if ps.mode.is_block else prob.served_bits(ps)
+        ranged = ps.mode == P.PassKind.RANGE and not ps.member and ps.served
+        if ranged:
             rows = rows[:max(ps.served) + 1]
         if sp.positions is None:
             rows = [r if r[4] == 1 or not P.covers(r, sp.pos0, sp.kstr) else tuple(r[:4]) + (1, 0) for r in rows]
+        band = P.owned_band(rows, ps.served[0], prob.terms.n, prob.terms.causal) if ranged and len(ps.served) == 1 else None
+        if band is not None:
+            rows, served = [band], 1
         flat = [int(x) for r in rows for x in r] or [0] * 6
-        prob.cache[key] = (torch.tensor(flat, dtype=torch.int32, device=device), len(rows))
+        prob.cache[key] = (torch.tensor(flat, dtype=torch.int32, device=device), len(rows), served)
     return prob.cache[key]
 
 
@@ -524,13 +532,11 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
                 prob.cache[key] = P.transposed_table(prob.terms.table, n_kb)
             cptr, cidx, ctb, cth = prob.cache[key]
             qplan = qfplan = d32
-            served = prob.terms.block_bit
         else:
             qplan, qfplan = _kv_plans(prob, i, bm, bn)
             kblk = kstart = cptr = cidx = d32
             ctb = cth = 0
-            served = prob.served_bits(ps)
-        terms, nt = _pass_terms(prob, i, device)
+        terms, nt, served = _pass_terms(prob, i, device)
         # A range pass over all key tiles of a space that is the whole buffer writes every row.
         accum = target.buffers.before_launch(launch.writes_every_row and dk.shape == target.buffers.dk.shape)
         # The launched key tiles' rows of dk/dv: [t0*bn, t0*bn + rows).

@@ -95,6 +95,45 @@ def covers(term, pos0: int, kstr: int) -> bool:
     return m == 1 or (kstr % m == 0 and (pos0 - r) % m == 0)
 
 
+def _never_above(f, g, n: int) -> bool:
+    """Whether ``f(i) <= g(i)`` for every query position ``i`` in ``[0, n)``; f, g = (slope, constant)."""
+    slope, const = g[0] - f[0], g[1] - f[1]
+    return const >= 0 and slope * (n - 1) + const >= 0
+
+
+def owned_band(rows: list, s: int, n: int, causal: bool):
+    """The keys term ``s`` owns -- it allows them and no earlier term does -- as one band row
+    ``(lo_rel, lo_c, hi_rel, hi_c, 1, 0)``, or None when that is not one band at every position.
+
+    Every term up to ``s`` must be a band (no congruence left on the space read).  Bounds past what
+    the kernels keep anyway (keys in ``[0, n)``, and ``j <= i`` when causal) are first brought to
+    those limits.  An earlier band that covers the upper (lower) end of term ``s``'s band at every
+    position moves its upper (lower) bound below (above) itself; one that never meets it changes
+    nothing; one that can fall strictly inside would cut the band in two: None.
+    """
+    if any(r[4] != 1 for r in rows[:s + 1]):
+        return None
+    top = (1, 0) if causal else (0, n - 1)
+
+    def limits(r):
+        lo, hi = (r[0], r[1]), (r[2], r[3])
+        return ((0, 0) if _never_above(lo, (0, 0), n) else lo), (top if _never_above(top, hi, n) else hi)
+
+    lo, hi = limits(rows[s])
+    for r in rows[:s]:
+        e_lo, e_hi = limits(r)
+        below_e, above_e = (e_lo[0], e_lo[1] - 1), (e_hi[0], e_hi[1] + 1)
+        if _never_above(hi, below_e, n) or _never_above(above_e, lo, n):
+            continue  # disjoint at every position
+        if _never_above(hi, e_hi, n) and _never_above(below_e, hi, n):
+            hi = below_e  # the earlier band holds the upper end
+        elif _never_above(e_lo, lo, n) and _never_above(lo, above_e, n):
+            lo = above_e  # the earlier band holds the lower end
+        else:
+            return None
+    return (lo[0], lo[1], hi[0], hi[1], 1, 0)
+
+
 def term_bounds(terms: Terms, x: torch.Tensor):
     """Key-position bounds of every structured term at query positions ``x`` -> (lo, hi) ``[T, len(x)]``."""
     r = torch.tensor(terms.rows or [(0, 0, 0, -1, 1, 0)], dtype=torch.long, device=x.device)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from sparse_parallel.kernels import plan as P
-from sparse_parallel.patterns import Global, Pattern, Strided, Window
+from sparse_parallel.patterns import Global, Pattern, Strided, Window, as_pattern
 
 
 def _allowed(row, causal: bool, n: int, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
@@ -140,3 +140,44 @@ def test_transposed_full_range_of_non_contiguous_query_tiles_is_empty():
     full = P.transpose_full(plan, 2).tolist()
     assert full[0][0] > full[0][1], full
     assert full[1] == [2, 2], full
+
+
+def test_an_owned_band_is_exactly_what_its_term_owns_on_the_space_it_reads():
+    """``owned_band`` replaces a pass's term list by one band where that is exact: on fresh random
+    patterns, lengths and the lattices the kernels read, the band allows a key iff term t allows it
+    and no earlier term does (causality, applied by the kernel apart, applied to both)."""
+    from sparse_parallel.patterns import Dilated
+
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    found = 0
+    # Dilated's levels and the strided level of window+strided+global: each reads as one band
+    patterns = [as_pattern(Dilated(window=16, levels=4)), Window(8) | Strided(4) | Global(first=5, queries=False)]
+    for trial in range(80):
+        pattern = patterns[trial] if trial < len(patterns) else _random_pattern(rng)
+        n = 297 if trial < len(patterns) else rng.randint(1, 300)
+        terms = P.build_terms(pattern.bind(n, 1), "cpu")
+        before = found
+        qpos, keys = torch.arange(n), torch.arange(n)
+        allows = [_allowed(row, terms.causal, n, qpos, keys) for row in terms.rows]
+        lattices = {(0, 1)} | {(row[5], row[4]) for row in terms.rows if row[4] > 1}
+        for t in range(len(terms.rows)):
+            owned = allows[t].clone()
+            for u in range(t):
+                owned &= ~allows[u]
+            for pos0, kstr in sorted(lattices):
+                if not P.covers(terms.rows[t], pos0, kstr):
+                    continue
+                rows = [r if r[4] == 1 or not P.covers(r, pos0, kstr) else tuple(r[:4]) + (1, 0)
+                        for r in terms.rows[:t + 1]]
+                band = P.owned_band(rows, t, n, terms.causal)
+                if band is None:
+                    continue
+                found += 1
+                kpos = torch.arange(pos0, max(pos0, n), kstr)
+                got = _allowed(band, terms.causal, n, qpos, kpos)
+                assert torch.equal(got, owned[:, kpos]), f"seed {seed} trial {trial}: {pattern} n={n} term {t} " \
+                                                          f"space ({pos0}, {kstr}) band {band}"
+        if trial < len(patterns):
+            assert found - before >= len(terms.rows) - 1, f"{pattern}: {found - before} bands, {len(terms.rows)} terms"
+    assert found > 100, f"seed {seed}: only {found} bands drawn"
