@@ -3,8 +3,9 @@
 Runs the real launchers on CPU tensors under a stand-in Triton driver whose target is sm_90a: every
 launch is compiled (the device's tile configuration, ``core.default_config("cuda")``) and not run.
 Prints, per compiled kernel, its constexpr specialisation and ptxas's registers, spill bytes and
-shared memory; ``--ptx DIR`` also writes each kernel's PTX (without debug information) and the digest is
-of that text, so that two trees can be compared for an unchanged code generation. It checks compilation and resources only: speed needs the GPU.
+shared memory; ``--ptx DIR`` also writes each kernel's PTX (without debug information) and the digest
+is of that text, so that two trees can be compared for an unchanged code generation. It checks
+compilation and resources only: speed needs the GPU.
 
     python3 benchmarks/kernel_registers.py --triton /path/to/unpacked/triton-3.6 --ptx /tmp/ptx
 
@@ -134,7 +135,8 @@ def main():
     for item in args.set:
         name, _, value = item.partition("=")
         if name not in vars(core.default_config("cuda")) or not value.lstrip("-").isdigit():
-            raise SystemExit(f"--set {item}: expected FIELD=INT with FIELD one of {sorted(vars(core.default_config('cuda')))}")
+            fields = sorted(vars(core.default_config("cuda")))
+            raise SystemExit(f"--set {item}: expected FIELD=INT with FIELD one of {fields}")
         overrides[name] = int(value)
     cfg = core.default_config("cuda").replace(sms=132, **overrides)
     for name in args.patterns.split(","):

@@ -60,8 +60,8 @@ class Config:
 
 
 #: Defaults per device type; pass a Config to the entry points to use another.
-_DEFAULTS = {"cuda": Config(bm=128, bn=64, bn_single=128, warps=8, stages=3, bm_kv=32, bn_kv=64, warps_kv=4, stages_kv=3,
-                            bm_dq=128, bn_dq=64, warps_dq=8, stages_dq=3),
+_DEFAULTS = {"cuda": Config(bm=128, bn=64, bn_single=128, warps=8, stages=3, bm_kv=32, bn_kv=64, warps_kv=4,
+                            stages_kv=3, bm_dq=128, bn_dq=64, warps_dq=8, stages_dq=3),
              "cpu": Config(bm=16, bn=16, bm_kv=16, bn_kv=16, warps=1, stages=1, warps_kv=1, stages_kv=1,
                            bm_dq=16, bn_dq=16, warps_dq=1, stages_dq=1, kv_min_chunk=1, sms=1)}
 
@@ -268,7 +268,9 @@ def _pass_terms(prob: Problem, i: int, device) -> tuple[torch.Tensor, int, int]:
             rows = rows[:max(ps.served) + 1]
         if sp.positions is None:
             rows = [r if r[4] == 1 or not P.covers(r, sp.pos0, sp.kstr) else tuple(r[:4]) + (1, 0) for r in rows]
-        band = P.owned_band(rows, ps.served[0], prob.terms.n, prob.terms.causal) if ranged and len(ps.served) == 1 else None
+        band = None
+        if ranged and len(ps.served) == 1:
+            band = P.owned_band(rows, ps.served[0], prob.terms.n, prob.terms.causal)
         if band is not None:
             rows, served = [band], 1
         flat = [int(x) for r in rows for x in r] or [0] * 6

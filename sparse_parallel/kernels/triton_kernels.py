@@ -13,10 +13,10 @@ Vocabulary (see ``plan.py``):
   BLOCK / BLOCK_EXPLICIT the key blocks listed by the block table;
 - a tile inside a plan's *full* range needs no mask: every pair is owned.
 
-The forward and dq kernels fuse up to six passes of one query tile in one
-online-softmax loop, each pass with its own terms (``TMi``/``NTi``: see ``core._pass_terms``); dk/dv runs one pass per launch, key-major, over the key
-tiles that some query sees, with long query ranges split into balanced chunks.  Offsets that
-can pass 2^31 (batch, head and tile bases) are int64.
+The forward and dq kernels fuse up to six passes (slots) of one query tile in one
+online-softmax loop, each pass with its own terms (``TMi``/``NTi``: see ``core._pass_terms``);
+dk/dv runs one pass per launch, key-major, over the key tiles that some query sees, with long query
+ranges split into balanced chunks.  Offsets that can pass 2^31 (batch, head and tile bases) are int64.
 
 The streamed operand of each loop (k/v tiles of the query-major kernel, q/do tiles of dk/dv) is read
 through a tensor descriptor of one (batch, head): on Hopper a TMA copy (no per-element address
