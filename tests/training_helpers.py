@@ -48,6 +48,15 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def assert_same_losses(run_dir: Path, ref: dict[int, float], steps, label="") -> None:
+    """The run logged exactly ``steps``, each within 1e-5 relative of ``ref``'s loss at that step: float32
+    sums in another order (other layouts, resumes) differ by a few ulps per step, nothing more."""
+    got = losses(run_dir)
+    assert sorted(got) == list(steps), (label, sorted(got))
+    for step, loss in got.items():
+        assert abs(loss - ref[step]) <= 1e-5 * abs(ref[step]), (label, step, loss, ref[step])
+
+
 def run_ranks(config: Path, overrides=(), nprocs=1, resume="auto", log_dir=None, timeout=240, script=None,
               overwrite=False, allow_change=()):
     """Run ranks; returns exit codes and rank 0's output."""

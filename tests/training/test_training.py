@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training_helpers import losses, run_ranks, tiny_config, write_config
+from training_helpers import assert_same_losses, losses, run_ranks, tiny_config, write_config
 
 from sparse_parallel.training import REQUEUE_EXIT_CODE
 
@@ -78,10 +78,7 @@ def test_sequence_and_data_parallel_loss_parity(tmp_path, straight_run, tokenize
         cfg = write_config(tmp_path / f"{name}.yaml", tiny_config(tokenizer_path, tmp_path / name, token_cache))
         codes, out = run_ranks(cfg, overrides + ["train.steps=4", "checkpoint.every=0"], nprocs=nprocs)
         assert codes == [0] * nprocs, out[-3000:]
-        got = losses(tmp_path / name)
-        assert sorted(got) == [1, 2, 3, 4]
-        for step, loss in got.items():
-            assert abs(loss - ref[step]) <= 1e-5 * abs(ref[step]), (name, step, loss, ref[step])
+        assert_same_losses(tmp_path / name, ref, range(1, 5), name)
         digests = _param_digests(tmp_path / name)
         assert len(digests) == nprocs and len(set(digests)) == 1, (name, digests)
     # The SP=2 x DP=2 checkpoint resumed by one process (SP and DP both change; ZeRO-1 state
@@ -89,10 +86,7 @@ def test_sequence_and_data_parallel_loss_parity(tmp_path, straight_run, tokenize
     cfg = write_config(tmp_path / "sp1.yaml", tiny_config(tokenizer_path, tmp_path / "sp1", token_cache))
     codes, out = run_ranks(cfg, resume=str(tmp_path / "sp2dp2/checkpoints/step00000004"))
     assert codes == [0], out[-3000:]
-    got = losses(tmp_path / "sp1")
-    assert sorted(got) == [5, 6, 7, 8]
-    for step, loss in got.items():
-        assert abs(loss - ref[step]) <= 1e-5 * abs(ref[step]), ("resumed at SP=1", step, loss, ref[step])
+    assert_same_losses(tmp_path / "sp1", ref, range(5, 9), "resumed at SP=1")
 
 
 def test_resume_at_another_world_size(tmp_path, straight_run, tokenizer_path, token_cache):
@@ -105,10 +99,7 @@ def test_resume_at_another_world_size(tmp_path, straight_run, tokenizer_path, to
     codes, out = run_ranks(cfg, ["train.micro_batch=1"], nprocs=2,
                            resume=str(straight_run / "checkpoints" / "step00000004"))
     assert codes == [0, 0], out[-3000:]
-    ref, got = losses(straight_run), losses(tmp_path / "run")
-    assert sorted(got) == [5, 6, 7, 8]
-    for step, loss in got.items():
-        assert abs(loss - ref[step]) <= 1e-5 * abs(ref[step]), (step, loss, ref[step])
+    assert_same_losses(tmp_path / "run", losses(straight_run), range(5, 9))
     meta = json.loads((tmp_path / "run/checkpoints/step00000008/meta.json").read_text())
     assert meta["world_size"] == 2 and meta["consumed"] == 16
 
