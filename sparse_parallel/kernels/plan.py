@@ -13,8 +13,8 @@ free to choose; it is the one that keeps structured ranges contiguous.
 A *pass* walks one key space for a subset of the terms it serves.  For a range
 pass, ``range_plan`` gives each query tile its key-tile range (a superset) and
 its *full* range (tiles where every pair is owned, so no mask is evaluated);
-``transpose_plan`` turns the monotone ranges into query-tile ranges per key
-tile for the backward.  Everything is O(N / block) torch work on the device.
+``transpose_plan`` turns the ranges into query-tile ranges per key tile for
+the backward.  Everything is O(N / block) torch work on the device.
 """
 from __future__ import annotations
 
@@ -232,14 +232,36 @@ def range_plan(terms: Terms, served: list, member: bool, first, last, pos0: int,
 
 
 def transpose_plan(plan: torch.Tensor, n_ktiles: int) -> torch.Tensor:
-    """int32 ``[n_ktiles, 2]``: the query tiles whose key range may hold each key tile."""
+    """int32 ``[n_ktiles, 2]``: the query tiles whose key range may hold each key tile.
+
+    A contiguous superset of the query tiles ``qt`` with ``lo[qt] <= kt <= hi[qt]``: it starts at
+    the later of the first tile with ``hi >= kt`` and the first with ``lo <= kt``, and ends at the
+    earlier of the last tile with ``lo <= kt`` and the last with ``hi >= kt``.  Exact for monotone
+    ranges (a window, a strided level); for ranges that are not (a term that owns keys only once an
+    earlier term has passed them, as the first-``G`` keys behind a window), the second bound on each
+    side keeps a key tile from walking every query tile after the first that saw it.  Empty ranges
+    hold nothing and bound nothing.
+    """
     lo = plan[:, 0].long()
     hi = plan[:, 1].long()
-    lo_m = torch.flip(torch.cummin(torch.flip(lo, (0,)), 0).values, (0,))
-    hi_m = torch.cummax(hi, 0).values
+    empty = hi < lo
+    lo = torch.where(empty, BIG, lo)
+    hi = torch.where(empty, -1, hi)
     kb = torch.arange(n_ktiles, device=plan.device)
-    q_lo = torch.searchsorted(hi_m, kb)
-    q_hi = torch.searchsorted(lo_m, kb, right=True) - 1
+
+    def first(running, kb):  # first index where a non-decreasing ``running`` reaches kb
+        return torch.searchsorted(running, kb)
+
+    def last(running, kb):  # last index where a non-decreasing ``running`` is at most kb
+        return torch.searchsorted(running, kb, right=True) - 1
+
+    def suffix(op, x):  # running op from the last tile backwards
+        return torch.flip(op(torch.flip(x, (0,)), 0).values, (0,))
+
+    q_lo = torch.maximum(first(torch.cummax(hi, 0).values, kb),  # first tile with hi >= kb
+                         first(-torch.cummin(lo, 0).values, -kb))  # first tile with lo <= kb
+    q_hi = torch.minimum(last(suffix(torch.cummin, lo), kb),  # last tile with lo <= kb
+                         last(-suffix(torch.cummax, hi), -kb))  # last tile with hi >= kb
     return torch.stack([q_lo, q_hi], 1).to(torch.int32).contiguous()
 
 

@@ -102,6 +102,46 @@ def test_transposed_plan_lists_every_query_tile_of_a_key_tile(n):
             assert want == list(range(q_lo, q_hi + 1)), (t, kt, want, (q_lo, q_hi))
 
 
+def test_transposed_plan_of_any_ranges_holds_every_query_tile_that_lists_a_key_tile():
+    """Ranges that are not monotone (empty ones among them): each key tile's query range must hold
+    every query tile whose range lists it, whatever the shape."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    for trial in range(200):
+        n_qt, n_kt = rng.randint(1, 40), rng.randint(1, 40)
+        rows = []
+        for _ in range(n_qt):
+            lo = rng.randrange(n_kt)
+            rows.append([lo, lo + rng.randint(-3, 6), 1, 0])  # hi < lo: an empty range
+        plan = torch.tensor(rows, dtype=torch.int32)
+        qplan = P.transpose_plan(plan, n_kt)
+        for kt in range(n_kt):
+            want = [qt for qt in range(n_qt) if rows[qt][0] <= kt <= rows[qt][1]]
+            q_lo, q_hi = qplan[kt].tolist()
+            assert all(q_lo <= qt <= q_hi for qt in want), f"seed {seed} trial {trial} key tile {kt}: " \
+                                                           f"{want} not within [{q_lo}, {q_hi}] of {rows}"
+
+
+def test_keys_behind_a_window_are_walked_only_by_the_query_tiles_that_list_them():
+    """The first keys behind a window are owned by the global term only once the window has passed
+    them, so its per-query-tile ranges rise and fall back; the transposed plan must not send every key
+    tile those ranges ever reached to every later query tile (a dk/dv launch then walks thousands of
+    masked tiles): each key tile gets the first to the last query tile listing it, and those past the
+    global keys none."""
+    n, bm, bn, g = 4096, 32, 64, 128
+    terms = P.build_terms((Window(1024) | Strided(64) | Global(first=g, queries=False)).bind(n, 1), "cpu")
+    first, last = P.tile_rows(None, 0, n, bm, "cpu")
+    plan = P.range_plan(terms, [2], False, first, last, 0, 1, n, None, bn)  # term 2: the global keys
+    qplan = P.transpose_plan(plan, P.n_tiles(n, bn))
+    for kt in range(len(qplan)):
+        listing = [qt for qt in range(len(plan)) if plan[qt, 0] <= kt <= plan[qt, 1]]
+        q_lo, q_hi = qplan[kt].tolist()
+        if kt * bn >= g:
+            assert not listing and q_lo > q_hi, (kt, listing, (q_lo, q_hi))
+        else:
+            assert (q_lo, q_hi) == (listing[0], listing[-1]), (kt, (q_lo, q_hi))
+
+
 def test_transposed_full_range_is_exactly_the_query_tiles_that_walk_a_key_tile_unmasked():
     """``transpose_full`` against a brute-force reading of the range plans of random patterns: a key
     tile's full query range must hold only query tiles whose full range holds it (else dk/dv would
