@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 
@@ -46,6 +47,11 @@ CHECKS = [
     ("topk(64,4)", TopKBlocks(block=64, k=4), 4, 2, 128),
     ("global queries+keys", Window(128) | Global(first=16, positions=(1000, 3001)), 4, 2, 128),
 ]
+
+
+def case_specs(text: str) -> list:
+    """``name:hq/hkv`` items of a comma list whose names may hold commas in parentheses."""
+    return [item for item in re.split(r",(?![^()]*\))", text) if item]
 
 
 def log(*a):
@@ -164,7 +170,7 @@ def main():
     if args.check:
         res["checks"]["default"] = check(base)
     cases = []
-    for item in args.cases.split(","):
+    for item in case_specs(args.cases):
         name, heads = item.split(":")
         hq, hkv = (int(x) for x in heads.split("/"))
         cases.append((name, as_pattern(CASES[name]), hq, hkv))
