@@ -411,16 +411,16 @@ def _kv_plans(prob: Problem, i: int, bm: int, bn: int):
     return prob.cache[key]
 
 
-def build_plans(prob: Problem, cfg: Config):
-    """Every range plan the forward and backward will use (they are otherwise built on first use)."""
+def build_plans(prob: Problem, cfg: Config, hq: int):
+    """Every plan the forward and backward will use for ``hq`` query heads (they are otherwise built
+    on first use)."""
     bm, bn = _check_block_alignment(prob, cfg.bm, _forward_bn(prob, cfg))
     bmq, bnq = _check_block_alignment(prob, cfg.bm_dq, cfg.bn_dq)
-    bmk, bnk = _kv_tiles(prob, cfg)
     for i, ps in enumerate(prob.passes):
         if not ps.mode.is_block:
             _range_plan(prob, i, bm, bn)
             _range_plan(prob, i, bmq, bnq)
-            _kv_plans(prob, i, bmk, bnk)
+    kv_launches(prob, cfg, prob.spaces[0].k.device, hq)
 
 
 def forward(prob: Problem, q, scale, cfg: Config):
@@ -458,14 +458,28 @@ def backward(prob: Problem, q, out, lse, dout, dlse, scale, cfg: Config, grads: 
 @dataclass
 class KvLaunch:
     """The dk/dv launch of one pass: key tiles ``t0 .. t0 + grid0 - 1`` (all listed key-block sub-tiles
-    for block passes), ``split`` query chunks of ``qchunk`` tiles, and whether it writes every row
-    of its key space."""
+    for block passes), ``split`` query chunks of ``qchunk`` tiles, whether it writes every row of its
+    key space, and its query tiles: ``stack`` heads of a KV group x ``rows`` positions each."""
 
     grid0: int
     t0: int
     split: int
     qchunk: int
     writes_every_row: bool
+    stack: int = 1
+    rows: int = 0
+
+
+def _head_stack(prob: Problem, ps: Pass, bm: int, group: int) -> int:
+    """How many query heads of a KV group one dk/dv query tile stacks: the largest power of two that
+    divides the group and leaves at least one position per tile; 1 where the pass reads a block table
+    that differs by head (its rows could not share the tile)."""
+    table = prob.terms.table
+    per_head = table is not None and table.shape[1] > 1 and (ps.mode.is_block or ps.mode == P.PassKind.EXPLICIT)
+    stack = 1
+    while not per_head and group % (2 * stack) == 0 and 2 * stack <= bm:
+        stack *= 2
+    return stack
 
 
 def kv_launches(prob: Problem, cfg: Config, device, hq: int) -> dict:
@@ -477,21 +491,23 @@ def kv_launches(prob: Problem, cfg: Config, device, hq: int) -> dict:
         sp = prob.spaces[ps.space]
         if sp.nk == 0:
             continue
+        hkv = sp.k.shape[2]
+        stack = _head_stack(prob, ps, bm, hq // hkv)
+        rows = bm // stack
         if ps.mode.is_block:
             kblk, _ = _key_blocks(prob, i, device)
             grid0 = len(kblk) * (prob.terms.block // bn)
             if grid0:
-                out[i] = KvLaunch(grid0, 0, 1, 0, False)
+                out[i] = KvLaunch(grid0, 0, 1, 0, False, stack, rows)
             continue
-        qplan, _ = _kv_plans(prob, i, bm, bn)
-        t0, t1, total, longest = _kv_extent(prob, i, bm, bn, qplan)
+        qplan, _ = _kv_plans(prob, i, rows, bn)
+        t0, t1, total, longest = _kv_extent(prob, i, rows, bn, qplan)
         if longest == 0:
             continue  # no query sees this pass's keys
-        hkv = sp.k.shape[2]
         grid0 = t1 - t0 + 1
-        split, qchunk = _kv_split(cfg, device, total, longest, hq // hkv, sp.k.shape[0] * hkv,
+        split, qchunk = _kv_split(cfg, device, total, longest, hq // hkv // stack, sp.k.shape[0] * hkv,
                                   min(sp.nk, (t1 + 1) * bn) - t0 * bn, sp.k.shape[3])
-        out[i] = KvLaunch(grid0, t0, split, qchunk, t0 == 0 and grid0 == P.n_tiles(sp.nk, bn))
+        out[i] = KvLaunch(grid0, t0, split, qchunk, t0 == 0 and grid0 == P.n_tiles(sp.nk, bn), stack, rows)
     return out
 
 
@@ -535,7 +551,7 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             cptr, cidx, ctb, cth = prob.cache[key]
             qplan = qfplan = d32
         else:
-            qplan, qfplan = _kv_plans(prob, i, bm, bn)
+            qplan, qfplan = _kv_plans(prob, i, launch.rows, bn)
             kblk = kstart = cptr = cidx = d32
             ctb = cth = 0
         terms, nt, served = _pass_terms(prob, i, device)
@@ -551,14 +567,14 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             acc = False
         dkdv_kernel[(grid0, b * hkv, split)](
             q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
-            qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, lse2, delta, lse2.stride(0), lse2.stride(1),
-            terms, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, ctb, cth,
+            qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, hq // hkv // launch.stack, lse2, delta,
+            lse2.stride(0), lse2.stride(1), terms, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, ctb, cth,
             sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem,
             served, qplan, qfplan, kblk, kstart, cptr, cidx,
             out_k, out_v, out_k.stride(-4), out_k.stride(-3), out_k.stride(-2), out_k.stride(0) if split > 1 else 0,
             qchunk, t0, *_doc_args(prob, device),
             MODE=ps.mode.value, NT=nt, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
-            Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, BM=bm, BN=bn, D=d,
+            Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, BM=bm, GS=launch.stack, BN=bn, D=d,
             IEEE=ieee, HAS_DOC=prob.doc_start is not None, num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
         if split > 1:  # partials summed in a fixed order
             if accum:

@@ -340,5 +340,5 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
     _documents(documents, n, b, device, [part.prob for part in parts])
     if plans:
         for part in parts:
-            core.build_plans(part.prob, cfg)
+            core.build_plans(part.prob, cfg, q.shape[2])
     return plan, scale, cfg

@@ -321,18 +321,31 @@ def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase,
+def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase, sxh,
                QPOS, qpos0, MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr,
                n, qk_scale, mem, HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB, MODE: tl.constexpr,
-               Q_EXPLICIT: tl.constexpr, BM: tl.constexpr, IEEE: tl.constexpr, HAS_DOC: tl.constexpr, DSB, DEB):
-    """One query tile (rows ``rows0 ..``, read through the head's descriptors) against the program's
-    key tile: dk/dv accumulate."""
-    rows = rows0 + tl.arange(0, BM)
+               Q_EXPLICIT: tl.constexpr, BM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
+               IEEE: tl.constexpr, HAS_DOC: tl.constexpr, DSB, DEB):
+    """One query tile against the program's key tile: dk/dv accumulate.
+
+    The tile is ``BM`` stacked rows: ``BM // GS`` positions from ``rows0`` x ``GS`` query heads of the
+    key's group (row ``r`` = position ``rows0 + r // GS``, head ``r % GS`` of the chunk), read through the
+    chunk's descriptors, so that one product sums over the chunk's heads.
+    """
+    r = tl.arange(0, BM)
+    if GS == 1:
+        rows = rows0 + r
+        q = qdesc.load([rows0, 0])
+        do = dodesc.load([rows0, 0])
+        xo = rows
+    else:
+        rows = rows0 + r // GS
+        q = tl.reshape(qdesc.load([rows0, 0, 0]), (BM, D))
+        do = tl.reshape(dodesc.load([rows0, 0, 0]), (BM, D))
+        xo = (r % GS) * sxh + rows
     rmask = (rows < nq) & (rows >= 0)
-    q = qdesc.load([rows0, 0])
-    do = dodesc.load([rows0, 0])
-    lse2 = tl.load(lbase + rows, mask=rmask, other=0.0)
-    delta = tl.load(dbase + rows, mask=rmask, other=0.0)
+    lse2 = tl.load(lbase + xo, mask=rmask, other=0.0)
+    delta = tl.load(dbase + xo, mask=rmask, other=0.0)
     st = _dot(k, tl.trans(q), IEEE) * qk_scale  # [BN, BM]
     if MASKED:
         if Q_EXPLICIT:
@@ -361,20 +374,22 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase,
 
 
 @triton.jit(do_not_specialize=["qpos0", "nq", "n", "pos0", "kstr", "nk", "qchunk", "W", "CB", "t0"])
-def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
+def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group, chunks,
                  LSE2, DELTA, sxb, sxh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
                  K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, QPLAN, QFPLAN, KBLK, KSTART, CPTR, CIDX,
                  DK, DV, sob, son, soh, sos, qchunk, t0, DS, DE, sdcb,
                  MODE: tl.constexpr, NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
                  Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, SPLIT: tl.constexpr,
-                 BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
+                 BM: tl.constexpr, GS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
                  HAS_DOC: tl.constexpr):
     """Key-major dk/dv of one pass: a key tile walks the query tiles that can see it.
 
     Range passes: key tile ``kb`` visits query tiles ``QPLAN[kb]``, of which ``QFPLAN[kb]``
     need no mask; block passes: program ``t`` takes sub-tile ``t % (CB/BN)`` of listed key
     block ``KBLK[t // (CB/BN)]`` and visits the query blocks that list it (``CPTR``/``CIDX``,
-    per table row).  Query heads of one KV group are summed here, so dk/dv need no atomics.
+    per table row).  Query heads of one KV group are summed here, so dk/dv need no atomics: ``GS`` of
+    them at a time stacked into each query tile of ``BM`` rows (``BM // GS`` positions; tiles, plans
+    and chunks below count positions in those units).
     Range passes launch key tiles ``t0 + program_id(0)`` and write at key index
     ``idx - t0*BN`` of DK/DV (a buffer of the launched tiles only).  With SPLIT, program
     ``(t, bhk, s)`` takes query tiles ``[q_lo + s*qchunk, q_lo + (s+1)*qchunk)`` and writes a
@@ -417,12 +432,19 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
         _s, _e, ks_lo, ks_hi, ke_lo, ke_hi = _span(DS, DE, tl.cast(b, tl.int64) * sdcb, kp, kmask)
     dk = tl.zeros([BN, D], dtype=tl.float32)
     dv = tl.zeros([BN, D], dtype=tl.float32)
-    for g in range(0, group):
-        h = hk * group + g
-        qdesc = tl.make_tensor_descriptor(Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh,
-                                          shape=[nq, D], strides=[sqn, 1], block_shape=[BM, D])
-        dodesc = tl.make_tensor_descriptor(DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh,
-                                           shape=[nq, D], strides=[sdn, 1], block_shape=[BM, D])
+    BMR: tl.constexpr = BM // GS
+    for g in range(0, chunks):  # chunks = group // GS (1, the usual case, compiles the loop away)
+        h = hk * group + g * GS
+        qbase = Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh
+        dobase = DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh
+        if GS == 1:
+            qdesc = tl.make_tensor_descriptor(qbase, shape=[nq, D], strides=[sqn, 1], block_shape=[BM, D])
+            dodesc = tl.make_tensor_descriptor(dobase, shape=[nq, D], strides=[sdn, 1], block_shape=[BM, D])
+        else:
+            qdesc = tl.make_tensor_descriptor(qbase, shape=[nq, GS, D], strides=[sqn, sqh, 1],
+                                              block_shape=[BMR, GS, D])
+            dodesc = tl.make_tensor_descriptor(dobase, shape=[nq, GS, D], strides=[sdn, sdh, 1],
+                                               block_shape=[BMR, GS, D])
         xoff = tl.cast(b, tl.int64) * sxb + tl.cast(h, tl.int64) * sxh
         TBLH = TBL + tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
         if MODE >= BLOCK:
@@ -431,12 +453,12 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
             c1 = tl.load(CPTR + crow + 1)
             for ci in range(c0, c1):
                 c = tl.load(CIDX + ci)
-                for u in range(0, CB // BM):
-                    rows0 = c * CB + u * BM - qpos0
+                for u in range(0, CB // BMR):
+                    rows0 = c * CB + u * BMR - qpos0
                     dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc,
-                                        LSE2 + xoff, DELTA + xoff,
+                                        LSE2 + xoff, DELTA + xoff, sxh,
                                         QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                        HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, IEEE,
+                                        HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
                                         HAS_DOC, DSB, DEB)
         else:
             q_lo = tl.load(QPLAN + t * 2)
@@ -451,29 +473,29 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
                 if Q_EXPLICIT:
                     f_lo = q_hi + 1  # explicit query positions: every tile masked
                 else:
-                    q_hi = tl.minimum(q_hi, (tl.maximum(ke_hi - qpos0, 0) + BM - 1) // BM - 1)
-                    f_hi = tl.minimum(f_hi, tl.maximum(ke_lo - qpos0, 0) // BM - 1)
+                    q_hi = tl.minimum(q_hi, (tl.maximum(ke_hi - qpos0, 0) + BMR - 1) // BMR - 1)
+                    f_hi = tl.minimum(f_hi, tl.maximum(ke_lo - qpos0, 0) // BMR - 1)
                     if not CAUSAL:
-                        q_lo = tl.maximum(q_lo, tl.maximum(ks_lo - qpos0, 0) // BM)
-                        f_lo = tl.maximum(f_lo, (tl.maximum(ks_hi - qpos0, 0) + BM - 1) // BM)
+                        q_lo = tl.maximum(q_lo, tl.maximum(ks_lo - qpos0, 0) // BMR)
+                        f_lo = tl.maximum(f_lo, (tl.maximum(ks_hi - qpos0, 0) + BMR - 1) // BMR)
             f_lo, f_hi = _segments(q_lo, q_hi, f_lo, f_hi)
             for qb in range(q_lo, f_lo):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qdesc, dodesc,
-                                    LSE2 + xoff, DELTA + xoff,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BMR, nq, qdesc, dodesc,
+                                    LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, IEEE,
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
                                     HAS_DOC, DSB, DEB)
             for qb in range(f_lo, f_hi + 1):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qdesc, dodesc,
-                                    LSE2 + xoff, DELTA + xoff,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BMR, nq, qdesc, dodesc,
+                                    LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, IEEE,
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
                                     HAS_DOC, DSB, DEB)
             for qb in range(f_hi + 1, q_hi + 1):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BM, nq, qdesc, dodesc,
-                                    LSE2 + xoff, DELTA + xoff,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BMR, nq, qdesc, dodesc,
+                                    LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
-                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, IEEE,
+                                    HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
                                     HAS_DOC, DSB, DEB)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(hk, tl.int64) * soh
             + tl.cast(idx0 - t0 * BN, tl.int64) * son)
