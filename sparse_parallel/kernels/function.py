@@ -288,14 +288,17 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     cfg = config if config is not None else core.default_config(device)
     # Plans depend on the pattern and the shapes only (not on the data, except TopKBlocks, nor on the
-    # documents, which the kernels read at run time): reuse them.
-    documents, pattern = pattern.documents, pattern.plain
+    # documents, which the kernels read at run time): reuse them.  A data-dependent selection is bound
+    # with the documents, among whose blocks it chooses (TopKBlocks.table).
+    documents, within, pattern = pattern.documents, pattern, pattern.plain
     key = None if pattern.data_dependent else (pattern, n, hq, k.shape[2], str(device), tuple(vars(cfg).items()))
     cached = _PLANS.get(key) if key is not None else None
     if cached is None:
         with torch.no_grad():
-            bound = pattern.bind(n, hq, q=q if pattern.data_dependent else None,
-                                 k=k if pattern.data_dependent else None, device=device)
+            if pattern.data_dependent:
+                bound = within.bind(n, hq, q=q, k=k, device=device)
+            else:
+                bound = pattern.bind(n, hq, device=device)
         cached = {"bound": bound, "terms": P.build_terms(bound, device), "main": {}, "global": {}}
         if key is not None:
             if len(_PLANS) >= 32:

@@ -64,15 +64,17 @@ def check(pattern, n, hq=2, hkv=1, b=2, d=16, dtype=torch.float32):
 
     pattern = as_pattern(pattern)
     g = torch.Generator().manual_seed(SEED)
-    docs = Documents.from_lengths([_lengths(n, g) for _ in range(b)])
+    lengths = [_lengths(n, g) for _ in range(b)]
+    docs = Documents.from_lengths(lengths)
     q, k, v = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64).to(DEV) for h in (hq, hkv, hkv))
     dout = torch.randn(b, n, hq, d, generator=g, dtype=torch.float64).to(DEV)
     dlse = torch.randn(b, hq, n, generator=g, dtype=torch.float64).to(DEV)
     heads = hq if pattern.per_head else None
     masks = []
-    for i in range(b):  # a data-dependent selection differs per batch element
-        m = pattern.mask(n, heads, q=q[i:i + 1] if pattern.data_dependent else None,
-                         k=k[i:i + 1] if pattern.data_dependent else None).to(DEV)
+    for i in range(b):  # a data-dependent selection differs per batch element (and chooses in its documents)
+        own = pattern.within(Documents.from_lengths([lengths[i]]))
+        m = own.mask(n, heads, q=q[i:i + 1] if pattern.data_dependent else None,
+                     k=k[i:i + 1] if pattern.data_dependent else None).to(DEV)
         masks.append(m.expand(hq, n, n) if m.dim() == 3 else m[None].expand(hq, n, n))
     start, _ = docs.bounds(n, DEV)
     same = start[:, :, None] == start[:, None, :]  # [B, n, n]: one document
