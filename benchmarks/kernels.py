@@ -189,9 +189,13 @@ CHECK_CASES = (
 )
 
 
-def correctness(results, quick=False, n=4096, dtypes=(torch.bfloat16, torch.float16), device="cuda"):
-    """Kernels against float64; error <= 2x the same-dtype eager reference's (both against float64)."""
-    cases = [CHECK_CASES[i] for i in (0, 1, 4, 8)] if quick else CHECK_CASES
+def correctness(results, quick=False, n=4096, dtypes=(torch.bfloat16, torch.float16), device="cuda", which=None):
+    """Kernels against float64; error <= 2x the same-dtype eager reference's (both against float64).
+
+    ``which``: indices into CHECK_CASES (default: all, or four of them when ``quick``)."""
+    if which is None:
+        which = (0, 1, 4, 8) if quick else range(len(CHECK_CASES))
+    cases = [CHECK_CASES[i] for i in which]
     ok_all = True
     for name, pat, hq, hkv, d in cases:
         pat = as_pattern(pat)
@@ -564,6 +568,7 @@ def parse_args():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default="check,tune,time",
                     help="comma list of: check (or quickcheck), tune, time; or planops alone (CPU)")
+    ap.add_argument("--check-cases", default="", help="comma list of indices into CHECK_CASES (default: all)")
     ap.add_argument("--cases", default="all", help="all, goal, rest, or a comma list of case names, "
                     "keys (name@256k) or indices into the case list")
     ap.add_argument("--heads", default="16/16,16/4", help="comma list of head layouts: 16/16, 16/4")
@@ -612,7 +617,8 @@ def main():
         if SMOKE:  # bf16 tl.dot is wrong in the interpreter; small sizes keep it quick
             results["correct"] = correctness(results, quick=True, n=256, dtypes=(torch.float16,), device=device)
         else:
-            results["correct"] = correctness(results, quick="check" not in only)
+            which = [int(i) for i in args.check_cases.split(",")] if args.check_cases else None
+            results["correct"] = correctness(results, quick="check" not in only, which=which)
         save()
     if "tune" in only:
         tune(results, args.guard, device, **({"n": 256, "heads": 2, "d": 32} if SMOKE else {}))
