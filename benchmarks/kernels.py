@@ -456,7 +456,7 @@ def _ms(r: dict, key: str) -> str:
 def print_table(results) -> None:
     hdr = ("case", "N", "heads", "ours fwd", "ours f+b", "Flex fwd", "Flex f+b", "split fwd", "split f+b",
            "merged f+b", "fwd ratio", "f+b ratio", "ours f+b TF", "best Flex f+b TF", "ours GB", "Flex GB",
-           "plan ms", "split covers")
+           "plan ms", "split covers") + (("run",) if any("run" in r for r in results["timing"]) else ())
     print("times in ms; ratio = best Flex ms / ours ms (> 1: ours faster); TF = useful TFLOP/s")
     print("| " + " | ".join(hdr) + " |\n|" + "---|" * len(hdr))
     for r in results["timing"]:
@@ -472,7 +472,7 @@ def print_table(results) -> None:
                  _ms(s, "fwd_ms"), _ms(s, "fwdbwd_ms"), _ms(h, "fwd_ms"), _ms(h, "fwdbwd_ms"),
                  _ms(h, "merged_fwdbwd_ms"), fmt(r.get("ratio_fwd"), 2), fmt(r.get("ratio_fwdbwd"), 2),
                  fmt(r.get("ours_fwdbwd_tflops"), 0), fmt(best_tf, 0), fmt(o.get("peak_gb")), fmt(flex_gb),
-                 fmt(o.get("plan_ms"), 2), str(cover)]
+                 fmt(o.get("plan_ms"), 2), str(cover)] + ([r["run"]] if "run" in r else [])
         print("| " + " | ".join(cells) + " |")
     sd = results.get("sdpa")
     if sd and "fwd_ms" in sd:
@@ -508,6 +508,27 @@ def plot(results, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def report(paths: list, out: str) -> dict:
+    """One table and chart from the timed rows of several runs (each row: ours and Flex of one run)."""
+    runs = []
+    for path in paths:
+        with open(path) as f:
+            runs.append(json.load(f))
+    rows = {}
+    for run in runs:
+        for r in run["timing"]:
+            if "ours" in r or "ours" not in rows.get((r["key"], r["heads"]), {}):
+                rows[(r["key"], r["heads"])] = dict(r, run=run["date"])
+    results = dict(runs[-1], timing=list(rows.values()), sdpa=next((r["sdpa"] for r in runs if r.get("sdpa")), None),
+                   runs=[{"date": r["date"], "command": r["command"]} for r in runs])
+    print_table(results)
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "kernels.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    plot(results, os.path.join(out, "kernels.png"))
+    return results
 
 
 # -- planning operations (CPU) ---------------------------------------------------------------------------
@@ -568,6 +589,8 @@ def parse_args():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--only", default="check,tune,time",
                     help="comma list of: check (or quickcheck), tune, time; or planops alone (CPU)")
+    ap.add_argument("--report", default="", help="comma list of kernels.json files of earlier runs: print "
+                    "one table and draw one chart of their timed rows (no GPU); a row's last measured run wins")
     ap.add_argument("--check-cases", default="", help="comma list of indices into CHECK_CASES (default: all)")
     ap.add_argument("--cases", default="all", help="all, goal, rest, or a comma list of case names, "
                     "keys (name@256k) or indices into the case list")
@@ -598,6 +621,8 @@ def main():
         return None
     if only == {"planops"}:
         return plan_ops_report(args.max_n, args.out)
+    if args.report:
+        return report(args.report.split(","), args.out)
     import triton
 
     if SMOKE:
