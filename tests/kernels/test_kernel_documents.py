@@ -86,7 +86,12 @@ def check(pattern, n, hq=2, hkv=1, b=2, d=16, dtype=torch.float32):
                  dout, dlse)
     for label, a, r, lo in zip(("out", "lse", "dq", "dk", "dv"), got, ref, low):
         err = (a - r).abs().max().item()
-        tol = reference_tolerance(r, lo, 1e-6 if dtype == torch.float32 else 1e-3)
+        # The backward forms ds = p * (dp - delta), delta = rowsum(do * o) - dlse, as flash attention
+        # does; in a row whose document holds one or two keys dp and delta nearly cancel, leaving a few
+        # units in the last place of |dp| that the eager softmax backward (exact for a single key) does
+        # not make.  The floor allows 8 such units of the gradient's own magnitude.
+        floor = max(8 * torch.finfo(dtype).eps * r.abs().max().item(), 1e-6 if dtype == torch.float32 else 1e-3)
+        tol = reference_tolerance(r, lo, floor)
         assert err <= tol, f"{label}: {err:.2e} > {tol:.2e} (DOC_SEED={SEED}, documents {docs.offsets})"
 
 
