@@ -8,7 +8,8 @@ tables merged, ``BoundPattern.merged_table``), ordered after the structured
 terms, and the listed keys (``BoundPattern.explicit_keys``) one last term.  Any
 order of the components counts every allowed pair once as long as each
 component's keys lie in a space serving it (see ``spaces.py``), so this order is
-free to choose; it is the one that keeps structured ranges contiguous.
+free to choose; the structured terms are taken by ``m``, coarser lattices last,
+which keeps their owned keys contiguous ranges (``build_terms``).
 
 A *pass* walks one key space for a subset of the terms it serves.  For a range
 pass, ``range_plan`` gives each query tile its key-tile range (a superset) and
@@ -79,6 +80,12 @@ def build_terms(bound, device, all_rows_global: bool = False) -> Terms:
         keys = bound.explicit_keys[index]
         if keys is not None:
             explicit[index] = keys.to(device)
+    # Coarser lattices last (stable): a term's pass can then trim the keys of every earlier term from its
+    # key range exactly (an earlier term takes every key of the lattice it reads, or a band of them),
+    # where the other order leaves it all boundary tiles (a window behind Strided(64) on K, or the
+    # first-G keys behind it: each tile masked).  Which term owns a pair does not change the result.
+    order = sorted(range(len(rows)), key=lambda t: rows[t][4])
+    rows, comp = [rows[t] for t in order], [comp[t] for t in order]
     t = Terms(rows, comp, pattern.causal, bound.n, explicit=explicit, global_rows=bound.global_rows.to(device))
     table, block = bound.merged_table()
     if table is not None:

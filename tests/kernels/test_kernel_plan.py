@@ -131,7 +131,9 @@ def test_keys_behind_a_window_are_walked_only_by_the_query_tiles_that_list_them(
     n, bm, bn, g = 4096, 32, 64, 128
     terms = P.build_terms((Window(1024) | Strided(64) | Global(first=g, queries=False)).bind(n, 1), "cpu")
     first, last = P.tile_rows(None, 0, n, bm, "cpu")
-    plan = P.range_plan(terms, [2], False, first, last, 0, 1, n, None, bn)  # term 2: the global keys
+    t = next(t for t, row in enumerate(terms.rows) if row[:4] == (0, 0, 0, g - 1))  # the global keys
+    assert terms.rows[0][0] == 1, "the window comes first"
+    plan = P.range_plan(terms, [t], False, first, last, 0, 1, n, None, bn)
     qplan = P.transpose_plan(plan, P.n_tiles(n, bn))
     for kt in range(len(qplan)):
         listing = [qt for qt in range(len(plan)) if plan[qt, 0] <= kt <= plan[qt, 1]]
@@ -140,6 +142,27 @@ def test_keys_behind_a_window_are_walked_only_by_the_query_tiles_that_list_them(
             assert not listing and q_lo > q_hi, (kt, listing, (q_lo, q_hi))
         else:
             assert (q_lo, q_hi) == (listing[0], listing[-1]), (kt, (q_lo, q_hi))
+
+
+def test_the_order_of_the_components_does_not_change_the_unmasked_tiles():
+    """Terms are taken coarser lattices last, so a window written after a strided level still runs its
+    inner tiles unmasked (in pattern order it would own only the keys off the strided lattice: every
+    tile masked)."""
+    import itertools
+
+    n, bm, bn = 400, 16, 16
+    first, last = P.tile_rows(None, 0, n, bm, "cpu")
+    full = set()
+    for comps in itertools.permutations((Window(60), Strided(8), Global(first=20, queries=False))):
+        terms = P.build_terms(Pattern(comps).bind(n, 1), "cpu")
+        count = 0
+        for t, row in enumerate(terms.rows):
+            kstr = row[4]  # each term read on its own lattice, as the kernels' key spaces do
+            nk = (n - row[5] + kstr - 1) // kstr
+            plan = P.range_plan(terms, [t], False, first, last, row[5], kstr, nk, None, bn)
+            count += int((plan[:, 3] - plan[:, 2] + 1).clamp(min=0).sum())
+        full.add(count)
+    assert len(full) == 1 and full.pop() > 0
 
 
 def test_transposed_full_range_is_exactly_the_query_tiles_that_walk_a_key_tile_unmasked():
