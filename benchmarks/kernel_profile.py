@@ -48,24 +48,22 @@ def plan_rows(q, k, v, pat, cfg) -> list:
     return rows
 
 
-def launches(pat, n, hq, hkv, cfg, device, d=128) -> list:
-    """(kernel name, GPU ms) of every kernel of one warm fwd+bwd, in launch order."""
+def launches(pat, n, hq, hkv, cfg, d=128) -> list:
+    """(kernel name, GPU ms) of every kernel of one warm fwd+bwd on the GPU, in launch order."""
     from torch.profiler import ProfilerActivity, profile
 
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    q, k, v = (torch.randn(1, n, h, d, device=device, dtype=dtype, requires_grad=True) for h in (hq, hkv, hkv))
+    q, k, v = (torch.randn(1, n, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+               for h in (hq, hkv, hkv))
     do = torch.randn_like(q)
     for _ in range(2):
         o, _ = triton_attention(q, k, v, pat, config=cfg)
         o.backward(do)
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    sync()
-    kind = torch.autograd.DeviceType.CUDA if device == "cuda" else torch.autograd.DeviceType.CPU
-    with profile(activities=[ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU]) as p:
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as p:
         o, _ = triton_attention(q, k, v, pat, config=cfg)
         o.backward(do)
-        sync()
-    kernels = [e for e in p.events() if e.device_type == kind and (device == "cuda" or "kernel" in e.name)]
+        torch.cuda.synchronize()
+    kernels = [e for e in p.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     kernels.sort(key=lambda e: e.time_range.start)
     return [(e.name[:70], round(e.time_range.elapsed_us() / 1000, 3)) for e in kernels]
 
@@ -76,7 +74,7 @@ def main():
     ap.add_argument("--n", type=int, default=256 * K)
     ap.add_argument("--cases", default="window4096:16/16,w1024+s64+g128:16/16,w1024+s64+g128:16/4")
     ap.add_argument("--set", default="", help="Config fields, e.g. bm_kv=64,bn_kv=128")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu (TRITON_INTERPRET=1, tiny --n): the plan only")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu: the plan only (no kernel runs)")
     ap.add_argument("--d", type=int, default=128, help="head dim")
     args = ap.parse_args()
     dev = args.device
@@ -92,7 +90,7 @@ def main():
         q, k, v = (torch.randn(1, args.n, h, args.d, device=dev) for h in (hq, hkv, hkv))
         rows = plan_rows(q, k, v, pat, cfg)
         del q, k, v
-        seq = launches(pat, args.n, hq, hkv, cfg, dev, args.d)
+        seq = launches(pat, args.n, hq, hkv, cfg, args.d) if dev == "cuda" else []
         print(f"\n== {name} {heads} N={args.n}")
         for r in rows:
             print("  pass", r)

@@ -295,10 +295,16 @@ def _check_block_alignment(prob: Problem, bm: int, bn: int):
     return bm, min(bn, cb)
 
 
-def check_descriptor_alignment(name: str, t: torch.Tensor):
-    """The kernels read ``t`` through tensor descriptors: 16-byte aligned start and row strides."""
+def descriptor_ready(t: torch.Tensor) -> bool:
+    """Whether the kernels' tensor descriptors can read ``t``: a contiguous last dim, 16-byte aligned
+    start and row strides."""
     size = t.element_size()
-    if t.stride(-1) != 1 or t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+    return t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
+
+
+def check_descriptor_alignment(name: str, t: torch.Tensor):
+    """Refuse a tensor the kernels' descriptors cannot read (``descriptor_ready``)."""
+    if not descriptor_ready(t):
         raise ValueError(f"{name} must have a contiguous last dim and 16-byte aligned start and strides "
                          f"for the kernels' tensor descriptors; got strides {tuple(t.stride())}")
 
@@ -484,7 +490,10 @@ def _head_stack(prob: Problem, ps: Pass, bm: int, group: int) -> int:
 
 def kv_launches(prob: Problem, cfg: Config, device, hq: int) -> dict:
     """{pass index: KvLaunch} of the passes whose dk/dv the backward launches, for ``hq`` query heads
-    (plans cached)."""
+    (cached with the plans: the launcher and ``LaunchPlan.sole_writers`` both read it every backward)."""
+    key = ("kvlaunches", cfg, hq, prob.spaces[0].k.shape[0], str(device))  # the split counts the batch
+    if key in prob.cache:
+        return prob.cache[key]
     out = {}
     bm, bn = _kv_tiles(prob, cfg)
     for i, ps in enumerate(prob.passes):
@@ -508,6 +517,7 @@ def kv_launches(prob: Problem, cfg: Config, device, hq: int) -> dict:
         split, qchunk = _kv_split(cfg, device, total, longest, hq // hkv // stack, sp.k.shape[0] * hkv,
                                   min(sp.nk, (t1 + 1) * bn) - t0 * bn, sp.k.shape[3])
         out[i] = KvLaunch(grid0, t0, split, qchunk, t0 == 0 and grid0 == P.n_tiles(sp.nk, bn), stack, rows)
+    prob.cache[key] = out
     return out
 
 

@@ -44,9 +44,7 @@ def _check_dtype(q):
 
 def _descriptor_ready(t):
     """``t``, or a fresh contiguous copy where the kernels' tensor descriptors could not read it."""
-    size = t.element_size()
-    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all((s * size) % 16 == 0 for s in t.stride()[:-1])
-    return t if ok else t.clone(memory_format=torch.contiguous_format)
+    return t if core.descriptor_ready(t) else t.clone(memory_format=torch.contiguous_format)
 
 
 def _kv(k, v):
