@@ -3,8 +3,9 @@
 Run on the device machine:
     PYTHONUNBUFFERED=1 python3 benchmarks/kernel_profile.py --out $OUT --cases "w1024+s64+g128:16/16"
 
-For each case it prints the launch plan (each pass: its kind, key space, the terms it serves and its
-dk/dv launch: key tiles, query-chunk split) and then, from torch.profiler over one warm fwd+bwd,
+For each case it prints the launch plan (each pass: its kind, key space, the terms it serves, its
+dk/dv launch: key tiles, query-chunk split, and the tile iterations per head that the forward, dq and
+dk/dv walk, with how many of them are masked boundary tiles) and then, from torch.profiler over one warm fwd+bwd,
 every GPU kernel in launch order with its time, and the totals per kernel name.  ``--set`` changes
 Config fields (``bm_kv=64,bn_kv=128``) to profile another tile configuration.  Writes
 kernel_profile.json to --out.  Timings here are of one profiled call (profiler overhead included);
@@ -40,11 +41,22 @@ def plan_rows(q, k, v, pat, cfg) -> list:
         for i, ps in enumerate(prob.passes):
             sp = prob.spaces[ps.space]
             kl = launches.get(i)
+            tiles = {}
+            if not ps.mode.is_block:  # tile iterations walked and, of those, masked (boundary) ones
+                for label, (bm, bn) in (("fwd", (cfg.bm, core._forward_bn(prob, cfg))), ("dq", (cfg.bm_dq, cfg.bn_dq))):
+                    r = core._range_plan(prob, i, bm, bn).long()
+                    walked = int((r[:, 1] - r[:, 0] + 1).clamp(min=0).sum())
+                    tiles[label] = (walked, walked - int((r[:, 3] - r[:, 2] + 1).clamp(min=0).sum()))
+                if kl:
+                    qr, qf = (x.long() for x in core._kv_plans(prob, i, kl.rows, core._kv_tiles(prob, cfg)[1]))
+                    walked = int((qr[:, 1] - qr[:, 0] + 1).clamp(min=0).sum())
+                    tiles["kv"] = (walked, walked - int((qf[:, 1] - qf[:, 0] + 1).clamp(min=0).sum()))
             rows.append({
                 "part": pi, "pass": i, "kind": ps.mode.name, "served": list(ps.served),
                 "keys": sp.nk, "pos0": sp.pos0, "kstr": sp.kstr, "gathered": sp.positions is not None,
                 "kv_tiles": kl.grid0 if kl else 0, "kv_split": kl.split if kl else 0,
-                "kv_qchunk": kl.qchunk if kl else 0})
+                "kv_qchunk": kl.qchunk if kl else 0,
+                "tiles_walked_masked": tiles})
     return rows
 
 
@@ -74,11 +86,12 @@ def main():
     ap.add_argument("--n", type=int, default=256 * K)
     ap.add_argument("--cases", default="window4096:16/16,w1024+s64+g128:16/16,w1024+s64+g128:16/4")
     ap.add_argument("--set", default="", help="Config fields, e.g. bm_kv=64,bn_kv=128")
-    ap.add_argument("--device", default="cuda", help="cuda; cpu: the plan only (no kernel runs)")
+    ap.add_argument("--device", default="cuda", help="cuda; cpu: the plan only (no kernel runs; give "
+                    "--set sms=132 for an H200's dk/dv splits)")
     ap.add_argument("--d", type=int, default=128, help="head dim")
     args = ap.parse_args()
     dev = args.device
-    cfg = core.default_config(dev)
+    cfg = core.default_config("cuda")  # the GPU's plans, also when only planned on the CPU
     if args.set:
         cfg = cfg.replace(**{f: int(x) for f, x in (kv.split("=") for kv in args.set.split(","))})
     out = {"config": vars(cfg), "n": args.n, "device": torch.cuda.get_device_name() if dev == "cuda" else dev,
