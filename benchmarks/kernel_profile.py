@@ -6,7 +6,8 @@ Run on the device machine:
 For each case it prints the launch plan (each pass: its kind, key space, the terms it serves, its
 dk/dv launch: key tiles, query-chunk split, and the tile iterations per head that the forward, dq and
 dk/dv walk, with how many of them are masked boundary tiles) and then, from torch.profiler over one warm fwd+bwd,
-every GPU kernel in launch order with its time, and the totals per kernel name.  ``--set`` changes
+every GPU kernel in launch order with its time, and the totals per kernel name.  Cases: kernel_variants.py's, or benchmarks/kernels.py's by name (its packed documents
+drawn for ``--n``).  ``--set`` changes
 Config fields (``bm_kv=64,bn_kv=128``) to profile another tile configuration.  Writes
 kernel_profile.json to --out.  Timings here are of one profiled call (profiler overhead included);
 the speed of record is benchmarks/kernels.py.
@@ -14,6 +15,7 @@ the speed of record is benchmarks/kernels.py.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -27,6 +29,7 @@ from sparse_parallel.kernels import core  # noqa: E402
 from sparse_parallel.kernels.function import prepare, triton_attention  # noqa: E402
 
 from kernel_variants import CASES, case_specs  # noqa: E402
+import kernels as table  # noqa: E402  (benchmarks/kernels.py: its cases, documents included)
 
 K = 1024
 
@@ -58,6 +61,17 @@ def plan_rows(q, k, v, pat, cfg) -> list:
                 "kv_qchunk": kl.qchunk if kl else 0,
                 "tiles_walked_masked": tiles})
     return rows
+
+
+def pattern(name: str, n: int):
+    """A case of kernel_variants by name, or of benchmarks/kernels.py (packed documents drawn for
+    ``n`` tokens as there: ``"w4096+s64+g128 docs32k"``)."""
+    if name in CASES:
+        return CASES[name]
+    for case in table.CASES:
+        if case.name == name:
+            return dataclasses.replace(case, n=n).attended
+    raise SystemExit(f"unknown case {name!r}; known: {sorted(CASES) + sorted({c.name for c in table.CASES})}")
 
 
 def launches(pat, n, hq, hkv, cfg, d=128) -> list:
@@ -99,7 +113,7 @@ def main():
     for spec in case_specs(args.cases):
         name, heads = spec.split(":")
         hq, hkv = map(int, heads.split("/"))
-        pat = CASES[name]
+        pat = pattern(name, args.n)
         q, k, v = (torch.randn(1, args.n, h, args.d, device=dev) for h in (hq, hkv, hkv))
         rows = plan_rows(q, k, v, pat, cfg)
         del q, k, v
