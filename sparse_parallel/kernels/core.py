@@ -16,6 +16,7 @@ import torch
 from ..spaces import merge_partials
 from . import plan as P
 
+#: passes one query-major launch fuses (the kernel has six slots' extent arguments); more are merged.
 MAX_SLOTS = 6
 LOG2E = 1.4426950408889634
 
@@ -229,6 +230,8 @@ def _range_plan(prob: Problem, i: int, bm: int, bn: int) -> torch.Tensor:
 
 
 def _slot_args(prob: Problem, i: int, bm: int, bn: int, device):
+    """Pass ``i`` as a slot of the query-major kernel: (its tensors and strides, its key space's first
+    position, stride and length — the kernel takes those unspecialised, as separate arguments)."""
     ps = prob.passes[i]
     sp = prob.spaces[ps.space]
     d32 = _dummy(device)
@@ -243,8 +246,8 @@ def _slot_args(prob: Problem, i: int, bm: int, bn: int, device):
         plan, starts = _range_plan(prob, i, bm, bn), d32
     terms, _, served = _pass_terms(prob, i, device)
     k, v = sp.k, sp.v
-    return [k, v, k.stride(0), k.stride(1), k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem, served, plan, starts,
-            terms]
+    slot = (k, v, k.stride(0), k.stride(1), k.stride(2), kpos, kmem, served, plan, starts, terms)
+    return slot, (sp.pos0, sp.kstr, sp.nk)
 
 
 def _pass_terms(prob: Problem, i: int, device) -> tuple[torch.Tensor, int, int]:
@@ -358,17 +361,10 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
         else:
             out = torch.empty(nparts, b, nq, hq, d, dtype=torch.float32 if many else q.dtype, device=device)
             lse = _dummy(device, torch.float32)
-        slots, modes, nts = [], [], {}
-        for s in range(MAX_SLOTS):
-            if s < len(group):
-                slots += _slot_args(prob, group[s], bm, bn, device)
-                modes.append(prob.passes[group[s]].mode.value)
-                nts[f"NT{s}"] = _pass_terms(prob, group[s], device)[1]
-            else:
-                slots += [q, q, 0, 0, 0, 0, 1, 0, _dummy(device), _dummy(device, torch.int8), 0, _dummy(device),
-                          _dummy(device), _dummy(device)]
-                modes.append(0)
-                nts[f"NT{s}"] = 0
+        slots, extents = zip(*(_slot_args(prob, i, bm, bn, device) for i in group))
+        extents = [x for e in extents for x in e] + [0] * (3 * (MAX_SLOTS - len(group)))
+        modes = tuple(prob.passes[i].mode.value for i in group)
+        nts = tuple(_pass_terms(prob, i, device)[1] for i in group)
         if phase == 1:
             dargs = [do, do.stride(0), do.stride(1), do.stride(2)]
             xargs = [lse2, delta, lse2.stride(0), lse2.stride(1)]
@@ -382,8 +378,7 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
             lse, lse.stride(1) if lse.dim() == 4 else 0, lse.stride(2) if lse.dim() == 4 else 0,
             lse.stride(0) if lse.dim() == 4 else 0, *xargs,
             prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, chunk, *_doc_args(prob, device),
-            *slots, *modes, **nts,
-            CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
+            tuple(slots), *extents, MODES=modes, NTS=nts, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
             Q_EXPLICIT=prob.q_pos0 is None, SPLIT=split > 1, BM=bm, BN=bn, D=d, IEEE=ieee, PHASE=phase,
             HAS_DOC=prob.doc_start is not None, num_warps=tiles[2], num_stages=tiles[3])
         results.append((out, lse))

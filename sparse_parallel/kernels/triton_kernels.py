@@ -13,8 +13,8 @@ Vocabulary (see ``plan.py``):
   BLOCK / BLOCK_EXPLICIT the key blocks listed by the block table;
 - a tile inside a plan's *full* range needs no mask: every pair is owned.
 
-The forward and dq kernels fuse up to six passes (slots) of one query tile in one
-online-softmax loop, each pass with its own terms (``TMi``/``NTi``: see ``core._pass_terms``);
+The forward and dq kernels fuse up to ``core.MAX_SLOTS`` passes (slots: a tuple argument) of one query
+tile in one online-softmax loop, each pass with its own terms (``NTS[i]``: see ``core._pass_terms``);
 dk/dv runs one pass per launch, key-major, over the key tiles that some query sees, with long query
 ranges split into balanced chunks.  Offsets that can pass 2^31 (batch, head and tile bases) are int64.
 
@@ -230,21 +230,15 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
 
 
 # Lengths, offsets and strides of positions are run-time values: changing them must not recompile.
+# Triton specialises the integers inside a tuple argument even under do_not_specialize, so the
+# spaces' offsets, strides and lengths stay top-level arguments, one per slot (unused slots: zeros).
 @triton.jit(do_not_specialize=["qpos0", "nq", "n", "chunk", "W", "CB"]
             + [f"{a}{i}" for i in range(6) for a in ("pp", "ks", "nk")])
 def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
                   O, sob, son, soh, sos, LSE, slb, slh, sls, LSE2, DELTA, sxb, sxh,
-                  n, qk_scale, TBL, stb, sth, stq, W, CB, chunk, DS, DE, sdcb,
-                  K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0, TM0,
-                  K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1, TM1,
-                  K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2, TM2,
-                  K3, V3, skb3, skn3, skh3, pp3, ks3, nk3, KP3, KM3, sv3, PL3, TS3, TM3,
-                  K4, V4, skb4, skn4, skh4, pp4, ks4, nk4, KP4, KM4, sv4, PL4, TS4, TM4,
-                  K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5, TM5,
-                  MODE0: tl.constexpr, MODE1: tl.constexpr, MODE2: tl.constexpr,
-                  MODE3: tl.constexpr, MODE4: tl.constexpr, MODE5: tl.constexpr,
-                  NT0: tl.constexpr, NT1: tl.constexpr, NT2: tl.constexpr,
-                  NT3: tl.constexpr, NT4: tl.constexpr, NT5: tl.constexpr,
+                  n, qk_scale, TBL, stb, sth, stq, W, CB, chunk, DS, DE, sdcb, SLOTS,
+                  pp0, ks0, nk0, pp1, ks1, nk1, pp2, ks2, nk2, pp3, ks3, nk3, pp4, ks4, nk4, pp5, ks5, nk5,
+                  MODES: tl.constexpr, NTS: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr, Q_EXPLICIT: tl.constexpr,
                   SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
                   IEEE: tl.constexpr, PHASE: tl.constexpr, HAS_DOC: tl.constexpr):
@@ -287,22 +281,17 @@ def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
         do = q
         lse2 = m_i
         delta = m_i
-    # The slots as rows: top-level arguments keep their specialisation (and do_not_specialize) rules.
-    slots = ((K0, V0, skb0, skn0, skh0, pp0, ks0, nk0, KP0, KM0, sv0, PL0, TS0, TM0),
-             (K1, V1, skb1, skn1, skh1, pp1, ks1, nk1, KP1, KM1, sv1, PL1, TS1, TM1),
-             (K2, V2, skb2, skn2, skh2, pp2, ks2, nk2, KP2, KM2, sv2, PL2, TS2, TM2),
-             (K3, V3, skb3, skn3, skh3, pp3, ks3, nk3, KP3, KM3, sv3, PL3, TS3, TM3),
-             (K4, V4, skb4, skn4, skh4, pp4, ks4, nk4, KP4, KM4, sv4, PL4, TS4, TM4),
-             (K5, V5, skb5, skn5, skh5, pp5, ks5, nk5, KP5, KM5, sv5, PL5, TS5, TM5))
-    modes: tl.constexpr = (MODE0, MODE1, MODE2, MODE3, MODE4, MODE5)
-    nts: tl.constexpr = (NT0, NT1, NT2, NT3, NT4, NT5)
-    for i in tl.static_range(6):
-        if modes[i] != 0:
-            K, V, skb, skn, skh, pp, ks, nk, KP, KM, sv, PL, TS, TM = slots[i]
-            acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH,
-                                  stq, K, V, skb, skn, skh, pp, ks, nk, KP, KM, sv, PL, TS + toff, TM, nts[i],
-                                  CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, modes[i], SPLIT, BN, D, IEEE, PHASE,
-                                  HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
+    # One slot per pass: SLOTS[i] its tensors and strides, (ppi, ksi, nki) its space's first position,
+    # stride and length, MODES[i] / NTS[i] its kind and term count.
+    extents = ((pp0, ks0, nk0), (pp1, ks1, nk1), (pp2, ks2, nk2), (pp3, ks3, nk3), (pp4, ks4, nk4),
+               (pp5, ks5, nk5))
+    for i in tl.static_range(len(MODES)):
+        K, V, skb, skn, skh, KP, KM, sv, PL, TS, TM = SLOTS[i]
+        pp, ks, nk = extents[i]
+        acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH,
+                              stq, K, V, skb, skn, skh, pp, ks, nk, KP, KM, sv, PL, TS + toff, TM, NTS[i],
+                              CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODES[i], SPLIT, BN, D, IEEE, PHASE,
+                              HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh
             + tl.cast(qb * BM, tl.int64) * son)
     optr = O + ooff + (tl.arange(0, BM) * son)[:, None] + offs_d[None, :]
