@@ -270,7 +270,7 @@ def _pass_terms(prob: Problem, i: int, device) -> tuple[torch.Tensor, int, int]:
         if ranged:
             rows = rows[:max(ps.served) + 1]
         if sp.positions is None:
-            rows = [r if r[4] == 1 or not P.covers(r, sp.pos0, sp.kstr) else tuple(r[:4]) + (1, 0) for r in rows]
+            rows = _on_lattice(rows, sp.pos0, sp.kstr)
         band = None
         if ranged and len(ps.served) == 1:
             band = P.owned_band(rows, ps.served[0], prob.terms.n, prob.terms.causal)
@@ -279,6 +279,26 @@ def _pass_terms(prob: Problem, i: int, device) -> tuple[torch.Tensor, int, int]:
         flat = [int(x) for r in rows for x in r] or [0] * 6
         prob.cache[key] = (torch.tensor(flat, dtype=torch.int32, device=device), len(rows), served)
     return prob.cache[key]
+
+
+def _on_lattice(rows: list, pos0: int, kstr: int) -> list:
+    """Term rows as seen from the arithmetic space ``pos0 + kstr * idx``: a congruence that every key of
+    the space satisfies is dropped."""
+    return [r if r[4] == 1 or not P.covers(r, pos0, kstr) else tuple(r[:4]) + (1, 0) for r in rows]
+
+
+def first_owned_index(terms: P.Terms, served: list, pos0: int, kstr: int) -> int:
+    """The first index of the arithmetic key space ``pos0 + kstr * idx`` holding a key that one of the
+    structured terms ``served`` can own, at any query: where earlier terms own a fixed prefix of every
+    served term's keys (``Global(first=F)`` before a strided level), the space can start after it, and
+    its first key tile needs no mask.  0 where the owned keys do not start at a fixed position."""
+    first = None
+    for t in served:
+        band = P.owned_band(_on_lattice(terms.rows[:t + 1], pos0, kstr), t, terms.n, terms.causal)
+        low = band[1] if band is not None and band[0] == 0 else 0
+        index = max(0, -(-(low - pos0) // kstr))
+        first = index if first is None else min(first, index)
+    return first or 0
 
 
 def _check_block_alignment(prob: Problem, bm: int, bn: int):

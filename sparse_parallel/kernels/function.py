@@ -206,28 +206,31 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
         pieces = _block_pieces(q_pos, terms.block)
         parts = [space_attention(q[:, a:b], q_pos[a:b], spaces, bound, scale, config) for a, b in pieces]
         return torch.cat([o for o, _ in parts], 1), torch.cat([lse for _, lse in parts], 2)
-    kspaces, passes = _passes(q, terms, spaces, use_blocks)
+    kspaces, passes, firsts = _passes(q, terms, spaces, use_blocks)
     if not kspaces or not passes or nq == 0:
         raise ValueError("space_attention needs at least one non-empty key space serving a component")
     prob = core.Problem(terms, kspaces, passes, q_pos, int(q_pos[0]) if contiguous else None)
     bound.check_batch(b)
     prob.doc_start, prob.doc_end = bound.doc_start, bound.doc_end
 
-    plan = LaunchPlan([Part(prob, None, [(i, 0, 1) for i in range(len(kspaces))])],
+    plan = LaunchPlan([Part(prob, None, [(i, first, 1) for i, first in enumerate(firsts)])],
                       {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))})
     cfg = config if config is not None else core.default_config(device)
     return _Function.apply(plan, scale, cfg, _descriptor_ready(q), *[t for ks in spaces for t in (ks.k, ks.v)])
 
 
 def _passes(q, terms: P.Terms, spaces, use_blocks: bool):
-    """Key spaces in kernel form and the passes over them -> (core spaces, passes).
+    """Key spaces in kernel form and the passes over them -> (core spaces, passes, first key of each
+    given space that its kernel form holds).
 
     An arithmetic space gets one range pass per term it serves (and a block pass); an explicit one
-    one pass for all of its terms and its listed keys (and a block pass over it).
+    one pass for all of its terms and its listed keys (and a block pass over it).  An arithmetic
+    space without block passes starts at the first key its terms can own
+    (``core.first_owned_index``): no tile holds keys that are all another term's.
     """
     b, _, hq, d = q.shape
     device = q.device
-    kspaces, passes = [], []
+    kspaces, passes, firsts = [], [], []
     for si, ks in enumerate(spaces):
         if ks.k.dtype != q.dtype or ks.k.shape[0] != b or ks.k.shape[3] != d or hq % ks.k.shape[2]:
             raise ValueError(f"space {si}: k {tuple(ks.k.shape)} {ks.k.dtype} does not fit q {tuple(q.shape)} "
@@ -250,12 +253,17 @@ def _passes(q, terms: P.Terms, spaces, use_blocks: bool):
             raise NotImplementedError("an arithmetic key space holding listed keys (Global.positions) of a "
                                       "component it serves; give them an explicit-positions space, or "
                                       "pass listed=False and serve them from one")
-        sp = core.Space(k, v, ks.pos0 if positions is None else 0, ks.stride if positions is None else 1,
-                        positions, member)
+        mine = [t for t, c in enumerate(terms.comp) if c in served]
+        first = 0
+        if positions is None and not blocks and mine:
+            first = min(core.first_owned_index(terms, mine, ks.pos0, ks.stride), k.shape[1])
+            k, v = k[:, first:], v[:, first:]
+        firsts.append(first)
+        sp = core.Space(k, v, ks.pos0 + first * ks.stride if positions is None else 0,
+                        ks.stride if positions is None else 1, positions, member)
         kspaces.append(sp)
         if sp.nk == 0:
             continue
-        mine = [t for t, c in enumerate(terms.comp) if c in served]
         if positions is None:
             passes += [core.Pass(si, P.PassKind.RANGE, [t]) for t in mine]
             if blocks:
@@ -265,7 +273,7 @@ def _passes(q, terms: P.Terms, spaces, use_blocks: bool):
                 passes.append(core.Pass(si, P.PassKind.EXPLICIT, mine, member is not None))
             if blocks:
                 passes.append(core.Pass(si, P.PassKind.BLOCK_EXPLICIT, []))
-    return kspaces, passes
+    return kspaces, passes, firsts
 
 
 def triton_attention(q, k, v, pattern, scale=None, config: core.Config | None = None):
@@ -306,7 +314,7 @@ def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Conf
     k, v = _kv(k, v)
     # The gathered listed keys are copies, made outside autograd: their gradients are folded back below.
     split = whole_sequence(bound, k.detach(), v.detach())
-    spaces, passes = _passes(q, terms, split.spaces, terms.table is not None)
+    spaces, passes, _ = _passes(q, terms, split.spaces, terms.table is not None)
 
     def order(ps):  # range passes over the full K first (they initialise dk/dv), then the strided views'
         return (spaces[ps.space].positions is not None, ps.mode.is_block, spaces[ps.space].kstr != 1,

@@ -244,3 +244,36 @@ def test_an_owned_band_is_exactly_what_its_term_owns_on_the_space_it_reads():
         if trial < len(patterns):
             assert found - before >= len(terms.rows) - 1, f"{pattern}: {found - before} bands, {len(terms.rows)} terms"
     assert found > 100, f"seed {seed}: only {found} bands drawn"
+
+
+def test_an_arithmetic_space_starts_at_the_first_key_its_terms_can_own():
+    """``core.first_owned_index``: no key of the space before the index it gives is owned by the term at
+    any query (fresh random patterns, lengths and lattices), and behind ``Global(first=128)`` the
+    stride-64 view starts at key 128 (its first tile then holds no global key)."""
+    from sparse_parallel.kernels import core
+
+    terms = P.build_terms((Window(1024) | Strided(64) | Global(first=128, queries=False)).bind(8192, 1), "cpu")
+    strided = next(t for t, row in enumerate(terms.rows) if row[4] == 64)
+    assert core.first_owned_index(terms, [strided], 0, 64) == 2
+    assert core.first_owned_index(terms, [0], 0, 1) == 0  # the window's keys start at every position
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    trimmed = 0
+    for trial in range(80):
+        n = rng.randint(1, 300)
+        terms = P.build_terms(_random_pattern(rng).bind(n, 1), "cpu")
+        qpos, keys = torch.arange(n), torch.arange(n)
+        allows = [_allowed(row, terms.causal, n, qpos, keys) for row in terms.rows]
+        lattices = {(0, 1)} | {(row[5], row[4]) for row in terms.rows if row[4] > 1}
+        for t in range(len(terms.rows)):
+            owned = allows[t].clone()
+            for u in range(t):
+                owned &= ~allows[u]
+            for pos0, kstr in sorted(lattices):
+                if not P.covers(terms.rows[t], pos0, kstr):
+                    continue
+                first = core.first_owned_index(terms, [t], pos0, kstr)
+                skipped = torch.arange(pos0, min(n, pos0 + first * kstr), kstr)
+                assert not owned[:, skipped].any(), f"seed {seed} trial {trial}: term {t} space ({pos0}, {kstr})"
+                trimmed += first > 0
+    assert trimmed > 0, f"seed {seed}: no space was trimmed"
