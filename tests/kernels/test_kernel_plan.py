@@ -25,6 +25,21 @@ def _allowed(row, causal: bool, n: int, i: torch.Tensor, j: torch.Tensor) -> tor
     return ok & (j <= i) if causal else ok
 
 
+def _owned_per_space(terms, n: int):
+    """(term t, pos0, stride, [n, n] pairs t owns) for every term and every lattice space the kernels
+    could read it from (the sequence, or a strided view whose keys all satisfy t's congruence)."""
+    qpos = keys = torch.arange(n)
+    allows = [_allowed(row, terms.causal, n, qpos, keys) for row in terms.rows]
+    lattices = {(0, 1)} | {(row[5], row[4]) for row in terms.rows if row[4] > 1}
+    for t in range(len(terms.rows)):
+        owned = allows[t].clone()
+        for u in range(t):
+            owned &= ~allows[u]
+        for pos0, kstr in sorted(lattices):
+            if P.covers(terms.rows[t], pos0, kstr):
+                yield t, pos0, kstr, owned
+
+
 def _random_pattern(rng: random.Random) -> Pattern:
     comps = []
     for _ in range(rng.randint(1, 4)):
@@ -221,26 +236,17 @@ def test_an_owned_band_is_exactly_what_its_term_owns_on_the_space_it_reads():
         n = 297 if trial < len(patterns) else rng.randint(1, 300)
         terms = P.build_terms(pattern.bind(n, 1), "cpu")
         before = found
-        qpos, keys = torch.arange(n), torch.arange(n)
-        allows = [_allowed(row, terms.causal, n, qpos, keys) for row in terms.rows]
-        lattices = {(0, 1)} | {(row[5], row[4]) for row in terms.rows if row[4] > 1}
-        for t in range(len(terms.rows)):
-            owned = allows[t].clone()
-            for u in range(t):
-                owned &= ~allows[u]
-            for pos0, kstr in sorted(lattices):
-                if not P.covers(terms.rows[t], pos0, kstr):
-                    continue
-                rows = [r if r[4] == 1 or not P.covers(r, pos0, kstr) else tuple(r[:4]) + (1, 0)
-                        for r in terms.rows[:t + 1]]
-                band = P.owned_band(rows, t, n, terms.causal)
-                if band is None:
-                    continue
-                found += 1
-                kpos = torch.arange(pos0, max(pos0, n), kstr)
-                got = _allowed(band, terms.causal, n, qpos, kpos)
-                assert torch.equal(got, owned[:, kpos]), f"seed {seed} trial {trial}: {pattern} n={n} term {t} " \
-                                                          f"space ({pos0}, {kstr}) band {band}"
+        for t, pos0, kstr, owned in _owned_per_space(terms, n):
+            rows = [r if r[4] == 1 or not P.covers(r, pos0, kstr) else tuple(r[:4]) + (1, 0)
+                    for r in terms.rows[:t + 1]]
+            band = P.owned_band(rows, t, n, terms.causal)
+            if band is None:
+                continue
+            found += 1
+            kpos = torch.arange(pos0, max(pos0, n), kstr)
+            got = _allowed(band, terms.causal, n, torch.arange(n), kpos)
+            assert torch.equal(got, owned[:, kpos]), f"seed {seed} trial {trial}: {pattern} n={n} term {t} " \
+                                                      f"space ({pos0}, {kstr}) band {band}"
         if trial < len(patterns):
             assert found - before >= len(terms.rows) - 1, f"{pattern}: {found - before} bands, {len(terms.rows)} terms"
     assert found > 100, f"seed {seed}: only {found} bands drawn"
@@ -262,18 +268,9 @@ def test_an_arithmetic_space_starts_at_the_first_key_its_terms_can_own():
     for trial in range(80):
         n = rng.randint(1, 300)
         terms = P.build_terms(_random_pattern(rng).bind(n, 1), "cpu")
-        qpos, keys = torch.arange(n), torch.arange(n)
-        allows = [_allowed(row, terms.causal, n, qpos, keys) for row in terms.rows]
-        lattices = {(0, 1)} | {(row[5], row[4]) for row in terms.rows if row[4] > 1}
-        for t in range(len(terms.rows)):
-            owned = allows[t].clone()
-            for u in range(t):
-                owned &= ~allows[u]
-            for pos0, kstr in sorted(lattices):
-                if not P.covers(terms.rows[t], pos0, kstr):
-                    continue
-                first = core.first_owned_index(terms, [t], pos0, kstr)
-                skipped = torch.arange(pos0, min(n, pos0 + first * kstr), kstr)
-                assert not owned[:, skipped].any(), f"seed {seed} trial {trial}: term {t} space ({pos0}, {kstr})"
-                trimmed += first > 0
+        for t, pos0, kstr, owned in _owned_per_space(terms, n):
+            first = core.first_owned_index(terms, [t], pos0, kstr)
+            skipped = torch.arange(pos0, max(pos0, min(n, pos0 + first * kstr)), kstr)
+            assert not owned[:, skipped].any(), f"seed {seed} trial {trial}: term {t} space ({pos0}, {kstr})"
+            trimmed += first > 0
     assert trimmed > 0, f"seed {seed}: no space was trimmed"
