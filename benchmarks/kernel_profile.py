@@ -5,10 +5,12 @@ Run on the device machine:
 
 For each case it prints the launch plan (each pass: its kind, key space, the terms it serves, its
 dk/dv launch: key tiles, query-chunk split, and the tile iterations per head that the forward, dq and
-dk/dv walk, with how many of them are masked boundary tiles) and then, from torch.profiler over one warm fwd+bwd,
-every GPU kernel in launch order with its time, and the totals per kernel name.  Cases: kernel_variants.py's, or benchmarks/kernels.py's by name (its packed documents
-drawn for ``--n``).  ``--set`` changes
-Config fields (``bm_kv=64,bn_kv=128``) to profile another tile configuration.  Writes
+dk/dv walk, with how many of them are masked boundary tiles; with packed documents these are the
+plan's counts, before the kernels clip each range to the documents) and then, from torch.profiler over
+one warm fwd+bwd, every GPU kernel in launch order with its time, and the totals per kernel name.
+Cases: kernel_variants.py's, or benchmarks/kernels.py's by name (its packed documents drawn for
+``--n``).  ``--set`` changes Config fields (``bm_kv=64,bn_kv=128``) to profile another tile
+configuration.  Writes
 kernel_profile.json to --out.  Timings here are of one profiled call (profiler overhead included);
 the speed of record is benchmarks/kernels.py.
 """
@@ -34,6 +36,16 @@ import kernels as table  # noqa: E402  (benchmarks/kernels.py: its cases, docume
 K = 1024
 
 
+def _walked_masked(ranges, full) -> tuple[int, int]:
+    """(tiles in the [first, last] ranges, those of them outside the full ranges)."""
+    def count(r):
+        r = r.long()
+        return int((r[:, 1] - r[:, 0] + 1).clamp(min=0).sum())
+
+    walked = count(ranges)
+    return walked, walked - count(full)
+
+
 def plan_rows(q, k, v, pat, cfg) -> list:
     """One line per pass of every part of the launch plan, with its dk/dv launch."""
     plan, _, cfg = prepare(q, k, v, pat, config=cfg, plans=True)
@@ -47,13 +59,10 @@ def plan_rows(q, k, v, pat, cfg) -> list:
             tiles = {}
             if not ps.mode.is_block:  # tile iterations walked and, of those, masked (boundary) ones
                 for label, (bm, bn) in (("fwd", (cfg.bm, core._forward_bn(prob, cfg))), ("dq", (cfg.bm_dq, cfg.bn_dq))):
-                    r = core._range_plan(prob, i, bm, bn).long()
-                    walked = int((r[:, 1] - r[:, 0] + 1).clamp(min=0).sum())
-                    tiles[label] = (walked, walked - int((r[:, 3] - r[:, 2] + 1).clamp(min=0).sum()))
+                    r = core._range_plan(prob, i, bm, bn)
+                    tiles[label] = _walked_masked(r[:, :2], r[:, 2:])
                 if kl:
-                    qr, qf = (x.long() for x in core._kv_plans(prob, i, kl.rows, core._kv_tiles(prob, cfg)[1]))
-                    walked = int((qr[:, 1] - qr[:, 0] + 1).clamp(min=0).sum())
-                    tiles["kv"] = (walked, walked - int((qf[:, 1] - qf[:, 0] + 1).clamp(min=0).sum()))
+                    tiles["kv"] = _walked_masked(*core._kv_plans(prob, i, kl.rows, core._kv_tiles(prob, cfg)[1]))
             rows.append({
                 "part": pi, "pass": i, "kind": ps.mode.name, "served": list(ps.served),
                 "keys": sp.nk, "pos0": sp.pos0, "kstr": sp.kstr, "gathered": sp.positions is not None,

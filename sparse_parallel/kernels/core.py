@@ -292,13 +292,12 @@ def first_owned_index(terms: P.Terms, served: list, pos0: int, kstr: int) -> int
     structured terms ``served`` can own, at any query: where earlier terms own a fixed prefix of every
     served term's keys (``Global(first=F)`` before a strided level), the space can start after it, and
     its first key tile needs no mask.  0 where the owned keys do not start at a fixed position."""
-    first = None
-    for t in served:
+    def first(t):
         band = P.owned_band(_on_lattice(terms.rows[:t + 1], pos0, kstr), t, terms.n, terms.causal)
-        low = band[1] if band is not None and band[0] == 0 else 0
-        index = max(0, -(-(low - pos0) // kstr))
-        first = index if first is None else min(first, index)
-    return first or 0
+        low = band[1] if band is not None and band[0] == 0 else 0  # a constant lower bound
+        return max(0, -(-(low - pos0) // kstr))
+
+    return min((first(t) for t in served), default=0)
 
 
 def _check_block_alignment(prob: Problem, bm: int, bn: int):

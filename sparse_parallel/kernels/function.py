@@ -226,7 +226,7 @@ def _passes(q, terms: P.Terms, spaces, use_blocks: bool):
     An arithmetic space gets one range pass per term it serves (and a block pass); an explicit one
     one pass for all of its terms and its listed keys (and a block pass over it).  An arithmetic
     space without block passes starts at the first key its terms can own
-    (``core.first_owned_index``): no tile holds keys that are all another term's.
+    (``core.first_owned_index``): leading keys that only earlier terms own are left out.
     """
     b, _, hq, d = q.shape
     device = q.device
