@@ -468,20 +468,25 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
                         q_lo = tl.maximum(q_lo, tl.maximum(ks_lo - qpos0, 0) // BMR)
                         f_lo = tl.maximum(f_lo, (tl.maximum(ks_hi - qpos0, 0) + BMR - 1) // BMR)
             f_lo, f_hi = _segments(q_lo, q_hi, f_lo, f_hi)
-            for qb in range(q_lo, f_lo):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BMR, nq, qdesc, dodesc,
+            # From the last query tile down: the key tiles of a pass that run at the same time mostly end
+            # at the same query tile (a strided level's or the global keys' run to the sequence end), so
+            # they read the same q/do tiles together, from L2.  Walking up from each key tile's first
+            # query tile, a strided level's neighbours (4096 positions apart at stride 64) would read
+            # each tile long after one another, every time from memory.
+            for it in range(0, q_hi - f_hi):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (q_hi - it) * BMR, nq, qdesc, dodesc,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
                                     HAS_DOC, DSB, DEB)
-            for qb in range(f_lo, f_hi + 1):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BMR, nq, qdesc, dodesc,
+            for it in range(0, f_hi - f_lo + 1):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_hi - it) * BMR, nq, qdesc, dodesc,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
                                     HAS_DOC, DSB, DEB)
-            for qb in range(f_hi + 1, q_hi + 1):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, qb * BMR, nq, qdesc, dodesc,
+            for it in range(0, f_lo - q_lo):
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_lo - 1 - it) * BMR, nq, qdesc, dodesc,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
