@@ -381,7 +381,7 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
     and chunks below count positions in those units).
     Range passes launch key tiles ``t0 + program_id(0)`` and write at key index
     ``idx - t0*BN`` of DK/DV (a buffer of the launched tiles only).  With SPLIT, program
-    ``(t, bhk, s)`` takes query tiles ``[q_lo + s*qchunk, q_lo + (s+1)*qchunk)`` and writes a
+    ``(t, bhk, s)`` takes query tiles ``(q_hi - (s+1)*qchunk, q_hi - s*qchunk]`` and writes a
     partial at ``s * sos`` (keys seen by very many query tiles: global keys, strided levels).
     """
     t = tl.program_id(0) + t0
@@ -452,10 +452,10 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
         else:
             q_lo = tl.load(QPLAN + t * 2)
             q_hi = tl.load(QPLAN + t * 2 + 1)
-            if SPLIT:
-                base = q_lo + split * qchunk
-                q_lo = base
-                q_hi = tl.minimum(q_hi, base + qchunk - 1)
+            if SPLIT:  # chunks counted from the range's end, so chunk s of every key tile is the same tiles
+                top = q_hi - split * qchunk
+                q_lo = tl.maximum(q_lo, top - qchunk + 1)
+                q_hi = top
             f_lo = tl.load(QFPLAN + t * 2)
             f_hi = tl.load(QFPLAN + t * 2 + 1)
             if HAS_DOC:
