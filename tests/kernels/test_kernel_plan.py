@@ -13,6 +13,7 @@ import random
 import pytest
 import torch
 
+from sparse_parallel.kernels import core
 from sparse_parallel.kernels import plan as P
 from sparse_parallel.patterns import Global, Pattern, Strided, Window, as_pattern
 
@@ -237,9 +238,7 @@ def test_an_owned_band_is_exactly_what_its_term_owns_on_the_space_it_reads():
         terms = P.build_terms(pattern.bind(n, 1), "cpu")
         before = found
         for t, pos0, kstr, owned in _owned_per_space(terms, n):
-            rows = [r if r[4] == 1 or not P.covers(r, pos0, kstr) else tuple(r[:4]) + (1, 0)
-                    for r in terms.rows[:t + 1]]
-            band = P.owned_band(rows, t, n, terms.causal)
+            band = P.owned_band(core._on_lattice(terms.rows[:t + 1], pos0, kstr), t, n, terms.causal)
             if band is None:
                 continue
             found += 1
@@ -256,8 +255,6 @@ def test_an_arithmetic_space_starts_at_the_first_key_its_terms_can_own():
     """``core.first_owned_index``: no key of the space before the index it gives is owned by the term at
     any query (fresh random patterns, lengths and lattices), and behind ``Global(first=128)`` the
     stride-64 view starts at key 128 (its first tile then holds no global key)."""
-    from sparse_parallel.kernels import core
-
     terms = P.build_terms((Window(1024) | Strided(64) | Global(first=128, queries=False)).bind(8192, 1), "cpu")
     strided = next(t for t, row in enumerate(terms.rows) if row[4] == 64)
     assert core.first_owned_index(terms, [strided], 0, 64) == 2
