@@ -230,8 +230,10 @@ def _range_plan(prob: Problem, i: int, bm: int, bn: int) -> torch.Tensor:
 
 
 def _slot_args(prob: Problem, i: int, bm: int, bn: int, device):
-    """Pass ``i`` as a slot of the query-major kernel: (its tensors and strides, its key space's first
-    position, stride and length — the kernel takes those unspecialised, as separate arguments)."""
+    """Pass ``i`` as a slot of the query-major kernel: (its tensors, its key space's k and v descriptors,
+    its key space's first position, stride and length) — the kernel takes the descriptors and the
+    extents as separate top-level arguments (Triton passes a descriptor only there, and would
+    specialise integers inside a tuple)."""
     ps = prob.passes[i]
     sp = prob.spaces[ps.space]
     d32 = _dummy(device)
@@ -245,9 +247,8 @@ def _slot_args(prob: Problem, i: int, bm: int, bn: int, device):
     else:
         plan, starts = _range_plan(prob, i, bm, bn), d32
     terms, _, served = _pass_terms(prob, i, device)
-    k, v = sp.k, sp.v
-    slot = (k, v, k.stride(0), k.stride(1), k.stride(2), kpos, kmem, served, plan, starts, terms)
-    return slot, (sp.pos0, sp.kstr, sp.nk)
+    slot = (kpos, kmem, served, plan, starts, terms)
+    return slot, (tile_descriptor(sp.k, bn), tile_descriptor(sp.v, bn)), (sp.pos0, sp.kstr, sp.nk)
 
 
 def _pass_terms(prob: Problem, i: int, device) -> tuple[torch.Tensor, int, int]:
@@ -331,14 +332,16 @@ def check_descriptor_alignment(name: str, t: torch.Tensor):
                          f"for the kernels' tensor descriptors; got strides {tuple(t.stride())}")
 
 
-def _descriptor_scratch(device):
-    """Global memory for the descriptors the kernels make on the device (Triton asks its allocator).
+def tile_descriptor(t: torch.Tensor, rows: int, heads: int = 1):
+    """A tensor descriptor over the whole ``[B, N, H, D]`` tensor ``t`` (any view the alignment check
+    accepts) whose block is ``rows`` rows of ``heads`` heads of one batch element: ``[1, rows, heads, D]``.
 
-    Set per launch: Triton keeps the allocator per thread, and backward runs on autograd's threads.
+    Made on the host and passed as a kernel argument: a kernel building its own descriptors writes
+    each one to global memory and fences it, at the start of every program.
     """
-    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+    return TensorDescriptor.from_tensor(t, [1, rows, heads, t.shape[3]])
 
 
 def _forward_bn(prob: Problem, cfg: Config) -> int:
@@ -359,7 +362,6 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
     for sp in prob.spaces:
         check_descriptor_alignment("k", sp.k)
         check_descriptor_alignment("v", sp.v)
-    _descriptor_scratch(device)
     ieee = q.dtype == torch.float32
     tbl, stb, sth, stq, w, cb = _block_args(prob, device)
     split = prob.split
@@ -380,8 +382,10 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
         else:
             out = torch.empty(nparts, b, nq, hq, d, dtype=torch.float32 if many else q.dtype, device=device)
             lse = _dummy(device, torch.float32)
-        slots, extents = zip(*(_slot_args(prob, i, bm, bn, device) for i in group))
-        extents = [x for e in extents for x in e] + [0] * (3 * (MAX_SLOTS - len(group)))
+        slots, descs, extents = zip(*(_slot_args(prob, i, bm, bn, device) for i in group))
+        unused = MAX_SLOTS - len(group)
+        descs = [x for e in descs for x in e] + [None] * (2 * unused)
+        extents = [x for e in extents for x in e] + [0] * (3 * unused)
         modes = tuple(prob.passes[i].mode.value for i in group)
         nts = tuple(_pass_terms(prob, i, device)[1] for i in group)
         if phase == 1:
@@ -397,7 +401,7 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
             lse, lse.stride(1) if lse.dim() == 4 else 0, lse.stride(2) if lse.dim() == 4 else 0,
             lse.stride(0) if lse.dim() == 4 else 0, *xargs,
             prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, chunk, *_doc_args(prob, device),
-            tuple(slots), *extents, MODES=modes, NTS=nts, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
+            tuple(slots), *descs, *extents, MODES=modes, NTS=nts, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
             Q_EXPLICIT=prob.q_pos0 is None, SPLIT=split > 1, BM=bm, BN=bn, D=d, IEEE=ieee, PHASE=phase,
             HAS_DOC=prob.doc_start is not None, num_warps=tiles[2], num_stages=tiles[3])
         results.append((out, lse))
@@ -555,7 +559,6 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
     tbl, stb, sth, stq, w, cb = _block_args(prob, device)
     qpos = _qpos32(prob)
     bm, bn = _kv_tiles(prob, cfg)
-    _descriptor_scratch(device)
     for i, launch in kv_launches(prob, cfg, device, hq).items():
         ps = prob.passes[i]
         sp = prob.spaces[ps.space]
@@ -590,7 +593,7 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             out_v = torch.empty_like(out_k)
             acc = False
         dkdv_kernel[(grid0, b * hkv, split)](
-            q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
+            tile_descriptor(q, launch.rows, launch.stack), tile_descriptor(do, launch.rows, launch.stack),
             qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, hq // hkv // launch.stack, lse2, delta,
             lse2.stride(0), lse2.stride(1), terms, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, ctb, cth,
             sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem,

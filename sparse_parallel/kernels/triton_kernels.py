@@ -19,9 +19,10 @@ dk/dv runs one pass per launch, key-major, over the key tiles that some query se
 ranges split into balanced chunks.  Offsets that can pass 2^31 (batch, head and tile bases) are int64.
 
 The streamed operand of each loop (k/v tiles of the query-major kernel, q/do tiles of dk/dv) is read
-through a tensor descriptor of one (batch, head): on Hopper a TMA copy (no per-element address
-registers, zeros outside the rows), elsewhere rewritten by Triton to masked loads.  The launcher checks
-the 16-byte alignment descriptors need (``core.check_descriptor_alignment``).
+through a tensor descriptor over the whole ``[B, N, H, D]`` tensor, made by the launcher
+(``core.tile_descriptor``) and indexed by (batch, row, head): on Hopper a TMA copy (no per-element
+address registers, zeros outside the rows), elsewhere rewritten by Triton to masked loads.  The
+launcher checks the 16-byte alignment descriptors need (``core.check_descriptor_alignment``).
 """
 import triton
 import triton.language as tl
@@ -112,7 +113,7 @@ def _segments(lo, hi, flo, fhi):
 
 
 @triton.jit
-def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, kdesc, vdesc, pos0, kstr, nk, KPOS, KMEM,
+def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, b, hk, kdesc, vdesc, pos0, kstr, nk, KPOS, KMEM,
           MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale,
           HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB,
           MODE: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr, PHASE: tl.constexpr,
@@ -120,14 +121,15 @@ def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, kdesc, vdesc, pos0, kstr, 
     """One key tile for one query tile: online softmax (PHASE 0) or dq accumulation (PHASE 1).
 
     ``idx`` = the tile's first key index (scalar); ``e`` the listed key block (block passes);
-    ``kdesc``/``vdesc`` describe the space's keys (rows outside [0, nk) read as zeros).
+    ``kdesc``/``vdesc`` describe the space's keys ``[B, nk, Hkv, D]``, of which the tile reads batch
+    ``b``, head ``hk`` (rows outside [0, nk) read as zeros).
     ``MASKED`` is a compile-time flag so that the loop over a plan's full tiles has no
     branch in its body and is software-pipelined like a dense attention loop.
     """
     kidx = idx + tl.arange(0, BN)
     kmask = (kidx < nk) & (kidx >= 0)
-    k = kdesc.load([idx, 0])
-    v = vdesc.load([idx, 0])
+    k = tl.reshape(kdesc.load([b, idx, hk, 0]), (BN, D))
+    v = tl.reshape(vdesc.load([b, idx, hk, 0]), (BN, D))
     s = _dot(q, tl.trans(k), IEEE) * qk_scale
     if MASKED:
         if MODE == RANGE or MODE == BLOCK:
@@ -169,7 +171,7 @@ def _tile(acc, m_i, l_i, q, do, lse2, delta, qp, idx, kdesc, vdesc, pos0, kstr, 
 
 @triton.jit
 def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH, stq,
-          K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, PLAN, TSTH,
+          kdesc, vdesc, pos0, kstr, nk, KPOS, KMEM, served, PLAN, TSTH,
           TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr, n, qk_scale, HAS_BLOCK: tl.constexpr, W, CB,
           MODE: tl.constexpr, SPLIT: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
           IEEE: tl.constexpr, PHASE: tl.constexpr, HAS_DOC: tl.constexpr, dstart, dend, s_lo, s_hi, e_lo, e_hi):
@@ -179,9 +181,6 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
     query tile's first document and runs unmasked only over tiles inside every row's document;
     other passes mask by document.
     """
-    hoff = tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
-    kdesc = tl.make_tensor_descriptor(K + hoff, shape=[nk, D], strides=[skn, 1], block_shape=[BN, D])
-    vdesc = tl.make_tensor_descriptor(V + hoff, shape=[nk, D], strides=[skn, 1], block_shape=[BN, D])
     if MODE >= BLOCK:
         crow = (row0 // CB) * stq
         for w in range(0, W):
@@ -189,7 +188,7 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
             if e >= 0:
                 st = tl.load(TSTH + crow + w)
                 for u in range(0, CB // BN):
-                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, st + u * BN, kdesc, vdesc,
+                    acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, st + u * BN, b, hk, kdesc, vdesc,
                                           pos0, kstr, nk, KPOS, KMEM, True, e, served, TERMS, NT,
                                           CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
                                           MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
@@ -212,17 +211,17 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
                 flo = hi + 1  # explicit positions: every tile masked
         flo, fhi = _segments(lo, hi, flo, fhi)
         for kb in range(lo, flo):
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kdesc, vdesc,
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, b, hk, kdesc, vdesc,
                                   pos0, kstr, nk, KPOS, KMEM, True, -1, served, TERMS, NT,
                                   CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
                                   MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
         for kb in range(flo, fhi + 1):
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kdesc, vdesc,
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, b, hk, kdesc, vdesc,
                                   pos0, kstr, nk, KPOS, KMEM, False, -1, served, TERMS, NT,
                                   CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
                                   MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
         for kb in range(fhi + 1, hi + 1):
-            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, kdesc, vdesc,
+            acc, m_i, l_i = _tile(acc, m_i, l_i, q, do, lse2, delta, qp, kb * BN, b, hk, kdesc, vdesc,
                                   pos0, kstr, nk, KPOS, KMEM, True, -1, served, TERMS, NT,
                                   CAUSAL, n, qk_scale, HAS_BLOCK, TBLH, stq, W, CB,
                                   MODE, BN, D, IEEE, PHASE, HAS_DOC, dstart, dend)
@@ -237,6 +236,7 @@ def _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, 
 def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group,
                   O, sob, son, soh, sos, LSE, slb, slh, sls, LSE2, DELTA, sxb, sxh,
                   n, qk_scale, TBL, stb, sth, stq, W, CB, chunk, DS, DE, sdcb, SLOTS,
+                  kd0, vd0, kd1, vd1, kd2, vd2, kd3, vd3, kd4, vd4, kd5, vd5,
                   pp0, ks0, nk0, pp1, ks1, nk1, pp2, ks2, nk2, pp3, ks3, nk3, pp4, ks4, nk4, pp5, ks5, nk5,
                   MODES: tl.constexpr, NTS: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr, Q_EXPLICIT: tl.constexpr,
@@ -281,15 +281,17 @@ def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
         do = q
         lse2 = m_i
         delta = m_i
-    # One slot per pass: SLOTS[i] its tensors and strides, (ppi, ksi, nki) its space's first position,
-    # stride and length, MODES[i] / NTS[i] its kind and term count.
+    # One slot per pass: SLOTS[i] its tensors, (kdi, vdi) its key space's descriptors, (ppi, ksi, nki)
+    # the space's first position, stride and length, MODES[i] / NTS[i] its kind and term count.
+    descs = ((kd0, vd0), (kd1, vd1), (kd2, vd2), (kd3, vd3), (kd4, vd4), (kd5, vd5))
     extents = ((pp0, ks0, nk0), (pp1, ks1, nk1), (pp2, ks2, nk2), (pp3, ks3, nk3), (pp4, ks4, nk4),
                (pp5, ks5, nk5))
     for i in tl.static_range(len(MODES)):
-        K, V, skb, skn, skh, KP, KM, sv, PL, TS, TM = SLOTS[i]
+        KP, KM, sv, PL, TS, TM = SLOTS[i]
+        kd, vd = descs[i]
         pp, ks, nk = extents[i]
         acc, m_i, l_i = _slot(acc, m_i, l_i, q, do, lse2, delta, qp, row0, qb, split, chunk, b, hk, TBLH,
-                              stq, K, V, skb, skn, skh, pp, ks, nk, KP, KM, sv, PL, TS + toff, TM, NTS[i],
+                              stq, kd, vd, pp, ks, nk, KP, KM, sv, PL, TS + toff, TM, NTS[i],
                               CAUSAL, n, qk_scale, HAS_BLOCK, W, CB, MODES[i], SPLIT, BN, D, IEEE, PHASE,
                               HAS_DOC, dstart, dend, s_lo, s_hi, e_lo, e_hi)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(h, tl.int64) * soh
@@ -310,27 +312,25 @@ def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase, sxh,
+def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, b, h, lbase, dbase, sxh,
                QPOS, qpos0, MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr,
                n, qk_scale, mem, HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB, MODE: tl.constexpr,
                Q_EXPLICIT: tl.constexpr, BM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
                IEEE: tl.constexpr, HAS_DOC: tl.constexpr, DSB, DEB):
     """One query tile against the program's key tile: dk/dv accumulate.
 
-    The tile is ``BM`` stacked rows: ``BM // GS`` positions from ``rows0`` x ``GS`` query heads of the
-    key's group (row ``r`` = position ``rows0 + r // GS``, head ``r % GS`` of the chunk), read through the
-    chunk's descriptors, so that one product sums over the chunk's heads.
+    The tile is ``BM`` stacked rows: ``BM // GS`` positions from ``rows0`` x ``GS`` query heads from
+    ``h`` (row ``r`` = position ``rows0 + r // GS``, head ``h + r % GS``), one block of the descriptors
+    over the whole q and do, so that one product sums over those heads.
     """
     r = tl.arange(0, BM)
+    q = tl.reshape(qdesc.load([b, rows0, h, 0]), (BM, D))
+    do = tl.reshape(dodesc.load([b, rows0, h, 0]), (BM, D))
     if GS == 1:
         rows = rows0 + r
-        q = qdesc.load([rows0, 0])
-        do = dodesc.load([rows0, 0])
         xo = rows
     else:
         rows = rows0 + r // GS
-        q = tl.reshape(qdesc.load([rows0, 0, 0]), (BM, D))
-        do = tl.reshape(dodesc.load([rows0, 0, 0]), (BM, D))
         xo = (r % GS) * sxh + rows
     rmask = (rows < nq) & (rows >= 0)
     lse2 = tl.load(lbase + xo, mask=rmask, other=0.0)
@@ -363,7 +363,7 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase, 
 
 
 @triton.jit(do_not_specialize=["qpos0", "nq", "n", "pos0", "kstr", "nk", "qchunk", "W", "CB", "t0"])
-def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group, chunks,
+def dkdv_kernel(qdesc, dodesc, QPOS, qpos0, nq, heads, group, chunks,
                  LSE2, DELTA, sxb, sxh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
                  K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, QPLAN, QFPLAN, KBLK, KSTART, CPTR, CIDX,
                  DK, DV, sob, son, soh, sos, qchunk, t0, DS, DE, sdcb,
@@ -424,16 +424,6 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
     BMR: tl.constexpr = BM // GS
     for g in range(0, chunks):  # chunks = group // GS (1, the usual case, compiles the loop away)
         h = hk * group + g * GS
-        qbase = Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh
-        dobase = DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh
-        if GS == 1:
-            qdesc = tl.make_tensor_descriptor(qbase, shape=[nq, D], strides=[sqn, 1], block_shape=[BM, D])
-            dodesc = tl.make_tensor_descriptor(dobase, shape=[nq, D], strides=[sdn, 1], block_shape=[BM, D])
-        else:
-            qdesc = tl.make_tensor_descriptor(qbase, shape=[nq, GS, D], strides=[sqn, sqh, 1],
-                                              block_shape=[BMR, GS, D])
-            dodesc = tl.make_tensor_descriptor(dobase, shape=[nq, GS, D], strides=[sdn, sdh, 1],
-                                               block_shape=[BMR, GS, D])
         xoff = tl.cast(b, tl.int64) * sxb + tl.cast(h, tl.int64) * sxh
         TBLH = TBL + tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
         if MODE >= BLOCK:
@@ -444,7 +434,7 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
                 c = tl.load(CIDX + ci)
                 for u in range(0, CB // BMR):
                     rows0 = c * CB + u * BMR - qpos0
-                    dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc,
+                    dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, b, h,
                                         LSE2 + xoff, DELTA + xoff, sxh,
                                         QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                         HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
@@ -474,19 +464,19 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
             # query tile, a strided level's neighbours (4096 positions apart at stride 64) would read
             # each tile long after one another, every time from memory.
             for it in range(0, q_hi - f_hi):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (q_hi - it) * BMR, nq, qdesc, dodesc,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (q_hi - it) * BMR, nq, qdesc, dodesc, b, h,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
                                     HAS_DOC, DSB, DEB)
             for it in range(0, f_hi - f_lo + 1):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_hi - it) * BMR, nq, qdesc, dodesc,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_hi - it) * BMR, nq, qdesc, dodesc, b, h,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
                                     HAS_DOC, DSB, DEB)
             for it in range(0, f_lo - q_lo):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_lo - 1 - it) * BMR, nq, qdesc, dodesc,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_lo - 1 - it) * BMR, nq, qdesc, dodesc, b, h,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
