@@ -336,12 +336,22 @@ def tile_descriptor(t: torch.Tensor, rows: int, heads: int = 1):
     """A tensor descriptor over the whole ``[B, N, H, D]`` tensor ``t`` (any view the alignment check
     accepts) whose block is ``rows`` rows of ``heads`` heads of one batch element: ``[1, rows, heads, D]``.
 
-    Made on the host and passed as a kernel argument: a kernel building its own descriptors writes
-    each one to global memory and fences it, at the start of every program.
+    Made on the host and passed to the query-major kernel: building its own, a program writes each
+    descriptor (two per pass) to global memory and fences it before its first tile.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     return TensorDescriptor.from_tensor(t, [1, rows, heads, t.shape[3]])
+
+
+def _descriptor_scratch(device):
+    """Global memory for the descriptors the dk/dv kernel makes on the device (Triton asks its allocator).
+
+    Set per launch: Triton keeps the allocator per thread, and backward runs on autograd's threads.
+    """
+    import triton
+
+    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
 
 
 def _forward_bn(prob: Problem, cfg: Config) -> int:
@@ -559,6 +569,7 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
     tbl, stb, sth, stq, w, cb = _block_args(prob, device)
     qpos = _qpos32(prob)
     bm, bn = _kv_tiles(prob, cfg)
+    _descriptor_scratch(device)
     for i, launch in kv_launches(prob, cfg, device, hq).items():
         ps = prob.passes[i]
         sp = prob.spaces[ps.space]
@@ -593,7 +604,7 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             out_v = torch.empty_like(out_k)
             acc = False
         dkdv_kernel[(grid0, b * hkv, split)](
-            tile_descriptor(q, launch.rows, launch.stack), tile_descriptor(do, launch.rows, launch.stack),
+            q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
             qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, hq // hkv // launch.stack, lse2, delta,
             lse2.stride(0), lse2.stride(1), terms, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, ctb, cth,
             sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk, kpos, kmem,
