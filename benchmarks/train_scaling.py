@@ -12,7 +12,8 @@ lengths they fit.  Prints a table and writes JSON (``--out``).
 ``--checkpointing`` and ``--fused`` list the activation-checkpointing modes and element-wise
 settings to measure side by side at every ``--lengths`` entry.  One more step of each run is
 taken under torch.profiler, and its GPU time is reported by kernel category (sparse attention,
-matrix products, element-wise, copies, other) next to the timing.
+matrix products, element-wise, copies, host copies (the transfers of ``--offload``), communication,
+other) next to the timing.
 """
 from __future__ import annotations
 
@@ -55,13 +56,16 @@ def model_config(args, pattern: dict, backend: str, checkpointing: str, fused: s
 
 
 # -- where the GPU time of a step goes ------------------------------------------------------------
-CATEGORIES = ("attention", "matmul", "elementwise", "copies", "communication", "other")
+CATEGORIES = ("attention", "matmul", "elementwise", "copies", "host_copies", "communication", "other")
 # Kernel names (CUDA) and operator names (CPU smoke run), lower-cased, by category; the first match
 # wins: inductor's fused kernels (model.fused_elementwise) name the ops they fuse, "_to_copy" among
 # them, and eager casts run as "elementwise_kernel<direct_copy_kernel_cuda>", counted as copies.
-# Host offload's transfers are copies; NCCL (sequence parallelism, gradients) runs on its own stream,
-# so with it the categories may add up to more than the step.
+# host_copies are the device-host transfers, nearly all of them host offload's (a few small ones
+# move tokens in and results out), matched before the other copies. They run on a side stream, as
+# NCCL (sequence parallelism, gradients) does, so with either the categories may add up to more
+# than the step.
 _NAME_PARTS = (
+    ("host_copies", ("memcpy dtoh", "memcpy htod")),
     ("attention", ("flash", "fmha", "flex_attention", "triton_tem_fused", "sdpa", "attention")),
     ("communication", ("nccl",)),
     ("elementwise", ("triton_poi", "triton_per", "triton_red")),

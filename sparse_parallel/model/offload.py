@@ -2,10 +2,17 @@
 
 At a million tokens per GPU the checkpointed inputs of the layers alone
 (N x dim x 2 bytes each: 4 GiB per layer at d_model 2048) outgrow the GPU.
-``offloaded_checkpoint`` copies the input to pinned host memory during the
-forward (asynchronously, on the compute stream, so ordering is kept), runs the
+An ``OffloadChain`` holds the inputs of the layers of one forward:
+``chain.checkpoint(run, x, *args)`` copies ``x`` to pinned host memory, runs the
 layer without saving anything, and in the backward brings the input back,
 recomputes the layer with gradients and back-propagates through it.
+
+On CUDA both copies run on a side stream, one per device, so they overlap the
+layers' compute instead of queueing behind it: the forward copies layer i's
+input out while layers i, i+1, ... run, and the backward of layer i, before it
+recomputes, starts bringing back the input of layer i-1, the next one the
+backward needs. That costs one more layer input on the GPU during each layer's
+backward. On CPU the same chain runs with plain copies.
 
 Only whole-layer checkpoints go through here: selective checkpointing keeps each
 layer's attention tensors on the GPU, several times the input offloaded here, so
@@ -15,30 +22,120 @@ from __future__ import annotations
 
 import torch
 
+# One copy stream per device, made on first use and shared by every chain: a forward creates no
+# stream, and the copies of successive forwards (micro-batches) queue in order on the same one.
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def _side_stream(device: torch.device) -> torch.cuda.Stream:
+    stream = _SIDE_STREAMS.get(device)
+    if stream is None:
+        stream = _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
+class OffloadChain:
+    """The host-stored inputs of the offloaded layers of one forward, in layer order.
+
+    Made once per forward and shared by its layers: the forward stashes each layer's input,
+    the backward takes them back in reverse order and prefetches the one before.
+    ``prefetched`` counts the inputs the backward found already on their way back.
+    """
+
+    def __init__(self):
+        self._hosts: list[torch.Tensor | None] = []
+        # index -> (the input on the device, the side-stream event after its copy; None on CPU)
+        self._in_flight: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
+        self._device: torch.device | None = None
+        self.prefetched = 0
+
+    def checkpoint(self, run, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
+        """``run(x, *args)`` with only ``x`` kept, in host memory; ``args`` (cos, sin) get no gradient."""
+        return _OffloadedCheckpoint.apply(self, run, x, *args)
+
+    def stash(self, x: torch.Tensor) -> int:
+        """Start copying ``x`` to host memory; its index for :meth:`take`."""
+        if self._device is not None and x.device != self._device:
+            raise ValueError(f"one chain holds the inputs of one device: {self._device}, then {x.device}")
+        self._device = x.device
+        host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
+        if x.is_cuda:
+            compute, side = torch.cuda.current_stream(x.device), _side_stream(x.device)
+            # The work producing x is queued on the compute stream; the copy starts after it.
+            side.wait_event(compute.record_event())
+            with torch.cuda.stream(side):
+                host.copy_(x, non_blocking=True)
+            # Nothing keeps x once the next layer has run, and the caching allocator would hand its
+            # memory to the compute stream's next allocation while the copy may still be reading it.
+            # record_stream makes the allocator, when x is freed, wait for the work queued on the side
+            # stream by then (this copy, maybe later ones: the memory may come back a little late,
+            # never early). The pinned host buffer needs no such care: a non-blocking copy records an
+            # event with the pinned-memory allocator itself.
+            x.record_stream(side)
+        else:
+            host.copy_(x)
+        self._hosts.append(host)
+        return len(self._hosts) - 1
+
+    def take(self, index: int) -> torch.Tensor:
+        """The input stashed as ``index``, on its device and ready on the current stream.
+
+        Before returning it, starts bringing back the input of ``index - 1``, which the backward
+        needs next, so that its copy overlaps the recompute and backward of this layer.
+        """
+        entry = self._in_flight.pop(index, None)
+        if entry is None:
+            entry = self._fetch(index)
+        else:
+            self.prefetched += 1
+        if index > 0 and self._hosts[index - 1] is not None:
+            self._in_flight[index - 1] = self._fetch(index - 1)
+        x, copied = entry
+        if copied is not None:
+            torch.cuda.current_stream(x.device).wait_event(copied)
+        return x
+
+    def _fetch(self, index: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        host = self._hosts[index]
+        if host is None:
+            raise RuntimeError(f"offloaded layer input {index} was already taken back: a backward through "
+                               "host-offloaded checkpoints runs once (no retain_graph)")
+        self._hosts[index] = None
+        if self._device.type != "cuda":
+            return host, None
+        compute, side = torch.cuda.current_stream(self._device), _side_stream(self._device)
+        # Allocated on the compute stream, like the layers' own tensors: its memory may be that of a
+        # tensor the compute stream freed with kernels on it still queued, so the copy first waits
+        # for the work queued there so far; this layer's recompute and backward, queued after, overlap
+        # it. (A block of the side stream's pool would serve only later side-stream allocations: the
+        # caching allocator reuses a block on the stream it was allocated on, so two or three layer
+        # inputs would be held back from the layers.)
+        x = torch.empty(host.shape, dtype=host.dtype, device=self._device)
+        side.wait_event(compute.record_event())
+        with torch.cuda.stream(side):
+            x.copy_(host, non_blocking=True)
+            copied = side.record_event()
+        # take() makes the compute stream wait for the copy before x is used, so x is normally freed
+        # only after it; should the chain be dropped with the copy in flight (a failed backward), the
+        # allocator must still not hand x's memory out while the side stream writes into it.
+        x.record_stream(side)
+        return x, copied
+
 
 class _OffloadedCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, run, x, *args):
-        ctx.run = run
-        ctx.device = x.device
+    def forward(ctx, chain, run, x, *args):
+        ctx.chain, ctx.run = chain, run
+        ctx.index = chain.stash(x)
         ctx.save_for_backward(*args)
-        host = torch.empty(x.shape, dtype=x.dtype, device="cpu", pin_memory=x.is_cuda)
-        host.copy_(x, non_blocking=x.is_cuda)
-        ctx.host = host
         with torch.no_grad():
             return run(x, *args)
 
     @staticmethod
     def backward(ctx, grad):
         args = ctx.saved_tensors
-        x = ctx.host.to(ctx.device, non_blocking=True).requires_grad_(True)
-        ctx.host = None
+        x = ctx.chain.take(ctx.index).requires_grad_(True)
         with torch.enable_grad():
             out = ctx.run(x, *args)
         torch.autograd.backward(out, grad)
-        return (None, x.grad) + (None,) * len(args)
-
-
-def offloaded_checkpoint(run, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-    """``run(x, *args)`` with only ``x`` kept, in host memory; ``args`` get no gradient."""
-    return _OffloadedCheckpoint.apply(run, x, *args)
+        return (None, None, x.grad) + (None,) * len(args)

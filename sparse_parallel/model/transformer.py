@@ -25,7 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..patterns import Pattern
 from .layers import Block, RMSNorm, rotary_tables
-from .offload import offloaded_checkpoint
+from .offload import OffloadChain
 
 IGNORE_INDEX = -100
 #: Host offload stores whole-layer checkpoint inputs; selective checkpointing keeps each layer's
@@ -94,13 +94,15 @@ class Transformer(nn.Module):
         recompute = self.cfg.activation_checkpointing if torch.is_grad_enabled() and cache is None else False
         if recompute == "selective" and self.cfg.offload_activations:
             raise ValueError(OFFLOAD_NEEDS_FULL)
+        # The offloaded inputs of this forward's layers: the backward of each layer prefetches the next.
+        chain = OffloadChain() if recompute and self.cfg.offload_activations else None
         for index, layer in enumerate(self.layers):
             if cache is not None:
                 x = layer(x, cos, sin, cache[index], positions)
             elif recompute == "selective":
                 x = layer.selective(x, cos, sin, documents)
-            elif recompute and self.cfg.offload_activations:
-                x = offloaded_checkpoint(partial(layer, documents=documents), x, cos, sin)
+            elif chain is not None:
+                x = chain.checkpoint(partial(layer, documents=documents), x, cos, sin)
             elif recompute:
                 x = checkpoint(layer, x, cos, sin, documents=documents, use_reentrant=False)
             else:
