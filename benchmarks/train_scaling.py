@@ -40,7 +40,7 @@ PATTERNS = {
 }
 PEAK_TFLOPS = 989.0  # H200 dense bf16, the usual MFU denominator
 #: --checkpointing names -> ModelConfig.activation_checkpointing
-CHECKPOINTING = {"none": False, "full": True, "selective": "selective"}
+CHECKPOINTING = {"none": False, "full": True, "keep": "keep_attention", "selective": "selective"}
 FUSED = {"on": True, "off": False}
 
 
@@ -271,7 +271,7 @@ def main() -> int:
     ap.add_argument("--mlp-chunk", type=int, default=65536)
     ap.add_argument("--zero", type=int, default=1)
     ap.add_argument("--offload", action="store_true",
-                    help="checkpointed layer inputs in host memory (with --checkpointing full only)")
+                    help="checkpointed layer inputs in host memory (with --checkpointing full or keep)")
     ap.add_argument("--checkpointing", default="full",
                     help=f"activation-checkpointing modes to measure, comma-separated: {', '.join(CHECKPOINTING)} "
                          "(the alternatives, other patterns and the probe use the first)")
@@ -290,8 +290,9 @@ def main() -> int:
     for name, values, allowed in (("--checkpointing", modes, CHECKPOINTING), ("--fused", fused_settings, FUSED)):
         if not values or any(v not in allowed for v in values):
             ap.error(f"{name} takes a comma-separated list of {list(allowed)}, got {','.join(values)!r}")
-    if args.offload and any(m != "full" for m in modes):
-        ap.error("--offload keeps whole-layer checkpoint inputs in host memory: it needs --checkpointing full")
+    if args.offload and any(m not in ("full", "keep") for m in modes):
+        ap.error("--offload keeps whole-layer checkpoint inputs in host memory: it needs --checkpointing full "
+                 "or keep")
     if args.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
 

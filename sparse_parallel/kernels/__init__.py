@@ -36,12 +36,14 @@ def _require(device):
         raise RuntimeError(f"backend='triton' is not available: {why}")
 
 
-def triton_attention(q, k, v, pattern, scale=None, config=None):
-    """q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` -> (out ``[B, N, Hq, D]``, lse ``[B, Hq, N]`` float32)."""
+def triton_attention(q, k, v, pattern, scale=None, config=None, saved=None):
+    """q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` -> (out ``[B, N, Hq, D]``, lse ``[B, Hq, N]`` float32).
+
+    ``saved``: (out, lse) of an earlier call on equal inputs, returned with the op's backward."""
     _require(q.device)
     from .function import triton_attention as run
 
-    return run(q, k, v, pattern, scale=scale, config=config)
+    return run(q, k, v, pattern, scale=scale, config=config, saved=saved)
 
 
 def space_attention(q, q_pos, spaces, bound, scale=None, config=None):

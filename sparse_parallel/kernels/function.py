@@ -104,12 +104,15 @@ class _Function(torch.autograd.Function):
     """Runs a ``LaunchPlan`` on q and the k/v inputs; gradients for q and every input."""
 
     @staticmethod
-    def forward(ctx, plan: LaunchPlan, scale, cfg, q, *inputs):
-        out, lse = core.forward(plan.parts[0].prob, q, scale, cfg)
-        for part in plan.parts[1:]:
-            o, l = core.forward(part.prob, q[:, part.rows].contiguous(), scale, cfg)
-            out[:, part.rows] = o
-            lse[:, :, part.rows] = l
+    def forward(ctx, plan: LaunchPlan, scale, cfg, saved, q, *inputs):
+        if saved is not None:  # (out, lse) of an earlier forward on these inputs: only the backward runs
+            out, lse = saved
+        else:
+            out, lse = core.forward(plan.parts[0].prob, q, scale, cfg)
+            for part in plan.parts[1:]:
+                o, l = core.forward(part.prob, q[:, part.rows].contiguous(), scale, cfg)
+                out[:, part.rows] = o
+                lse[:, :, part.rows] = l
         ctx.plan, ctx.scale, ctx.cfg = plan, scale, cfg
         ctx.save_for_backward(q, out, lse, *inputs)
         return out, lse
@@ -146,7 +149,7 @@ class _Function(torch.autograd.Function):
             b.finish()
         if plan.fold is not None:
             plan.fold(buffers)
-        return (None, None, None, dq) + tuple(b.to(t.dtype) for b, t in zip(flat, inputs))
+        return (None, None, None, None, dq) + tuple(b.to(t.dtype) for b, t in zip(flat, inputs))
 
 
 def _block_pieces(q_pos: torch.Tensor, block: int) -> list:
@@ -216,7 +219,7 @@ def space_attention(q, q_pos, spaces, bound, scale=None, config: core.Config | N
     plan = LaunchPlan([Part(prob, None, [(i, first, 1) for i, first in enumerate(firsts)])],
                       {i: (2 * i, 2 * i + 1) for i in range(len(kspaces))})
     cfg = config if config is not None else core.default_config(device)
-    return _Function.apply(plan, scale, cfg, _descriptor_ready(q), *[t for ks in spaces for t in (ks.k, ks.v)])
+    return _Function.apply(plan, scale, cfg, None, _descriptor_ready(q), *[t for ks in spaces for t in (ks.k, ks.v)])
 
 
 def _passes(q, terms: P.Terms, spaces, use_blocks: bool):
@@ -276,13 +279,21 @@ def _passes(q, terms: P.Terms, spaces, use_blocks: bool):
     return kspaces, passes, firsts
 
 
-def triton_attention(q, k, v, pattern, scale=None, config: core.Config | None = None):
+def triton_attention(q, k, v, pattern, scale=None, config: core.Config | None = None, saved=None):
     """Whole-sequence sparse attention: q ``[B, N, Hq, D]``, k/v ``[B, N, Hkv, D]`` -> (out, lse).
 
     ``config`` (tile sizes, backward scheduling) defaults to ``core.default_config(q.device)``.
+    ``saved``: the (out, lse) an earlier call on equal q, k, v returned (a checkpointed layer's first
+    forward): they are returned as they are, with this op's backward, and no forward kernel runs.
     """
     plan, scale, cfg = prepare(q, k, v, pattern, scale, config=config)
-    return _Function.apply(plan, scale, cfg, _descriptor_ready(q), *_kv(k, v))
+    if saved is not None:
+        out, lse = saved
+        b, n, hq, d = q.shape
+        if out.shape != q.shape or lse.shape != (b, hq, n) or out.device != q.device:
+            raise ValueError(f"saved (out, lse) of shapes {tuple(out.shape)}, {tuple(lse.shape)} on {out.device} "
+                             f"do not belong to q of shape {tuple(q.shape)} on {q.device}")
+    return _Function.apply(plan, scale, cfg, saved, _descriptor_ready(q), *_kv(k, v))
 
 
 def prepare(q, k, v, pattern, scale=None, plans: bool = False, config: core.Config | None = None):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..api import sparse_attention
+from ..api import replays_saved, sparse_attention
 from ..patterns import Pattern
 from .fused import rms_norm, rotate, silu_mul
 
@@ -91,19 +91,30 @@ class Attention(nn.Module):
         v = self.wv(x).view(b, n, self.n_kv_heads, self.head_dim)
         return apply_rotary(q, cos, sin, fused=self.fused), apply_rotary(k, cos, sin, fused=self.fused), v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, documents=None, kept=None) -> torch.Tensor:
         """The sparse attention op (across the ranks of ``sequence_parallel`` when set) -> ``[B, N, Hq, D]``.
 
         ``documents`` (a ``patterns.Documents`` over the whole sequence): attend only within them.
+        ``kept`` (an ``offload.KeptAttention`` of a checkpointed layer): the first forward leaves its
+        (out, lse) there, where the backend can replay them (``api.replays_saved``), and the recompute
+        takes them back instead of running the forward again.
         """
         pattern = self.pattern if documents is None else self.pattern.within(documents)
-        return sparse_attention(q, k, v, pattern, backend=self.backend, sequence_parallel=self.sequence_parallel)
+        run = dict(backend=self.backend, sequence_parallel=self.sequence_parallel)
+        if kept is None or not replays_saved(q.device, **run):
+            return sparse_attention(q, k, v, pattern, **run)
+        saved, kept.saved = kept.saved, None
+        out, lse = sparse_attention(q, k, v, pattern, return_lse=True, saved=saved, **run)
+        if saved is None:
+            kept.saved = (out, lse)
+        return out
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                positions: torch.Tensor | None = None, documents=None) -> torch.Tensor:
-        """``cache`` (decoding): a ``generate.LayerCache`` holding earlier keys; ``positions`` those of x."""
+                positions: torch.Tensor | None = None, documents=None, kept=None) -> torch.Tensor:
+        """``cache`` (decoding): a ``generate.LayerCache`` holding earlier keys; ``positions`` those of x.
+        ``kept``: see :meth:`attend`."""
         q, k, v = self.qkv(x, cos, sin)
-        out = cache.attend(q, k, v, positions) if cache is not None else self.attend(q, k, v, documents)
+        out = cache.attend(q, k, v, positions) if cache is not None else self.attend(q, k, v, documents, kept)
         return self.wo(out.flatten(2))
 
 
@@ -122,10 +133,11 @@ class SwiGLU(nn.Module):
 class Block(nn.Module):
     """Pre-norm decoder block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-    With ``mlp_chunk`` > 0 and gradients on, the MLP runs ``mlp_chunk`` tokens at a
-    time, each chunk checkpointed: its hidden activations (8/3 x dim per token, three
-    of them) are then held for one chunk only, which is what lets a million-token
-    shard of a billion-parameter model fit on one GPU.
+    With ``mlp_chunk`` > 0 (set under activation checkpointing) the MLP runs ``mlp_chunk``
+    tokens at a time wherever nothing is kept for a backward (the forward of a whole-layer
+    checkpoint, evaluation), in ``backward_from`` and in ``selective``: its hidden activations
+    (8/3 x dim per token, three of them) are then held for one chunk only, which is what lets
+    a million-token shard of a billion-parameter model fit on one GPU.
     """
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, hidden: int, pattern: Pattern,
@@ -141,13 +153,45 @@ class Block(nn.Module):
         return self.mlp(self.mlp_norm(x))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
-                positions: torch.Tensor | None = None, documents=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache, positions, documents)
+                positions: torch.Tensor | None = None, documents=None, kept=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, positions, documents, kept)
         n, step = x.shape[1], self.mlp_chunk
-        if not step or n <= step or not torch.is_grad_enabled():
+        if not step or n <= step or torch.is_grad_enabled():
             return x + self._mlp(x)
-        parts = [checkpoint(self._mlp, x[:, s:s + step], use_reentrant=False) for s in range(0, n, step)]
-        return x + torch.cat(parts, dim=1)
+        out = torch.empty_like(x)  # nothing kept for a backward: one chunk's hidden activations at a time
+        for s in range(0, n, step):
+            out[:, s:s + step] = x[:, s:s + step] + self._mlp(x[:, s:s + step])
+        return out
+
+    def backward_from(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, grad: torch.Tensor,
+                      documents=None, kept=None) -> torch.Tensor:
+        """The backward of ``forward`` at input ``x`` for output gradient ``grad``, recomputing from ``x``
+        (a whole-layer checkpoint): returns the gradient of ``x``; parameter gradients accumulate.
+
+        The attention half is recomputed with gradients (the attention op replayed from ``kept`` where
+        it can be).  The MLP then runs one ``mlp_chunk`` at a time, each chunk's forward and backward
+        together, so its hidden activations are held for one chunk and computed twice per step (the
+        first forward, this one) instead of three times (a checkpoint per chunk inside the recompute).
+        The MLP's parameter gradients, summed over the chunks, reach autograd in the layer's one
+        backward: every parameter gets one accumulation per layer, as with a plain checkpoint, so
+        gradient hooks (ZeRO's) see what they always see.
+        """
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            h = x + self.attn(self.attn_norm(x), cos, sin, documents=documents, kept=kept)
+            params = [p for p in (*self.mlp_norm.parameters(), *self.mlp.parameters()) if p.requires_grad]
+            dh = torch.empty_like(grad)
+            sums = [None] * len(params)
+            n = h.shape[1]
+            step = self.mlp_chunk or n
+            for s in range(0, n, step):
+                hc = h[:, s:s + step].detach().requires_grad_(True)
+                gc = grad[:, s:s + step]
+                dhc, *dps = torch.autograd.grad(self._mlp(hc), [hc, *params], gc)
+                dh[:, s:s + step] = dhc + gc
+                sums = [d if a is None else a + d for a, d in zip(sums, dps)]
+            torch.autograd.backward(_WithGradients.apply(h, sums, *params), dh)
+        return x.grad
 
     def selective(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, documents=None) -> torch.Tensor:
         """``forward`` for training with selective activation checkpointing.
@@ -173,3 +217,16 @@ class Block(nn.Module):
     def _finish(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         h = x + self.attn.wo(out.flatten(2))
         return h + self._mlp(h)
+
+
+class _WithGradients(torch.autograd.Function):
+    """The identity on ``h`` whose backward also gives ``params`` the precomputed ``grads``."""
+
+    @staticmethod
+    def forward(ctx, h, grads, *params):
+        ctx.grads = grads
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (grad, None, *ctx.grads)

@@ -1,26 +1,33 @@
-"""Activation checkpointing whose saved layer input lives in host memory.
+"""Whole-layer activation checkpoints: a layer keeps its input (on the GPU or in host memory).
 
-At a million tokens per GPU the checkpointed inputs of the layers alone
-(N x dim x 2 bytes each: 4 GiB per layer at d_model 2048) outgrow the GPU.
-An ``OffloadChain`` holds the inputs of the layers of one forward:
-``chain.checkpoint(run, x, *args)`` copies ``x`` to pinned host memory, runs the
-layer without saving anything, and in the backward brings the input back,
-recomputes the layer with gradients and back-propagates through it.
+``LayerChain`` holds the inputs of the checkpointed layers of one forward:
+``chain.checkpoint(layer, x, cos, sin, documents)`` keeps ``x``, runs the layer
+without saving anything else, and in the backward recomputes the layer from
+``x`` and back-propagates through it (``Block.backward_from``: the MLP one chunk
+at a time, forward and backward together, so it runs twice per step, not three
+times).  With ``keep_attention`` the attention op's output and log-sum-exp stay
+on the GPU from the first forward, and the recompute replays them instead of
+running the attention forward again (where the backend can: ``api.sparse_attention``).
 
-On CUDA both copies run on a side stream, one per device, so they overlap the
-layers' compute instead of queueing behind it: the forward copies layer i's
-input out while layers i, i+1, ... run, and the backward of layer i, before it
-recomputes, starts bringing back the input of layer i-1, the next one the
-backward needs. That costs one more layer input on the GPU during each layer's
-backward. On CPU the same chain runs with plain copies.
+With ``offload`` the inputs wait in pinned host memory: at a million tokens per
+GPU the inputs alone (N x dim x 2 bytes each: 4 GiB per layer at d_model 2048)
+outgrow the GPU.  On CUDA both copies run on a side stream, one per device, so
+they overlap the layers' compute instead of queueing behind it: the forward
+copies layer i's input out while layers i, i+1, ... run, and the backward of
+layer i, before it recomputes, starts bringing back the input of layer i-1, the
+next one the backward needs. That costs one more layer input on the GPU during
+each layer's backward. On CPU the same chain runs with plain copies.
 
-Only whole-layer checkpoints go through here: selective checkpointing keeps each
-layer's attention tensors on the GPU, several times the input offloaded here, so
-the config refuses the combination (``transformer.OFFLOAD_NEEDS_FULL``).
+Selective checkpointing keeps each layer's attention q, k, v and output on the
+GPU and does not go through here; the config refuses it with offload
+(``transformer.OFFLOAD_NEEDS_FULL``).
 """
 from __future__ import annotations
 
 import torch
+
+_TAKEN = ("checkpointed layer input {index} was already taken back: a backward through whole-layer "
+          "checkpoints runs once (no retain_graph)")
 
 # One copy stream per device, made on first use and shared by every chain: a forward creates no
 # stream, and the copies of successive forwards (micro-batches) queue in order on the same one.
@@ -34,27 +41,34 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return stream
 
 
-class OffloadChain:
-    """The host-stored inputs of the offloaded layers of one forward, in layer order.
+class LayerChain:
+    """The kept inputs of the checkpointed layers of one forward, in layer order.
 
     Made once per forward and shared by its layers: the forward stashes each layer's input,
-    the backward takes them back in reverse order and prefetches the one before.
-    ``prefetched`` counts the inputs the backward found already on their way back.
+    the backward takes them back in reverse order (with ``offload``, prefetching the one before:
+    ``prefetched`` counts the inputs the backward found already on their way back).
     """
 
-    def __init__(self):
-        self._hosts: list[torch.Tensor | None] = []
+    def __init__(self, offload: bool = False, keep_attention: bool = False):
+        self.offload, self.keep_attention = offload, keep_attention
+        self._inputs: list[torch.Tensor | None] = []
         # index -> (the input on the device, the side-stream event after its copy; None on CPU)
         self._in_flight: dict[int, tuple[torch.Tensor, torch.cuda.Event | None]] = {}
         self._device: torch.device | None = None
         self.prefetched = 0
 
-    def checkpoint(self, run, x: torch.Tensor, *args: torch.Tensor) -> torch.Tensor:
-        """``run(x, *args)`` with only ``x`` kept, in host memory; ``args`` (cos, sin) get no gradient."""
-        return _OffloadedCheckpoint.apply(self, run, x, *args)
+    def checkpoint(self, layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   documents=None) -> torch.Tensor:
+        """``layer(x, cos, sin, documents=documents)`` keeping only ``x`` (and the attention output with
+        ``keep_attention``); ``cos``/``sin`` get no gradient."""
+        kept = KeptAttention() if self.keep_attention else None
+        return _LayerCheckpoint.apply(self, layer, documents, kept, x, cos, sin)
 
     def stash(self, x: torch.Tensor) -> int:
-        """Start copying ``x`` to host memory; its index for :meth:`take`."""
+        """Keep ``x`` (with ``offload``: start copying it to host memory); its index for :meth:`take`."""
+        if not self.offload:
+            self._inputs.append(x)
+            return len(self._inputs) - 1
         if self._device is not None and x.device != self._device:
             raise ValueError(f"one chain holds the inputs of one device: {self._device}, then {x.device}")
         self._device = x.device
@@ -74,21 +88,26 @@ class OffloadChain:
             x.record_stream(side)
         else:
             host.copy_(x)
-        self._hosts.append(host)
-        return len(self._hosts) - 1
+        self._inputs.append(host)
+        return len(self._inputs) - 1
 
     def take(self, index: int) -> torch.Tensor:
         """The input stashed as ``index``, on its device and ready on the current stream.
 
-        Before returning it, starts bringing back the input of ``index - 1``, which the backward
-        needs next, so that its copy overlaps the recompute and backward of this layer.
+        With ``offload``, before returning it, starts bringing back the input of ``index - 1``, which
+        the backward needs next, so that its copy overlaps the recompute and backward of this layer.
         """
+        if not self.offload:
+            x, self._inputs[index] = self._inputs[index], None
+            if x is None:
+                raise RuntimeError(_TAKEN.format(index=index))
+            return x
         entry = self._in_flight.pop(index, None)
         if entry is None:
             entry = self._fetch(index)
         else:
             self.prefetched += 1
-        if index > 0 and self._hosts[index - 1] is not None:
+        if index > 0 and self._inputs[index - 1] is not None:
             self._in_flight[index - 1] = self._fetch(index - 1)
         x, copied = entry
         if copied is not None:
@@ -96,11 +115,10 @@ class OffloadChain:
         return x
 
     def _fetch(self, index: int) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        host = self._hosts[index]
+        host = self._inputs[index]
         if host is None:
-            raise RuntimeError(f"offloaded layer input {index} was already taken back: a backward through "
-                               "host-offloaded checkpoints runs once (no retain_graph)")
-        self._hosts[index] = None
+            raise RuntimeError(_TAKEN.format(index=index))
+        self._inputs[index] = None
         if self._device.type != "cuda":
             return host, None
         compute, side = torch.cuda.current_stream(self._device), _side_stream(self._device)
@@ -122,20 +140,27 @@ class OffloadChain:
         return x, copied
 
 
-class _OffloadedCheckpoint(torch.autograd.Function):
+class KeptAttention:
+    """A checkpointed layer's attention (out, lse) from its first forward, until its recompute takes it."""
+
+    __slots__ = ("saved",)
+
+    def __init__(self):
+        self.saved = None
+
+
+class _LayerCheckpoint(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, chain, run, x, *args):
-        ctx.chain, ctx.run = chain, run
+    def forward(ctx, chain, layer, documents, kept, x, cos, sin):
+        ctx.chain, ctx.layer, ctx.documents, ctx.kept = chain, layer, documents, kept
         ctx.index = chain.stash(x)
-        ctx.save_for_backward(*args)
+        ctx.save_for_backward(cos, sin)
         with torch.no_grad():
-            return run(x, *args)
+            return layer(x, cos, sin, documents=documents, kept=kept)
 
     @staticmethod
     def backward(ctx, grad):
-        args = ctx.saved_tensors
-        x = ctx.chain.take(ctx.index).requires_grad_(True)
-        with torch.enable_grad():
-            out = ctx.run(x, *args)
-        torch.autograd.backward(out, grad)
-        return (None, None, x.grad) + (None,) * len(args)
+        cos, sin = ctx.saved_tensors
+        x = ctx.chain.take(ctx.index)
+        dx = ctx.layer.backward_from(x, cos, sin, grad, documents=ctx.documents, kept=ctx.kept)
+        return None, None, None, None, dx, None, None

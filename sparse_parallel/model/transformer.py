@@ -9,14 +9,15 @@ holds ``N x vocab`` logits.
 
 ``cfg.activation_checkpointing`` picks what a training forward keeps of each layer:
 everything (false); only the layer input, the whole layer recomputed in backward (true;
-with ``offload_activations`` the input waits in host memory); or the layer input and what
-the attention op saves, everything but the attention recomputed (``"selective"``,
-``Block.selective``): the attention forward then runs once per step instead of twice.
+``offload.LayerChain``, ``Block.backward_from``; with ``offload_activations`` the input
+waits in host memory); the same plus the attention op's output and log-sum-exp, which the
+recompute replays instead of running the attention forward again (``"keep_attention"``);
+or the layer input and what the attention op saves, everything but the attention
+recomputed (``"selective"``, ``Block.selective``).
 """
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +26,14 @@ from torch.utils.checkpoint import checkpoint
 
 from ..patterns import Pattern
 from .layers import Block, RMSNorm, rotary_tables
-from .offload import OffloadChain
+from .offload import LayerChain
 
 IGNORE_INDEX = -100
 #: Host offload stores whole-layer checkpoint inputs; selective checkpointing keeps each layer's
 #: attention tensors on the GPU instead, so the two do not combine.
-OFFLOAD_NEEDS_FULL = ("model.offload_activations needs model.activation_checkpointing: true (whole-layer "
-                      "checkpoints), not 'selective', which keeps every layer's attention q, k, v and output "
-                      "on the GPU")
+OFFLOAD_NEEDS_FULL = ("model.offload_activations needs model.activation_checkpointing: true or "
+                      "'keep_attention' (whole-layer checkpoints), not 'selective', which keeps every layer's "
+                      "attention q, k, v and output on the GPU")
 
 
 def mlp_hidden(dim: int, hidden: int) -> int:
@@ -94,17 +95,18 @@ class Transformer(nn.Module):
         recompute = self.cfg.activation_checkpointing if torch.is_grad_enabled() and cache is None else False
         if recompute == "selective" and self.cfg.offload_activations:
             raise ValueError(OFFLOAD_NEEDS_FULL)
-        # The offloaded inputs of this forward's layers: the backward of each layer prefetches the next.
-        chain = OffloadChain() if recompute and self.cfg.offload_activations else None
+        # The kept inputs of this forward's whole-layer checkpoints (offloaded: the backward of each
+        # layer prefetches the next).
+        chain = None
+        if recompute and recompute != "selective":
+            chain = LayerChain(offload=self.cfg.offload_activations, keep_attention=recompute == "keep_attention")
         for index, layer in enumerate(self.layers):
             if cache is not None:
                 x = layer(x, cos, sin, cache[index], positions)
             elif recompute == "selective":
                 x = layer.selective(x, cos, sin, documents)
             elif chain is not None:
-                x = chain.checkpoint(partial(layer, documents=documents), x, cos, sin)
-            elif recompute:
-                x = checkpoint(layer, x, cos, sin, documents=documents, use_reentrant=False)
+                x = chain.checkpoint(layer, x, cos, sin, documents)
             else:
                 x = layer(x, cos, sin, documents=documents)
         return self.norm(x)

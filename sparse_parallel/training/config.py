@@ -58,6 +58,10 @@ def _pos_float(name: str, value) -> None:
 RUNTIME = {"runtime": True}
 
 
+#: the string values of ``ModelConfig.activation_checkpointing`` (besides false and true)
+CHECKPOINTING_MODES = ("keep_attention", "selective")
+
+
 @dataclass
 class ModelConfig:
     """Decoder-only LM shape and the attention pattern of every layer."""
@@ -73,9 +77,12 @@ class ModelConfig:
     tie_embeddings: bool = True
     #: fields marked ``RUNTIME`` change how a step runs, not the model: a checkpoint resumes across them
     #: what backward recomputes: false (nothing: every activation is kept), true (each whole layer
-    #: from its input: the least memory, the attention forward runs twice per step) or "selective"
-    #: (everything but the attention op, whose q, k, v, output and log-sum-exp are kept: about
-    #: (2 + 2 x n_kv_heads / n_heads) x N x dim more per layer than true, the attention forward once)
+    #: from its input: the least memory, the attention forward runs twice per step), "keep_attention"
+    #: (each whole layer, but the attention op's output and log-sum-exp stay from the forward: N x dim
+    #: more per layer than true, and with the Triton kernels on one GPU the attention forward runs once)
+    #: or "selective" (everything but the attention op, whose q, k, v, output and log-sum-exp are kept:
+    #: about (2 + 2 x n_kv_heads / n_heads) x N x dim more per layer than true, the attention forward
+    #: once, nothing recomputed for the attention's backward)
     activation_checkpointing: bool | str = field(default=False, metadata=RUNTIME)
     #: tokens per cross-entropy chunk (bounds the logits held at once)
     loss_chunk: int = field(default=4096, metadata=RUNTIME)
@@ -84,7 +91,7 @@ class ModelConfig:
     mlp_chunk: int = field(default=65536, metadata=RUNTIME)
     #: with activation checkpointing, keep each layer's saved input in pinned host memory
     #: (N x dim x 2 bytes per layer moved each way per step) for contexts whose layer inputs
-    #: do not fit on the GPU; needs activation_checkpointing true, not "selective"
+    #: do not fit on the GPU; needs activation_checkpointing true or "keep_attention", not "selective"
     offload_activations: bool = field(default=False, metadata=RUNTIME)
     #: run RMSNorm, rotary and SwiGLU's silu(gate) * up as one compiled kernel each (torch.compile,
     #: forward and backward) on CUDA; the same float32 arithmetic, eager on other devices
@@ -121,8 +128,10 @@ class ModelConfig:
         for name in ("tie_embeddings", "offload_activations", "fused_elementwise"):
             if not isinstance(getattr(self, name), bool):
                 _fail(f"model.{name}", "true or false", getattr(self, name))
-        if not isinstance(self.activation_checkpointing, bool) and self.activation_checkpointing != "selective":
-            _fail("model.activation_checkpointing", "one of [false, true, 'selective']", self.activation_checkpointing)
+        if (not isinstance(self.activation_checkpointing, bool)
+                and self.activation_checkpointing not in CHECKPOINTING_MODES):
+            _fail("model.activation_checkpointing", "one of [false, true, "
+                  + ", ".join(repr(m) for m in CHECKPOINTING_MODES) + "]", self.activation_checkpointing)
         if self.offload_activations and self.activation_checkpointing == "selective":
             from ..model.transformer import OFFLOAD_NEEDS_FULL
 

@@ -1,7 +1,9 @@
-"""Activation checkpointing: none, whole layers and selective compute the same loss and gradients,
-and selective runs each layer's attention forward once per step."""
+"""Activation checkpointing: none, whole layers (attention output kept or not) and selective compute the
+same loss and gradients; selective, and whole layers keeping the attention output with the Triton kernels,
+run each layer's attention forward once per step; whole layers run the MLP twice."""
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -12,7 +14,10 @@ from sparse_parallel.model import Transformer, layers
 from sparse_parallel.model.transformer import OFFLOAD_NEEDS_FULL
 from sparse_parallel.training.config import ModelConfig
 
-MODES = (False, True, "selective")
+if not torch.cuda.is_available():  # the Triton kernels in the interpreter (read when they are first compiled)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+MODES = (False, True, "keep_attention", "selective")
 PATTERN = {"components": [{"type": "window", "left": 5}]}
 LAYER_PATTERNS = {1: {"components": [{"type": "window", "left": 3}, {"type": "strided", "stride": 4},
                                      {"type": "global", "first": 2}]}}
@@ -63,32 +68,71 @@ def _counting(monkeypatch, owner, name):
     return calls
 
 
-@pytest.mark.parametrize("mode, attention_runs", [(False, 1), (True, 2), ("selective", 1)])
+# (mode, attention calls per layer per step, MLP calls of the two layers after the forward / the step).
+# Two layers, 23 tokens, MLP chunks of 8 under checkpointing (3 per layer): a whole-layer checkpoint's
+# forward runs the chunks once (nothing kept), its recompute once more, backward with each; selective
+# runs them under checkpoints and recomputes each once.  The reference backend cannot replay a kept
+# attention output (its backward is autograd through its forward), so "keep_attention" recomputes it.
+COUNTS = [(False, 1, 2, 2), (True, 2, 6, 12), ("keep_attention", 2, 6, 12), ("selective", 1, 6, 12)]
+
+
+@pytest.mark.parametrize("mode, attention_runs, mlp_forward, mlp_step", COUNTS)
 def test_attention_forward_runs_once_per_layer_per_step_unless_whole_layers_recompute(
-        monkeypatch, mode, attention_runs):
+        monkeypatch, mode, attention_runs, mlp_forward, mlp_step):
     attention = _counting(monkeypatch, layers, "sparse_attention")
     mlp = _counting(monkeypatch, layers.SwiGLU, "forward")
     model = Transformer(cfg_for(mode, mlp_chunk=8)).double()
     tokens = torch.randint(0, 37, (1, 23))
     total, _ = model(tokens, tokens)
-    assert len(attention) == 2 and len(mlp) == (6 if mode else 2)  # 3 chunks of 8 tokens under checkpointing
+    assert len(attention) == 2 and len(mlp) == mlp_forward
     total.backward()
     assert len(attention) == 2 * attention_runs
-    if mode == "selective":
-        assert len(mlp) == 2 * 6  # every MLP chunk recomputed exactly once
+    assert len(mlp) == mlp_step
     with torch.no_grad():
         model(tokens, tokens)  # evaluation keeps nothing for a backward: nothing to recompute
     assert len(attention) == 2 * attention_runs + 2
 
 
+def _triton_run(mode, offload, calls):
+    cfg = cfg_for(mode, dim=32, n_heads=2, n_kv_heads=1, mlp_chunk=16, loss_chunk=16, attention_backend="triton",
+                  offload_activations=offload, fused_elementwise=False,
+                  pattern={"components": [{"type": "window", "left": 7}, {"type": "strided", "stride": 4}]})
+    torch.manual_seed(3)
+    model = Transformer(cfg).to("cuda" if torch.cuda.is_available() else "cpu")
+    tokens = torch.randint(0, 37, (1, 40), generator=torch.Generator().manual_seed(2)).to(model.output_weight.device)
+    calls.clear()
+    total, _ = model(tokens, tokens)
+    forwards = len(calls)
+    total.backward()
+    return total.detach(), [p.grad for p in model.parameters()], (forwards, len(calls))
+
+
+@pytest.mark.parametrize("offload", [False, True])
+def test_kept_attention_output_is_replayed_by_the_triton_kernels(monkeypatch, offload):
+    """The recompute hands the kept (out, lse) to the kernels' backward: no forward kernel runs again, and
+    loss and every gradient equal those of recomputing the attention, bit for bit (the same kernels on
+    the same inputs: the recomputed forward gives exactly the kept output)."""
+    from sparse_parallel.kernels import core
+
+    calls = _counting(monkeypatch, core, "forward")
+    want, want_grads, (forwards, runs) = _triton_run(True, False, calls)
+    assert (forwards, runs) == (2, 4)  # two layers: forward, then again in each recompute
+    got, grads, (forwards, runs) = _triton_run("keep_attention", offload, calls)
+    assert (forwards, runs) == (2, 2)
+    assert torch.equal(got, want)
+    for g, w in zip(grads, want_grads):
+        assert torch.equal(g, w)
+
+
 def test_checkpointing_mode_is_validated():
     for bad in ("full", "Selective", 1, None):
         with pytest.raises(ValueError, match=r"model.activation_checkpointing must be one of \[false, true, "
-                                             r"'selective'\]"):
+                                             r"'keep_attention', 'selective'\]"):
             cfg_for(bad)
     with pytest.raises(ValueError, match="model.offload_activations needs model.activation_checkpointing: true"):
         cfg_for("selective", offload_activations=True)
     cfg_for(True, offload_activations=True)
+    cfg_for("keep_attention", offload_activations=True)
     # A config changed after validation is refused where it would be used.
     cfg = cfg_for("selective")
     cfg.offload_activations = True

@@ -51,12 +51,13 @@ def _offload_against_checkpoint(model, tokens, labels, monkeypatch):
     """(loss, grads) with plain checkpointing, then with host offload, and the offload's chains."""
     chains = []
 
-    class RecordedChain(offload.OffloadChain):
-        def __init__(self):
-            super().__init__()
-            chains.append(self)
+    class RecordedChain(offload.LayerChain):
+        def __init__(self, **kw):
+            super().__init__(**kw)
+            if self.offload:
+                chains.append(self)
 
-    monkeypatch.setattr(transformer, "OffloadChain", RecordedChain)
+    monkeypatch.setattr(transformer, "LayerChain", RecordedChain)
     results = []
     for offload_activations in (False, True):
         model.cfg.offload_activations = offload_activations
