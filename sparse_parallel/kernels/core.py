@@ -332,16 +332,16 @@ def check_descriptor_alignment(name: str, t: torch.Tensor):
                          f"for the kernels' tensor descriptors; got strides {tuple(t.stride())}")
 
 
-def tile_descriptor(t: torch.Tensor, rows: int, heads: int = 1):
+def tile_descriptor(t: torch.Tensor, rows: int):
     """A tensor descriptor over the whole ``[B, N, H, D]`` tensor ``t`` (any view the alignment check
-    accepts) whose block is ``rows`` rows of ``heads`` heads of one batch element: ``[1, rows, heads, D]``.
+    accepts) whose block is ``rows`` rows of one head of one batch element: ``[1, rows, 1, D]``.
 
     Made on the host and passed to the query-major kernel: building its own, a program writes each
     descriptor (two per pass) to global memory and fences it before its first tile.
     """
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    return TensorDescriptor.from_tensor(t, [1, rows, heads, t.shape[3]])
+    return TensorDescriptor.from_tensor(t, [1, rows, 1, t.shape[3]])
 
 
 def _descriptor_scratch(device):
