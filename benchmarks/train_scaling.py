@@ -51,6 +51,7 @@ def model_config(args, pattern: dict, backend: str, checkpointing: str, fused: s
                       fused_elementwise=FUSED[fused])
     cfg.mlp_chunk = args.mlp_chunk
     cfg.offload_activations = args.offload
+    cfg.checkpoint_layers = args.checkpoint_layers
     cfg.validate()
     return cfg
 
@@ -275,6 +276,8 @@ def main() -> int:
     ap.add_argument("--checkpointing", default="full",
                     help=f"activation-checkpointing modes to measure, comma-separated: {', '.join(CHECKPOINTING)} "
                          "(the alternatives, other patterns and the probe use the first)")
+    ap.add_argument("--checkpoint-layers", type=int, default=None,
+                    help="model.checkpoint_layers: checkpoint only the first this many layers (default: all)")
     ap.add_argument("--fused", default="on",
                     help="fused element-wise kernels (model.fused_elementwise) to measure, comma-separated: on, off")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
@@ -312,7 +315,7 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
             "model": {"layers": args.layers, "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads,
                       "vocab": args.vocab, "zero": args.zero, "mlp_chunk": args.mlp_chunk,
-                      "offload_activations": args.offload, "checkpointing": modes, "fused": fused_settings}}
+                      "offload_activations": args.offload, "checkpoint_layers": args.checkpoint_layers, "checkpointing": modes, "fused": fused_settings}}
 
     def record(row):
         rows.append(row)

@@ -100,9 +100,12 @@ class Transformer(nn.Module):
         chain = None
         if recompute and recompute != "selective":
             chain = LayerChain(offload=self.cfg.offload_activations, keep_attention=recompute == "keep_attention")
+        last = len(self.layers) if self.cfg.checkpoint_layers is None else self.cfg.checkpoint_layers
         for index, layer in enumerate(self.layers):
             if cache is not None:
                 x = layer(x, cos, sin, cache[index], positions)
+            elif index >= last:  # past checkpoint_layers: everything kept
+                x = layer(x, cos, sin, documents=documents)
             elif recompute == "selective":
                 x = layer.selective(x, cos, sin, documents)
             elif chain is not None:

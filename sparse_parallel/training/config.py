@@ -84,6 +84,9 @@ class ModelConfig:
     #: about (2 + 2 x n_kv_heads / n_heads) x N x dim more per layer than true, the attention forward
     #: once, nothing recomputed for the attention's backward)
     activation_checkpointing: bool | str = field(default=False, metadata=RUNTIME)
+    #: how many layers, from the first, activation_checkpointing applies to (unset: all); the later
+    #: ones keep every activation (no recompute), for memory a run has to spare
+    checkpoint_layers: int | None = field(default=None, metadata=RUNTIME)
     #: tokens per cross-entropy chunk (bounds the logits held at once)
     loss_chunk: int = field(default=4096, metadata=RUNTIME)
     #: tokens per checkpointed MLP chunk under activation checkpointing (bounds the MLP's hidden
@@ -118,6 +121,11 @@ class ModelConfig:
             _int(f"model.{name}", getattr(self, name), 1)
         _int("model.mlp_hidden", self.mlp_hidden, 0)
         _int("model.mlp_chunk", self.mlp_chunk, 0)
+        if self.checkpoint_layers is not None and (isinstance(self.checkpoint_layers, bool)
+                                                   or not isinstance(self.checkpoint_layers, int)
+                                                   or not 0 <= self.checkpoint_layers <= self.n_layers):
+            _fail("model.checkpoint_layers", f"unset or an integer in [0, {self.n_layers}] (model.n_layers)",
+                  self.checkpoint_layers)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"model.n_heads ({self.n_heads}) must be a multiple of model.n_kv_heads "
                              f"({self.n_kv_heads})")

@@ -124,6 +124,22 @@ def test_kept_attention_output_is_replayed_by_the_triton_kernels(monkeypatch, of
         assert torch.equal(g, w)
 
 
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_checkpoint_layers_limits_the_recompute_to_the_first_layers(monkeypatch, mode):
+    """With checkpoint_layers=1 of 2 the second layer keeps everything: its attention runs once (the
+    reference backend recomputes the first layer's under whole-layer checkpoints), and the loss and every
+    gradient are those of no checkpointing, to float64 rounding."""
+    torch.manual_seed(2)
+    tokens, labels = torch.randint(0, 37, (2, 23)), torch.randint(0, 37, (2, 23))
+    want, want_grads = loss_and_grads(cfg_for(False, mlp_chunk=8), tokens, labels)
+    attention = _counting(monkeypatch, layers, "sparse_attention")
+    got, grads = loss_and_grads(cfg_for(mode, mlp_chunk=8, checkpoint_layers=1), tokens, labels)
+    assert len(attention) == (2 if mode == "selective" else 3)
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, want_grads[name], rtol=1e-12, atol=1e-14, msg=name)
+
+
 def test_checkpointing_mode_is_validated():
     for bad in ("full", "Selective", 1, None):
         with pytest.raises(ValueError, match=r"model.activation_checkpointing must be one of \[false, true, "
@@ -133,6 +149,10 @@ def test_checkpointing_mode_is_validated():
         cfg_for("selective", offload_activations=True)
     cfg_for(True, offload_activations=True)
     cfg_for("keep_attention", offload_activations=True)
+    for bad in (-1, 3, True, "all", 1.0):
+        with pytest.raises(ValueError, match=r"model.checkpoint_layers must be unset or an integer in \[0, 2\]"):
+            cfg_for(True, checkpoint_layers=bad)
+    cfg_for(True, checkpoint_layers=0)
     # A config changed after validation is refused where it would be used.
     cfg = cfg_for("selective")
     cfg.offload_activations = True
