@@ -73,8 +73,9 @@ ClusterName=sparseparallel
 SlurmctldHost=$HOST
 AuthType=auth/munge
 # How long a job credential lives; a requeued job waits this long (+1 s) before it may start again, so
-# that no step of its last run is still being launched.  Slurm's default is 120 s.
-AuthInfo=cred_expire=20
+# that no step of its last run is still being launched.  Slurm's default is 120 s; on this one node a step
+# launches in well under a second, and every second here is one the requeue test waits.
+AuthInfo=cred_expire=5
 CredType=cred/munge
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none

@@ -60,8 +60,23 @@ def assert_same_losses(run_dir: Path, ref: dict[int, float], steps, label="") ->
 def run_ranks(config: Path, overrides=(), nprocs=1, resume="auto", log_dir=None, timeout=240, script=None,
               overwrite=False, allow_change=()):
     """Run ranks; returns exit codes and rank 0's output."""
-    log_dir = log_dir or Path(config).parent / f"logs-{Path(config).stem}"
-    args = (["--overwrite"] if overwrite else []) + [a for part in allow_change for a in ("--allow-change", part)]
-    codes, ranks = local.train(str(config), list(overrides), nprocs, resume, log_dir, timeout, script=script,
-                               args=args)
-    return codes, ranks.output(0)
+    return run_together(dict(config=config, overrides=overrides, nprocs=nprocs, resume=resume, log_dir=log_dir,
+                             script=script, overwrite=overwrite, allow_change=allow_change), timeout=timeout)[0]
+
+
+def run_together(*runs: dict, timeout=240) -> list[tuple[list[int], str]]:
+    """Start independent runs at once (each a dict of :func:`run_ranks`' arguments, own run.dir) and wait
+    for all of them; returns each run's exit codes and rank 0's output.
+
+    A rank spends most of a tiny run importing and setting up, one core at a time: runs side by side
+    use the machine's cores where one after the other would leave them idle.
+    """
+    started = []
+    for r in runs:
+        config = Path(r["config"])
+        log_dir = r.get("log_dir") or config.parent / f"logs-{config.stem}"
+        args = ((["--overwrite"] if r.get("overwrite") else [])
+                + [a for part in r.get("allow_change", ()) for a in ("--allow-change", part)])
+        started.append(local.start(str(config), list(r.get("overrides", ())), r.get("nprocs", 1),
+                                   r.get("resume", "auto"), log_dir, script=r.get("script"), args=args))
+    return [(ranks.wait(timeout), ranks.output(0)) for ranks in started]

@@ -132,7 +132,7 @@ def test_signal_checkpoints_requeues_and_resumes_with_equal_losses(ws, slurm_env
     wait_until(lambda: len(losses(run_dir)) >= 3, "the first steps' losses")
     subprocess.run(["scancel", "--batch", "--signal=USR1", job], env=slurm_env, check=True)
     # Nothing else is done by hand: the script requeues the job and Slurm starts it again once the old
-    # run's credential has expired (cluster.sh sets 20 s), and the trainer resumes from the checkpoint.
+    # run's credential has expired (cluster.sh sets 5 s), and the trainer resumes from the checkpoint.
     fields = wait_done(slurm_env, job, run_dir)
     assert fields["Restarts"] == "1"
     log = job_log(run_dir, job)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from training_helpers import assert_same_losses, losses, run_ranks, tiny_config, write_config
+from training_helpers import assert_same_losses, losses, run_ranks, run_together, tiny_config, write_config
 
 from sparse_parallel.training import REQUEUE_EXIT_CODE
 
@@ -71,16 +71,20 @@ def test_sequence_and_data_parallel_loss_parity(tmp_path, straight_run, tokenize
     1e-5 relative over 4 steps leaves room for that and nothing else.
     """
     ref = losses(straight_run)
-    for name, nprocs, overrides in (
-            ("accum", 1, ["train.micro_batch=1", "train.grad_accum=2"]),
-            ("sp2", 2, ["parallel.sequence_parallel=2", "train.tokens_per_gpu=32"]),
-            ("sp2dp2", 4, ["parallel.sequence_parallel=2", "train.tokens_per_gpu=32", "train.micro_batch=1"])):
-        cfg = write_config(tmp_path / f"{name}.yaml", tiny_config(tokenizer_path, tmp_path / name, token_cache))
-        codes, out = run_ranks(cfg, overrides + ["train.steps=4", "checkpoint.every=0"], nprocs=nprocs)
-        assert codes == [0] * nprocs, out[-3000:]
-        assert_same_losses(tmp_path / name, ref, range(1, 5), name)
-        digests = _param_digests(tmp_path / name)
-        assert len(digests) == nprocs and len(set(digests)) == 1, (name, digests)
+    # The 1- and 2-rank layouts run side by side (3 ranks), the 4-rank one alone.
+    for group in ((("accum", 1, ["train.micro_batch=1", "train.grad_accum=2"]),
+                   ("sp2", 2, ["parallel.sequence_parallel=2", "train.tokens_per_gpu=32"])),
+                  (("sp2dp2", 4, ["parallel.sequence_parallel=2", "train.tokens_per_gpu=32",
+                                  "train.micro_batch=1"]),)):
+        runs = [dict(config=write_config(tmp_path / f"{name}.yaml",
+                                         tiny_config(tokenizer_path, tmp_path / name, token_cache)),
+                     overrides=overrides + ["train.steps=4", "checkpoint.every=0"], nprocs=nprocs)
+                for name, nprocs, overrides in group]
+        for (name, nprocs, _), (codes, out) in zip(group, run_together(*runs)):
+            assert codes == [0] * nprocs, (name, out[-3000:])
+            assert_same_losses(tmp_path / name, ref, range(1, 5), name)
+            digests = _param_digests(tmp_path / name)
+            assert len(digests) == nprocs and len(set(digests)) == 1, (name, digests)
     # The SP=2 x DP=2 checkpoint resumed by one process (SP and DP both change; ZeRO-1 state
     # goes through the universal form) continues the straight run.
     cfg = write_config(tmp_path / "sp1.yaml", tiny_config(tokenizer_path, tmp_path / "sp1", token_cache))
