@@ -13,7 +13,8 @@ everything (false); only the layer input, the whole layer recomputed in backward
 waits in host memory); the same plus the attention op's output and log-sum-exp, which the
 recompute replays instead of running the attention forward again (``"keep_attention"``);
 or the layer input and what the attention op saves, everything but the attention
-recomputed (``"selective"``, ``Block.selective``).
+recomputed (``"selective"``, ``Block.selective``).  ``cfg.checkpoint_layers`` limits it to
+the first layers; the later ones keep everything.
 """
 from __future__ import annotations
 
