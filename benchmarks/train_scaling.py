@@ -13,7 +13,8 @@ lengths they fit.  Prints a table and writes JSON (``--out``).
 settings to measure side by side at every ``--lengths`` entry.  One more step of each run is
 taken under torch.profiler, and its GPU time is reported by kernel category (sparse attention,
 matrix products, element-wise, copies, host copies (the transfers of ``--offload``), communication,
-other) next to the timing.
+other) next to the timing, with the time no kernel ran and the CPU operators that ran meanwhile
+(``idle_stretches``; the profiler's own overhead is part of it).
 """
 from __future__ import annotations
 
@@ -96,6 +97,44 @@ def category(name: str, attention_kernels: tuple[str, ...]) -> str:
     return "other"
 
 
+def idle_stretches(device_spans, cpu_leaves, min_us: float = 100.0, top: int = 8) -> dict:
+    """Where a profiled step leaves the GPU without work, and what the CPU did meanwhile.
+
+    ``device_spans``: (start, end) in microseconds of every device activity (kernels and copies, any
+    stream); ``cpu_leaves``: (name, start, end) of the CPU operators and runtime calls with no children.
+    The step's idle time is the part of [first start, last end] that no device span covers; a gap of
+    at least ``min_us`` is a stretch.  ``cpu_ms`` sums, per name, the CPU leaves' time inside the
+    stretches (largest ``top``): a synchronisation there means the GPU drained; the rest of a stretch,
+    no leaf at all, is Python between the operators.
+    """
+    spans = sorted((a, b) for a, b in device_spans if b > a)
+    if not spans:
+        return {"idle_ms": 0.0, "stretches": 0, "longest_ms": 0.0, "cpu_ms": []}
+    merged = [list(spans[0])]
+    for a, b in spans[1:]:
+        if a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    gaps = [(x[1], y[0]) for x, y in zip(merged, merged[1:])]
+    idle = sum(b - a for a, b in gaps)
+    gaps = [(a, b) for a, b in gaps if b - a >= min_us]
+    per_name: dict[str, float] = defaultdict(float)
+    leaves = sorted(cpu_leaves, key=lambda e: e[1])
+    first = 0  # leaves ending before the current gap are done with: gaps and leaves are both sorted
+    for a, b in gaps:
+        while first < len(leaves) and leaves[first][2] <= a:
+            first += 1
+        for name, s, e in leaves[first:]:
+            if s >= b:
+                break
+            per_name[name] += max(0.0, min(e, b) - max(s, a))
+    cpu = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+    return {"idle_ms": idle / 1e3, "stretches": len(gaps),
+            "longest_ms": max((b - a for a, b in gaps), default=0.0) / 1e3,
+            "cpu_ms": [{"name": name[:120], "ms": us / 1e3} for name, us in cpu]}
+
+
 def time_breakdown(run_step, device) -> dict:
     """One ``run_step()`` under torch.profiler -> its GPU time (ms) by category and the largest kernels.
 
@@ -111,10 +150,16 @@ def time_breakdown(run_step, device) -> dict:
         if cuda:
             torch.cuda.synchronize()
     per_name: dict[str, float] = defaultdict(float)  # microseconds
+    idle = {}
     if cuda:
+        spans, leaves = [], []
         for event in prof.events():
             if event.device_type == DeviceType.CUDA:
                 per_name[event.name] += event.time_range.elapsed_us()
+                spans.append((event.time_range.start, event.time_range.end))
+            elif not event.cpu_children:
+                leaves.append((event.name, event.time_range.start, event.time_range.end))
+        idle = {"idle": idle_stretches(spans, leaves)}
     else:
         for avg in prof.key_averages():
             per_name[avg.key] += avg.self_cpu_time_total
@@ -127,7 +172,7 @@ def time_breakdown(run_step, device) -> dict:
     return {"time_of": "GPU kernels" if cuda else "CPU operators (smoke run)", "time_ms": ms, "busy_ms": busy,
             "share": {c: v / busy if busy else 0.0 for c, v in ms.items()},
             "top_kernels": [{"name": name[:160], "ms": us / 1e3, "category": category(name, kernels)}
-                            for name, us in top]}
+                            for name, us in top], **idle}
 
 
 # -- the alternatives, swapped in for the model's attention call ---------------------------------
@@ -365,6 +410,11 @@ def main() -> int:
                 if "time_ms" in r:
                     parts = "  ".join(f"{c} {r['time_ms'][c]:.0f} ({r['share'][c]:.0%})" for c in CATEGORIES)
                     print(f"{'':<9}ms of {r['time_of']} in one step: {parts}; busy {r['busy_ms']:.0f}")
+                if "idle" in r:
+                    idle = r["idle"]
+                    cpu = ", ".join(f"{c['name']} {c['ms']:.0f}" for c in idle["cpu_ms"][:5])
+                    print(f"{'':<9}GPU idle {idle['idle_ms']:.0f} ms of the profiled step, {idle['stretches']} "
+                          f"stretches (longest {idle['longest_ms']:.1f} ms); CPU ms in them: {cpu or '-'}")
                 first = next(q for q in rows if q["status"] == "ok" and q["pattern"] == r["pattern"]
                              and q["attention"] == r["attention"] and q["tokens_per_gpu"] == r["tokens_per_gpu"])
                 if first is not r:  # same seed, same data: the variants must train alike
