@@ -62,6 +62,10 @@ class LayerChain:
         """``layer(x, cos, sin, documents=documents)`` keeping only ``x`` (and the attention output with
         ``keep_attention``); ``cos``/``sin`` get no gradient."""
         kept = KeptAttention() if self.keep_attention else None
+        if not x.requires_grad and any(p.requires_grad for p in layer.parameters()):
+            # An autograd Function runs its backward only for inputs that need a gradient; the layer's
+            # parameters are not inputs, so an input that needs none (frozen embeddings) gets one here.
+            x = x.detach().requires_grad_(True)
         return _LayerCheckpoint.apply(self, layer, documents, kept, x, cos, sin)
 
     def stash(self, x: torch.Tensor) -> int:

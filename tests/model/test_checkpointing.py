@@ -140,6 +140,23 @@ def test_checkpoint_layers_limits_the_recompute_to_the_first_layers(monkeypatch,
         torch.testing.assert_close(g, want_grads[name], rtol=1e-12, atol=1e-14, msg=name)
 
 
+@pytest.mark.parametrize("mode", MODES[1:])
+def test_layers_get_gradients_behind_frozen_embeddings(mode):
+    """The first layer's input needs no gradient when the embeddings are frozen: its parameters still do."""
+    torch.manual_seed(2)
+    tokens, labels = torch.randint(0, 37, (2, 23)), torch.randint(0, 37, (2, 23))
+    grads = []
+    for m in (False, mode):
+        torch.manual_seed(3)
+        model = Transformer(cfg_for(m, mlp_chunk=8, tie_embeddings=False)).double()
+        model.tok_embeddings.weight.requires_grad_(False)
+        model(tokens, labels)[0].backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.requires_grad})
+    for name, g in grads[0].items():
+        assert grads[1][name] is not None, name
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-12, atol=1e-14, msg=name)
+
+
 def test_checkpointing_mode_is_validated():
     for bad in ("full", "Selective", 1, None):
         with pytest.raises(ValueError, match=r"model.activation_checkpointing must be one of \[false, true, "
