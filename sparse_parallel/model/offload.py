@@ -159,6 +159,10 @@ class _LayerCheckpoint(torch.autograd.Function):
         ctx.chain, ctx.layer, ctx.documents, ctx.kept = chain, layer, documents, kept
         ctx.index = chain.stash(x)
         ctx.save_for_backward(cos, sin)
+        # The recompute runs in the backward, outside the forward's autocast region: it re-enters it.
+        kind = x.device.type
+        ctx.autocast = dict(device_type=kind, enabled=torch.is_autocast_enabled(kind),
+                            dtype=torch.get_autocast_dtype(kind), cache_enabled=torch.is_autocast_cache_enabled())
         with torch.no_grad():
             return layer(x, cos, sin, documents=documents, kept=kept)
 
@@ -166,5 +170,6 @@ class _LayerCheckpoint(torch.autograd.Function):
     def backward(ctx, grad):
         cos, sin = ctx.saved_tensors
         x = ctx.chain.take(ctx.index)
-        dx = ctx.layer.backward_from(x, cos, sin, grad, documents=ctx.documents, kept=ctx.kept)
+        with torch.autocast(**ctx.autocast):
+            dx = ctx.layer.backward_from(x, cos, sin, grad, documents=ctx.documents, kept=ctx.kept)
         return None, None, None, None, dx, None, None

@@ -157,6 +157,25 @@ def test_layers_get_gradients_behind_frozen_embeddings(mode):
         torch.testing.assert_close(grads[1][name], g, rtol=1e-12, atol=1e-14, msg=name)
 
 
+@pytest.mark.parametrize("mode", [True, "keep_attention"])
+def test_whole_layer_recompute_runs_under_the_forwards_autocast(mode):
+    """A forward under autocast (bf16 products) is recomputed under it too: the same float32 model gives
+    the gradients of no checkpointing to float32 rounding (the MLP in one chunk, so the products are
+    the same ones); a recompute in float32 would differ at bf16's precision (~1e-3)."""
+    torch.manual_seed(2)
+    tokens, labels = torch.randint(0, 37, (2, 23)), torch.randint(0, 37, (2, 23))
+    grads = []
+    for m in (False, mode):
+        torch.manual_seed(3)
+        model = Transformer(cfg_for(m, mlp_chunk=0))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            total, _ = model(tokens, labels)
+        total.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    for name, g in grads[0].items():
+        torch.testing.assert_close(grads[1][name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_checkpointing_mode_is_validated():
     for bad in ("full", "Selective", 1, None):
         with pytest.raises(ValueError, match=r"model.activation_checkpointing must be one of \[false, true, "
