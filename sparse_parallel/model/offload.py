@@ -18,6 +18,10 @@ layer i, before it recomputes, starts bringing back the input of layer i-1, the
 next one the backward needs. That costs one more layer input on the GPU during
 each layer's backward. On CPU the same chain runs with plain copies.
 
+The recompute back-propagates into the layer's parameters from inside the
+backward, so their gradients accumulate in ``.grad`` (as with reentrant
+checkpointing): train with ``.backward()``, not ``torch.autograd.grad`` over them.
+
 Selective checkpointing keeps each layer's attention q, k, v and output on the
 GPU and does not go through here; the config refuses it with offload
 (``transformer.OFFLOAD_NEEDS_FULL``).
