@@ -45,14 +45,25 @@ CHECKPOINTING = {"none": False, "full": True, "keep": "keep_attention", "selecti
 FUSED = {"on": True, "off": False}
 
 
+def checkpointing_mode(name: str) -> tuple[bool | str, int | None]:
+    """A ``--checkpointing`` entry -> (model.activation_checkpointing, model.checkpoint_layers): a mode
+    name, or ``mode@k`` for that mode in the first k layers only."""
+    mode, _, layers = name.partition("@")
+    if mode not in CHECKPOINTING or (layers and not layers.isdigit()):
+        raise ValueError(f"--checkpointing entries are one of {list(CHECKPOINTING)}, optionally @<layers>, "
+                         f"got {name!r}")
+    return CHECKPOINTING[mode], int(layers) if layers else None
+
+
 def model_config(args, pattern: dict, backend: str, checkpointing: str, fused: str) -> ModelConfig:
+    mode, layers = checkpointing_mode(checkpointing)
     cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=args.heads,
-                      n_kv_heads=args.kv_heads, activation_checkpointing=CHECKPOINTING[checkpointing],
+                      n_kv_heads=args.kv_heads, activation_checkpointing=mode,
                       loss_chunk=16384, attention_backend=backend, pattern=pattern,
                       fused_elementwise=FUSED[fused])
     cfg.mlp_chunk = args.mlp_chunk
     cfg.offload_activations = args.offload
-    cfg.checkpoint_layers = args.checkpoint_layers
+    cfg.checkpoint_layers = layers
     cfg.validate()
     return cfg
 
@@ -319,10 +330,9 @@ def main() -> int:
     ap.add_argument("--offload", action="store_true",
                     help="checkpointed layer inputs in host memory (with --checkpointing full or keep)")
     ap.add_argument("--checkpointing", default="full",
-                    help=f"activation-checkpointing modes to measure, comma-separated: {', '.join(CHECKPOINTING)} "
-                         "(the alternatives, other patterns and the probe use the first)")
-    ap.add_argument("--checkpoint-layers", type=int, default=None,
-                    help="model.checkpoint_layers: checkpoint only the first this many layers (default: all)")
+                    help=f"activation-checkpointing modes to measure, comma-separated: {', '.join(CHECKPOINTING)}, "
+                         "each optionally @k for the first k layers only (model.checkpoint_layers; e.g. "
+                         "selective@8); the alternatives, other patterns and the probe use the first")
     ap.add_argument("--fused", default="on",
                     help="fused element-wise kernels (model.fused_elementwise) to measure, comma-separated: on, off")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
@@ -335,10 +345,13 @@ def main() -> int:
     ap.add_argument("--out", default="benchmarks/results/train_scaling.json")
     args = ap.parse_args()
     modes, fused_settings = args.checkpointing.split(","), args.fused.split(",")
-    for name, values, allowed in (("--checkpointing", modes, CHECKPOINTING), ("--fused", fused_settings, FUSED)):
-        if not values or any(v not in allowed for v in values):
-            ap.error(f"{name} takes a comma-separated list of {list(allowed)}, got {','.join(values)!r}")
-    if args.offload and any(m not in ("full", "keep") for m in modes):
+    if not fused_settings or any(v not in FUSED for v in fused_settings):
+        ap.error(f"--fused takes a comma-separated list of {list(FUSED)}, got {args.fused!r}")
+    try:
+        whole = [checkpointing_mode(m)[0] in (True, "keep_attention") for m in modes]
+    except ValueError as e:
+        ap.error(str(e))
+    if args.offload and not all(whole):
         ap.error("--offload keeps whole-layer checkpoint inputs in host memory: it needs --checkpointing full "
                  "or keep")
     if args.device == "cpu":
@@ -360,7 +373,7 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
             "model": {"layers": args.layers, "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads,
                       "vocab": args.vocab, "zero": args.zero, "mlp_chunk": args.mlp_chunk,
-                      "offload_activations": args.offload, "checkpoint_layers": args.checkpoint_layers, "checkpointing": modes, "fused": fused_settings}}
+                      "offload_activations": args.offload, "checkpointing": modes, "fused": fused_settings}}
 
     def record(row):
         rows.append(row)
@@ -400,10 +413,10 @@ def main() -> int:
                     break
 
     if rank == 0:
-        print(f"\n{'pattern':<9}{'attention':<10}{'ckpt':<10}{'fused':<6}{'GPUs':>5}{'tok/GPU':>10}{'step s':>9}"
+        print(f"\n{'pattern':<9}{'attention':<10}{'ckpt':<13}{'fused':<6}{'GPUs':>5}{'tok/GPU':>10}{'step s':>9}"
               f"{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  status")
         for r in rows:
-            head = f"{r['pattern']:<9}{r['attention']:<10}{r.get('checkpointing', ''):<10}{r.get('fused', ''):<6}"
+            head = f"{r['pattern']:<9}{r['attention']:<10}{r.get('checkpointing', ''):<13}{r.get('fused', ''):<6}"
             if r["status"] == "ok":
                 print(f"{head}{r['gpus']:>5}{r['tokens_per_gpu']:>10}{r['step_s']:>9.2f}{r['tokens_per_s']:>10.0f}"
                       f"{r['mfu']:>7.1%}{r['peak_mem_gib']:>10.1f}  ok")
