@@ -50,8 +50,7 @@ def checkpointing_mode(name: str) -> tuple[bool | str, int | None]:
     name, or ``mode@k`` for that mode in the first k layers only."""
     mode, _, layers = name.partition("@")
     if mode not in CHECKPOINTING or (layers and not layers.isdigit()):
-        raise ValueError(f"--checkpointing entries are one of {list(CHECKPOINTING)}, optionally @<layers>, "
-                         f"got {name!r}")
+        raise ValueError(f"a mode is one of {list(CHECKPOINTING)}, optionally @<layers>")
     return CHECKPOINTING[mode], int(layers) if layers else None
 
 
@@ -328,7 +327,7 @@ def main() -> int:
     ap.add_argument("--mlp-chunk", type=int, default=65536)
     ap.add_argument("--zero", type=int, default=1)
     ap.add_argument("--offload", action="store_true",
-                    help="checkpointed layer inputs in host memory (with --checkpointing full or keep)")
+                    help="checkpointed layer inputs in host memory (whole-layer modes: --checkpointing full or keep)")
     ap.add_argument("--checkpointing", default="full",
                     help=f"activation-checkpointing modes to measure, comma-separated: {', '.join(CHECKPOINTING)}, "
                          "each optionally @k for the first k layers only (model.checkpoint_layers; e.g. "
@@ -347,13 +346,11 @@ def main() -> int:
     modes, fused_settings = args.checkpointing.split(","), args.fused.split(",")
     if not fused_settings or any(v not in FUSED for v in fused_settings):
         ap.error(f"--fused takes a comma-separated list of {list(FUSED)}, got {args.fused!r}")
-    try:
-        whole = [checkpointing_mode(m)[0] in (True, "keep_attention") for m in modes]
-    except ValueError as e:
-        ap.error(str(e))
-    if args.offload and not all(whole):
-        ap.error("--offload keeps whole-layer checkpoint inputs in host memory: it needs --checkpointing full "
-                 "or keep")
+    for mode in modes:  # the config's own rules (offload needs whole-layer checkpoints, layer counts)
+        try:
+            model_config(args, PATTERNS["main"], "reference", mode, fused_settings[0])
+        except ValueError as e:
+            ap.error(f"--checkpointing {mode}: {e}")
     if args.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
 

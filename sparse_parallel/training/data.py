@@ -54,10 +54,6 @@ class DataFileError(ValueError):
 
 
 # -- sources ----------------------------------------------------------------
-def _installed_packages(rel: str) -> bool:
-    return "site-packages" in rel or "dist-packages" in rel
-
-
 def stdlib_files(max_bytes: int) -> list[Path]:
     """A deterministic subset (about ``max_bytes``) of this Python's standard library ``.py`` files.
 
@@ -69,11 +65,11 @@ def stdlib_files(max_bytes: int) -> list[Path]:
     for top, dirs, names in os.walk(root):
         # Not walked at all: site-packages can hold far more files than the library itself, and every
         # rank of every run lists the library (a walk of all of it costs each process about a second).
-        dirs[:] = [d for d in dirs if not _installed_packages(d)]
+        dirs[:] = [d for d in dirs if "site-packages" not in d and "dist-packages" not in d]
         for name in names:
             p = Path(top, name)
             rel = p.relative_to(root).as_posix()
-            if not name.endswith(".py") or _installed_packages(rel) or not p.is_file():
+            if not name.endswith(".py") or not p.is_file():
                 continue
             files.append((hashlib.sha1(rel.encode()).hexdigest(), p))
     files.sort()
