@@ -5,7 +5,8 @@ over the activations (float32 upcasts, products, casts back), and their backward
 Each function below is written once, eagerly; called on a tensor whose device type is in
 ``COMPILE_ON`` it runs through ``torch.compile`` (compiled on first use, ``dynamic=True`` so
 that one compilation serves every sequence length), which fuses the forward into one kernel and
-the backward into another.  Elsewhere (CPU: tests, the demo) it runs the eager definition, which
+the backward into another; the rotary rotation runs a Triton kernel of the same arithmetic instead
+(``rotary_kernel``), which is faster there.  Elsewhere (CPU: tests, the demo) it runs the eager definition, which
 is also the reference the compiled form is tested against (``fn.eager``).
 
 The arithmetic is the eager one: statistics and rotations in float32, rotary angles coming in as
@@ -14,6 +15,7 @@ float32 cos/sin tables formed from float64 angles (``layers.rotary_tables``).
 from __future__ import annotations
 
 import functools
+import importlib
 
 import torch
 import torch.nn.functional as F
@@ -23,11 +25,17 @@ COMPILE_ON = frozenset({"cuda"})
 
 
 class Elementwise:
-    """``fn`` compiled on first use on a ``COMPILE_ON`` device, eager elsewhere."""
+    """``fn`` compiled on first use on a ``COMPILE_ON`` device, eager elsewhere.
 
-    def __init__(self, fn):
+    ``kernel`` (the name of a function in this package, imported on first use) replaces the compiled
+    form where torch.compile's code is measured slower than a hand-written kernel of the same
+    arithmetic (benchmarks/elementwise.py).
+    """
+
+    def __init__(self, fn, kernel: str = ""):
         functools.update_wrapper(self, fn)
         self.eager = fn
+        self.kernel = kernel
         self._compiled = None
 
     def compiles(self, x: torch.Tensor) -> bool:
@@ -37,8 +45,14 @@ class Elementwise:
         if not self.compiles(x):
             return self.eager(x, *args)
         if self._compiled is None:
-            self._compiled = torch.compile(self.eager, dynamic=True)
+            self._compiled = _import(self.kernel) if self.kernel else torch.compile(self.eager, dynamic=True)
         return self._compiled(x, *args)
+
+
+def _import(name: str):
+    """``module.function`` of this package (``model``)."""
+    module, _, fn = name.rpartition(".")
+    return getattr(importlib.import_module(f"{__package__}.{module}"), fn)
 
 
 @Elementwise
@@ -50,14 +64,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return xf.to(x.dtype) * weight
 
 
-@Elementwise
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Pairs (x[2i], x[2i+1]) of ``x [B, N, H, D]`` rotated by angles ``cos, sin [N, D / 2]``, in float32."""
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Pairs (x[2i], x[2i+1]) of ``x [B, N, H, D]`` rotated by angles ``cos, sin [N, D / 2]``, in float32.
+
+    Compiled, inductor reads each element of ``x`` twice through index arithmetic on symbolic
+    sizes; the Triton kernel (``rotary_kernel.rotate``) reads each row once as a vector."""
     xf = x.float().unflatten(-1, (-1, 2))
     x0, x1 = xf[..., 0], xf[..., 1]
     c, s = cos[None, :, None, :], sin[None, :, None, :]
     out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1).flatten(-2)
     return out.to(x.dtype)
+
+
+rotate = Elementwise(_rotate, kernel="rotary_kernel.rotate")
 
 
 @Elementwise
