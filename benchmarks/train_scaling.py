@@ -10,7 +10,10 @@ alternatives a user would pick (FlexAttention for the same pattern; dense causal
 lengths they fit.  Prints a table and writes JSON (``--out``).
 
 ``--checkpointing`` and ``--fused`` list the activation-checkpointing modes and element-wise
-settings to measure side by side at every ``--lengths`` entry.  One more step of each run is
+settings to measure side by side at every ``--lengths`` entry (``mode/on`` pins one setting to a
+mode, e.g. ``full/off,selective@8/on``). Every variant trains on the same batch from the same seed,
+and its losses are printed against the first variant's; ``--noise-runs K`` adds K runs of the first
+variant with its initial weights perturbed by about half a bf16 unit, whose spread is the bar.  One more step of each run is
 taken under torch.profiler, and its GPU time is reported by kernel category (sparse attention,
 matrix products, element-wise, copies, host copies (the transfers of ``--offload``), communication,
 other) next to the timing, with the time no kernel ran and the CPU operators that ran meanwhile
@@ -215,8 +218,12 @@ def _sdpa_dense(q, k, v, _pattern, **kw):
 
 
 def train_steps(args, pattern_name: str, n_local: int, attention: str, world: int, rank: int,
-                checkpointing: str, fused: str) -> dict:
-    """Build model + engine, run warm-up, timed and profiled steps; returns the measurements."""
+                checkpointing: str, fused: str, perturbed: int = 0) -> dict:
+    """Build model + engine, run warm-up, timed and profiled steps; returns the measurements.
+
+    ``perturbed`` = s > 0: every initial weight times ``1 + 2^-9 * randn`` (about half a bf16 unit; randn
+    seeded with s), so that the losses of the run show the spread that bf16 rounding alone makes
+    (``--noise-runs``)."""
     import deepspeed
 
     device = torch.device("cuda", torch.cuda.current_device()) if args.device == "cuda" else torch.device("cpu")
@@ -232,6 +239,11 @@ def train_steps(args, pattern_name: str, n_local: int, attention: str, world: in
         cfg = model_config(args, pattern, "triton" if device.type == "cuda" else "reference", checkpointing, fused)
         with device:
             model = Transformer(cfg)
+        if perturbed:
+            gen = torch.Generator(device="cpu").manual_seed(perturbed)
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.mul_(1 + 2.0 ** -9 * torch.randn(p.shape, generator=gen).to(p.device))
         if world > 1:
             from sparse_parallel.model import apply_sequence_parallel
             from sparse_parallel.parallel import SequenceParallel
@@ -273,6 +285,7 @@ def train_steps(args, pattern_name: str, n_local: int, attention: str, world: in
         useful_flops_tok = model.flops_per_token(n)
         flops_tok = useful_flops_tok if attention != "sdpa" else _dense_flops_per_token(model, n, useful_flops_tok)
         return {"pattern": pattern_name, "attention": attention, "checkpointing": checkpointing, "fused": fused,
+                "perturbed": perturbed,
                 "gpus": world, "tokens_per_gpu": n_local, "context": n, "step_s": step_s, "tokens_per_s": n / step_s,
                 "mfu": useful_flops_tok * n / step_s / world / (PEAK_TFLOPS * 1e12),
                 "executed_tflops_per_gpu": flops_tok * n / step_s / world / 1e12,
@@ -293,7 +306,8 @@ def _dense_flops_per_token(model: Transformer, n: int, useful_flops_tok: float) 
 
 
 def attempt(args, *a) -> dict:
-    what = {"pattern": a[0], "attention": a[2], "checkpointing": a[5], "fused": a[6], "tokens_per_gpu": a[1]}
+    what = {"pattern": a[0], "attention": a[2], "checkpointing": a[5], "fused": a[6], "tokens_per_gpu": a[1],
+            "perturbed": a[7] if len(a) > 7 else 0}
     try:
         return train_steps(args, *a)
     except torch.OutOfMemoryError as e:
@@ -331,9 +345,14 @@ def main() -> int:
     ap.add_argument("--checkpointing", default="full",
                     help=f"activation-checkpointing modes to measure, comma-separated: {', '.join(CHECKPOINTING)}, "
                          "each optionally @k for the first k layers only (model.checkpoint_layers; e.g. "
-                         "selective@8); the alternatives, other patterns and the probe use the first")
+                         "selective@8), and optionally /on or /off for that fused setting alone (e.g. "
+                         "full/off,selective/on); the alternatives, other patterns and the probe use the first")
     ap.add_argument("--fused", default="on",
                     help="fused element-wise kernels (model.fused_elementwise) to measure, comma-separated: on, off")
+    ap.add_argument("--noise-runs", type=int, default=0, metavar="K",
+                    help="after the first variant, run it K more times with its initial weights perturbed by about "
+                         "half a bf16 unit (K seeds): the loss differences bf16 rounding alone makes, next to the "
+                         "variants'")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the profiled step and its GPU-time breakdown")
     ap.add_argument("--warmup", type=int, default=1)
@@ -343,12 +362,19 @@ def main() -> int:
                     help="cpu: a gloo smoke run of the script itself (reference attention, float32)")
     ap.add_argument("--out", default="benchmarks/results/train_scaling.json")
     args = ap.parse_args()
-    modes, fused_settings = args.checkpointing.split(","), args.fused.split(",")
+    fused_settings = args.fused.split(",")
     if not fused_settings or any(v not in FUSED for v in fused_settings):
         ap.error(f"--fused takes a comma-separated list of {list(FUSED)}, got {args.fused!r}")
-    for mode in modes:  # the config's own rules (offload needs whole-layer checkpoints, layer counts)
+    variants = []  # (checkpointing, fused) in the order given
+    for entry in args.checkpointing.split(","):
+        mode, _, pinned = entry.partition("/")
+        if pinned and pinned not in FUSED:
+            ap.error(f"--checkpointing {entry}: the part after / is one of {list(FUSED)}")
+        variants += [(mode, f) for f in ([pinned] if pinned else fused_settings)]
+    modes = list(dict.fromkeys(mode for mode, _ in variants))
+    for mode, f in variants:  # the config's own rules (offload needs whole-layer checkpoints, layer counts)
         try:
-            model_config(args, PATTERNS["main"], "reference", mode, fused_settings[0])
+            model_config(args, PATTERNS["main"], "reference", mode, f)
         except ValueError as e:
             ap.error(f"--checkpointing {mode}: {e}")
     if args.device == "cpu":
@@ -370,7 +396,8 @@ def main() -> int:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
             "model": {"layers": args.layers, "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads,
                       "vocab": args.vocab, "zero": args.zero, "mlp_chunk": args.mlp_chunk,
-                      "offload_activations": args.offload, "checkpointing": modes, "fused": fused_settings}}
+                      "offload_activations": args.offload, "checkpointing": modes,
+                      "fused": list(dict.fromkeys(f for _, f in variants))}}
 
     def record(row):
         rows.append(row)
@@ -384,21 +411,24 @@ def main() -> int:
 
     # In order of importance, so that a time budget cuts the least important runs.
     lengths = list(map(int, args.lengths.split(",")))
-    variants = [(mode, f) for mode in modes for f in fused_settings]
-    plan = [("main", n, "ours", *v) for n in lengths for v in variants]
-    plan += [(spec.split(":")[0], int(spec.split(":")[1]), "alt", *variants[0])
+    plan = []
+    for n in lengths:
+        noise = [("main", n, "ours", *variants[0], seed) for seed in range(2, 2 + args.noise_runs)]
+        plan += [("main", n, "ours", *variants[0], 0), *noise] + [("main", n, "ours", *v, 0) for v in variants[1:]]
+    plan += [(spec.split(":")[0], int(spec.split(":")[1]), "alt", *variants[0], 0)
              for spec in filter(None, args.alternatives.split(","))]
-    plan += [(name, n, "ours", *variants[0]) for name in args.patterns.split(",") if name != "main" for n in lengths]
-    for what, n_local, kind, mode, f in plan:
+    plan += [(name, n, "ours", *variants[0], 0) for name in args.patterns.split(",") if name != "main"
+             for n in lengths]
+    for what, n_local, kind, mode, f, perturbed in plan:
         if not time_left():
             record({"pattern": what, "tokens_per_gpu": n_local, "attention": kind, "checkpointing": mode,
-                    "fused": f, "status": "skipped (time budget)"})
+                    "fused": f, "perturbed": perturbed, "status": "skipped (time budget)"})
             continue
         if kind == "alt":
             record(attempt(args, "main", n_local, what, world, rank, mode, f))
         else:
-            record(attempt(args, what, n_local, "ours", world, rank, mode, f))
-        if what == "main" and n_local == max(lengths) and (mode, f) == variants[-1]:
+            record(attempt(args, what, n_local, "ours", world, rank, mode, f, perturbed))
+        if what == "main" and n_local == max(lengths) and (mode, f) == variants[-1] and not perturbed:
             # Longest context that trains: probe downwards from the longest candidate.
             for probe in sorted((int(x) for x in args.max_probe.split(",") if x), reverse=True):
                 if not time_left():
@@ -413,7 +443,8 @@ def main() -> int:
         print(f"\n{'pattern':<9}{'attention':<10}{'ckpt':<13}{'fused':<6}{'GPUs':>5}{'tok/GPU':>10}{'step s':>9}"
               f"{'tok/s':>10}{'MFU':>7}{'peak GiB':>10}  status")
         for r in rows:
-            head = f"{r['pattern']:<9}{r['attention']:<10}{r.get('checkpointing', ''):<13}{r.get('fused', ''):<6}"
+            ckpt = r.get("checkpointing", "") + ("*" if r.get("perturbed") else "")
+            head = f"{r['pattern']:<9}{r['attention']:<10}{ckpt:<13}{r.get('fused', ''):<6}"
             if r["status"] == "ok":
                 print(f"{head}{r['gpus']:>5}{r['tokens_per_gpu']:>10}{r['step_s']:>9.2f}{r['tokens_per_s']:>10.0f}"
                       f"{r['mfu']:>7.1%}{r['peak_mem_gib']:>10.1f}  ok")
@@ -428,9 +459,16 @@ def main() -> int:
                 first = next(q for q in rows if q["status"] == "ok" and q["pattern"] == r["pattern"]
                              and q["attention"] == r["attention"] and q["tokens_per_gpu"] == r["tokens_per_gpu"])
                 if first is not r:  # same seed, same data: the variants must train alike
-                    diff = max(abs(a - b) for a, b in zip(r["losses"], first["losses"]))
-                    print(f"{'':<9}losses against {first['checkpointing']}/{first['fused']}: max |difference| "
-                          f"{diff:.2e} over {len(r['losses'])} steps")
+                    diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], first["losses"])]
+                    print(f"{'':<9}losses against {first['checkpointing']}/{first['fused']}: max relative "
+                          f"difference {max(diffs):.2e} over {len(diffs)} steps (last step {diffs[-1]:.2e})"
+                          + ("; * = initial weights perturbed by ~half a bf16 unit" if r.get("perturbed") else ""))
+                    noise = [q["losses"] for q in rows if q.get("perturbed") and q["status"] == "ok"
+                             and q["pattern"] == r["pattern"] and q["tokens_per_gpu"] == r["tokens_per_gpu"]]
+                    if noise and not r.get("perturbed"):  # the spread bf16 rounding makes, step by step
+                        band = [max(abs(n[i] - b) for n in noise) for i, b in enumerate(first["losses"])]
+                        inside = sum(abs(a - b) <= w for a, b, w in zip(r["losses"], first["losses"], band))
+                        print(f"{'':<9}within the {len(noise)} noise runs' spread at {inside} of {len(band)} steps")
             else:
                 print(f"{head}{world:>5}{r['tokens_per_gpu']:>10}{'':>9}{'':>10}{'':>7}{'':>10}  {r['status']}")
         print(f"wall {time.perf_counter() - t_start:.0f} s")
