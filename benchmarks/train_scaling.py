@@ -305,6 +305,19 @@ def _dense_flops_per_token(model: Transformer, n: int, useful_flops_tok: float) 
     return useful_flops_tok - sparse_attn + dense_attn
 
 
+def loss_agreement(losses: list, first: list, noise: list) -> dict:
+    """How a variant's per-step ``losses`` compare with the ``first`` variant's: the largest and the last
+    relative difference, and, given the losses of ``noise`` runs (the first variant with perturbed initial
+    weights), at how many steps the difference is at most the largest noise run's difference there."""
+    steps = min(len(losses), len(first), *(len(n) for n in noise))
+    rel = [abs(a - b) / abs(b) for a, b in zip(losses[:steps], first[:steps])]
+    out = {"steps": steps, "max_rel": max(rel), "last_rel": rel[-1]}
+    if noise:
+        band = [max(abs(n[i] - first[i]) for n in noise) for i in range(steps)]
+        out["inside"] = sum(abs(losses[i] - first[i]) <= band[i] for i in range(steps))
+    return out
+
+
 def attempt(args, *a) -> dict:
     what = {"pattern": a[0], "attention": a[2], "checkpointing": a[5], "fused": a[6], "tokens_per_gpu": a[1],
             "perturbed": a[7] if len(a) > 7 else 0}
@@ -459,19 +472,20 @@ def main() -> int:
                 first = next(q for q in rows if q["status"] == "ok" and q["pattern"] == r["pattern"]
                              and q["attention"] == r["attention"] and q["tokens_per_gpu"] == r["tokens_per_gpu"])
                 if first is not r:  # same seed, same data: the variants must train alike
-                    diffs = [abs(a - b) / abs(b) for a, b in zip(r["losses"], first["losses"])]
-                    print(f"{'':<9}losses against {first['checkpointing']}/{first['fused']}: max relative "
-                          f"difference {max(diffs):.2e} over {len(diffs)} steps (last step {diffs[-1]:.2e})"
-                          + ("; * = initial weights perturbed by ~half a bf16 unit" if r.get("perturbed") else ""))
                     noise = [q["losses"] for q in rows if q.get("perturbed") and q["status"] == "ok"
                              and q["pattern"] == r["pattern"] and q["tokens_per_gpu"] == r["tokens_per_gpu"]]
-                    if noise and not r.get("perturbed"):  # the spread bf16 rounding makes, step by step
-                        band = [max(abs(n[i] - b) for n in noise) for i, b in enumerate(first["losses"])]
-                        inside = sum(abs(a - b) <= w for a, b, w in zip(r["losses"], first["losses"], band))
-                        print(f"{'':<9}within the {len(noise)} noise runs' spread at {inside} of {len(band)} steps")
+                    agree = loss_agreement(r["losses"], first["losses"], [] if r.get("perturbed") else noise)
+                    r["agreement"] = {"against": f"{first['checkpointing']}/{first['fused']}", **agree}
+                    print(f"{'':<9}losses against {r['agreement']['against']}: max relative difference "
+                          f"{agree['max_rel']:.2e} over {agree['steps']} steps (last step {agree['last_rel']:.2e})"
+                          + ("; * = initial weights perturbed by ~half a bf16 unit" if r.get("perturbed") else ""))
+                    if "inside" in agree:
+                        print(f"{'':<9}within the {len(noise)} noise runs' spread at {agree['inside']} of "
+                              f"{agree['steps']} steps")
             else:
                 print(f"{head}{world:>5}{r['tokens_per_gpu']:>10}{'':>9}{'':>10}{'':>7}{'':>10}  {r['status']}")
         print(f"wall {time.perf_counter() - t_start:.0f} s")
+        Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))  # with the agreements
     dist.destroy_process_group()
     return 0
 

@@ -29,3 +29,13 @@ def test_idle_stretches_are_the_gaps_of_the_union_of_device_spans():
 def test_idle_stretches_of_a_busy_or_empty_step():
     assert train_scaling.idle_stretches([(0, 5), (5, 9)], [("x", 1, 2)])["idle_ms"] == 0.0
     assert train_scaling.idle_stretches([], [])["stretches"] == 0
+
+
+def test_loss_agreement_counts_the_steps_inside_the_noise_runs_spread():
+    first = [10.0, 8.0, 4.0, 1.0]
+    noise = [[10.0, 8.1, 3.9, 1.2], [10.0, 7.95, 4.05, 0.9]]  # spread: 0, 0.1, 0.1, 0.2
+    got = train_scaling.loss_agreement([10.0, 8.05, 4.2, 1.1], first, noise)
+    assert got["steps"] == 4 and got["inside"] == 3  # step 2 (0.2 > 0.1) is outside
+    assert got["max_rel"] == pytest.approx(0.1) and got["last_rel"] == pytest.approx(0.1)
+    assert "inside" not in train_scaling.loss_agreement([10.0, 8.0], first, [])
+    assert train_scaling.loss_agreement([10.0, 8.0, 4.0], first, noise)["steps"] == 3  # the shortest run
