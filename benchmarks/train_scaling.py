@@ -13,11 +13,11 @@ lengths they fit.  Prints a table and writes JSON (``--out``).
 settings to measure side by side at every ``--lengths`` entry (``mode/on`` pins one setting to a
 mode, e.g. ``full/off,selective@8/on``). Every variant trains on the same batch from the same seed,
 and its losses are printed against the first variant's; ``--noise-runs K`` adds K runs of the first
-variant with its initial weights perturbed by about half a bf16 unit, whose spread is the bar.  One more step of each run is
-taken under torch.profiler, and its GPU time is reported by kernel category (sparse attention,
-matrix products, element-wise, copies, host copies (the transfers of ``--offload``), communication,
-other) next to the timing, with the time no kernel ran and the CPU operators that ran meanwhile
-(``idle_stretches``; the profiler's own overhead is part of it).
+variant with its initial weights perturbed by about half a bf16 unit, whose spread is the bar.
+One more step of each run is taken under torch.profiler, and its GPU time is reported by kernel
+category (sparse attention, matrix products, element-wise, copies, host copies (the transfers of
+``--offload``), communication, other) next to the timing, with the time no kernel ran and the CPU
+operators that ran meanwhile (``idle_stretches``; the profiler's own overhead is part of it).
 """
 from __future__ import annotations
 
