@@ -72,7 +72,7 @@ def _check_spaces(name, q_rows, q_pos, k, v, spaces, bound, dout, dlse):
         _compare(f"{name}: {label}", a, r, lo, torch.float32)
 
 
-def check(pattern, n, hq=2, hkv=1, b=1, d=16, dtype=torch.float32, seed=0):
+def check(pattern, n, hq=2, hkv=1, b=1, d=16, dtype=torch.float32, seed=0, config=None):
     pattern = as_pattern(pattern)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
@@ -82,7 +82,8 @@ def check(pattern, n, hq=2, hkv=1, b=1, d=16, dtype=torch.float32, seed=0):
     bound = pattern.bind(n, hq, q=q if pattern.data_dependent else None, k=k if pattern.data_dependent else None)
     ref = _run(lambda *t: reference_attention(*t, bound), (q, k, v), dout, dlse)
     low = _run(lambda *t: reference_attention(*t, bound), [t.to(dtype) for t in (q, k, v)], dout, dlse)
-    got = _run(lambda *t: kernels().triton_attention(*t, pattern), [t.to(dtype) for t in (q, k, v)], dout, dlse)
+    got = _run(lambda *t: kernels().triton_attention(*t, pattern, config=config), [t.to(dtype) for t in (q, k, v)],
+               dout, dlse)
     assert got[0].dtype == torch.float64 and torch.isfinite(got[0]).all()
     assert torch.equal(torch.isinf(got[1]), torch.isinf(ref[1])), "fully masked rows must have lse -inf"
     _compare("out", got[0], ref[0], low[0], dtype)
@@ -248,6 +249,24 @@ def test_split_dkdv_is_exact(monkeypatch):
     monkeypatch.setattr(function, "_PLANS", {})  # launches are planned once per pattern and shape
     check(pattern, n=70, hq=2, hkv=1, seed=3)
     assert max(splits) > 1, f"no dk/dv pass was split: {splits}"
+
+
+@pytest.mark.parametrize("name", ["window+global+strided gqa", "random blocks", "global rows and keys"])
+def test_dk_and_dv_in_separate_launches_give_the_same_gradients(name):
+    """``Config.split_dkdv``: dv's launch, then dk's, of every pass; the same products in the same order
+    as one launch of both, so within the reference's error everywhere and bitwise equal in the
+    interpreter (on CUDA the compiler may schedule the two kernels' products differently)."""
+    from sparse_parallel.kernels import core
+
+    pattern = {"window+global+strided gqa": Window(20) | Global(first=5, queries=False) | Strided(8),
+               "random blocks": Window(9) | RandomBlocks(block=16, per_query_block=2, per_head=True),
+               "global rows and keys": Window(5) | Global(first=3, positions=(40, 61), queries=True)}[name]
+    base = core.default_config(DEV)
+    both = check(pattern, n=70, hq=4, hkv=2, seed=7, config=base)
+    split = check(pattern, n=70, hq=4, hkv=2, seed=7, config=base.replace(split_dkdv=True))
+    if DEV == "cpu":
+        for label, a, b in zip(("dq", "dk", "dv"), both[2], split[2]):
+            assert torch.equal(a, b), label
 
 
 def test_dkdv_split_caps_work_and_memory():
