@@ -6,8 +6,8 @@ Each function below is written once, eagerly; called on a tensor whose device ty
 ``COMPILE_ON`` it runs through ``torch.compile`` (compiled on first use, ``dynamic=True`` so
 that one compilation serves every sequence length), which fuses the forward into one kernel and
 the backward into another; the rotary rotation runs a Triton kernel of the same arithmetic instead
-(``rotary_kernel``), which is faster there.  Elsewhere (CPU: tests, the demo) it runs the eager definition, which
-is also the reference the compiled form is tested against (``fn.eager``).
+(``rotary_kernel``), which is faster there.  Elsewhere (CPU: tests, the demo) it runs the eager
+definition, which is also the reference the compiled form is tested against (``fn.eager``).
 
 The arithmetic is the eager one: statistics and rotations in float32, rotary angles coming in as
 float32 cos/sin tables formed from float64 angles (``layers.rotary_tables``).
@@ -15,7 +15,6 @@ float32 cos/sin tables formed from float64 angles (``layers.rotary_tables``).
 from __future__ import annotations
 
 import functools
-import importlib
 
 import torch
 import torch.nn.functional as F
@@ -27,12 +26,11 @@ COMPILE_ON = frozenset({"cuda"})
 class Elementwise:
     """``fn`` compiled on first use on a ``COMPILE_ON`` device, eager elsewhere.
 
-    ``kernel`` (the name of a function in this package, imported on first use) replaces the compiled
-    form where torch.compile's code is measured slower than a hand-written kernel of the same
-    arithmetic (benchmarks/elementwise.py).
+    ``kernel`` (a function of the same arguments) replaces the compiled form where torch.compile's
+    code is measured slower than a hand-written kernel of the same arithmetic (benchmarks/elementwise.py).
     """
 
-    def __init__(self, fn, kernel: str = ""):
+    def __init__(self, fn, kernel=None):
         functools.update_wrapper(self, fn)
         self.eager = fn
         self.kernel = kernel
@@ -45,14 +43,8 @@ class Elementwise:
         if not self.compiles(x):
             return self.eager(x, *args)
         if self._compiled is None:
-            self._compiled = _import(self.kernel) if self.kernel else torch.compile(self.eager, dynamic=True)
+            self._compiled = self.kernel or torch.compile(self.eager, dynamic=True)
         return self._compiled(x, *args)
-
-
-def _import(name: str):
-    """``module.function`` of this package (``model``)."""
-    module, _, fn = name.rpartition(".")
-    return getattr(importlib.import_module(f"{__package__}.{module}"), fn)
 
 
 @Elementwise
@@ -76,7 +68,13 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return out.to(x.dtype)
 
 
-rotate = Elementwise(_rotate, kernel="rotary_kernel.rotate")
+def _rotate_kernel(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    from .rotary_kernel import rotate as run  # Triton is imported (and TRITON_INTERPRET read) on first use
+
+    return run(x, cos, sin)
+
+
+rotate = Elementwise(_rotate, kernel=_rotate_kernel)
 
 
 @Elementwise
