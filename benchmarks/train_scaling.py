@@ -3,15 +3,16 @@
 One process per GPU (``torchrun --nproc_per_node G benchmarks/train_scaling.py ...``, or plain
 ``python`` for one GPU).  The sequence-parallel size is the world size, so the context is
 ``tokens per GPU x GPUs``.  The model (default ~1B parameters: 16 layers, d_model 2048, 16 query /
-4 KV heads) is trained under DeepSpeed (bf16, ZeRO stage ``--zero``) on random tokens for a few
-steps; we report tokens/s, MFU (6 x matmul params + useful attention FLOPs, per the pattern) and
-peak memory, then probe the longest context that trains, and run the same model with the
+4 KV heads) is trained under DeepSpeed (bf16, ZeRO stage ``--zero``) for a few steps, on one batch of
+random tokens taken every step (``--data random``) or on a fresh batch of text each step (``--data
+stdlib``: the bytes of this Python's standard library sources, one token per byte); we report
+tokens/s, MFU (6 x matmul params + useful attention FLOPs, per the pattern) and peak memory, then probe the longest context that trains, and run the same model with the
 alternatives a user would pick (FlexAttention for the same pattern; dense causal SDPA) at the
 lengths they fit.  Prints a table and writes JSON (``--out``).
 
 ``--checkpointing`` and ``--fused`` list the activation-checkpointing modes and element-wise
 settings to measure side by side at every ``--lengths`` entry (``mode/on`` pins one setting to a
-mode, e.g. ``full/off,selective@8/on``). Every variant trains on the same batch from the same seed,
+mode, e.g. ``full/off,selective@8/on``). Every variant trains on the same batches from the same seed,
 and its losses are printed against the first variant's; ``--noise-runs K`` adds K runs of the first
 variant with its initial weights perturbed by about half a bf16 unit, whose spread is the bar.
 One more step of each run is taken under torch.profiler, and its GPU time is reported by kernel
@@ -230,6 +231,7 @@ def train_steps(args, pattern_name: str, n_local: int, attention: str, world: in
     pattern = PATTERNS[pattern_name]
     n = n_local * world
     original = model_layers.sparse_attention
+    engine = None
     if attention == "flex":
         model_layers.sparse_attention = _flex_attention_fn(Pattern.from_dict(pattern), n, device)
     elif attention == "sdpa":
@@ -256,10 +258,7 @@ def train_steps(args, pattern_name: str, n_local: int, attention: str, world: in
                   "steps_per_print": 1 << 30}
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_cfg)
         start = rank * n_local
-        gen = torch.Generator(device="cpu").manual_seed(1)
-        tokens = torch.randint(0, args.vocab, (1, n + 1), generator=gen)
-        x = tokens[:, start:start + n_local].to(device)
-        y = tokens[:, start + 1:start + n_local + 1].to(device)
+        batches = batch_source(args, n)
         pos = torch.arange(start, start + n_local, device=device)
         times, losses = [], []
         sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -267,6 +266,9 @@ def train_steps(args, pattern_name: str, n_local: int, attention: str, world: in
             torch.cuda.reset_peak_memory_stats()
 
         def train_step():
+            tokens = batches(len(losses))
+            x = tokens[:, start:start + n_local].to(device)
+            y = tokens[:, start + 1:start + n_local + 1].to(device)
             total, count = engine(x, y, pos)
             loss = total / (count * world)
             engine.backward(loss * world)
@@ -293,6 +295,31 @@ def train_steps(args, pattern_name: str, n_local: int, attention: str, world: in
                 "params": model.num_params(), "losses": losses, **breakdown, "status": "ok"}
     finally:
         model_layers.sparse_attention = original
+        if engine is not None:  # its gradient hooks live on the parameters and would keep the model alive
+            engine.destroy()
+
+
+def batch_source(args, n: int):
+    """``step -> [1, n + 1]`` token ids, the same for every variant of the run: ``random``: one batch of
+    uniform random ids (seed 1) at every step, which the model learns by heart; ``stdlib``: step s takes
+    the bytes ``s*n .. s*n + n`` of this Python's standard library sources (one token per byte, files in
+    :func:`~sparse_parallel.training.data.stdlib_files`' order), a fresh batch of real text each step."""
+    if args.data == "random":
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        tokens = torch.randint(0, args.vocab, (1, n + 1), generator=gen)
+        return lambda step: tokens
+    from sparse_parallel.training.data import stdlib_files
+
+    steps = args.warmup + args.steps + int(args.profile)
+    need = steps * n + 1
+    stream = bytearray()
+    for f in stdlib_files(need):
+        stream += f.read_bytes()
+    if len(stream) < need:
+        raise ValueError(f"--data stdlib: the standard library holds {len(stream)} bytes, {steps} steps of {n} "
+                         f"tokens need {need}")
+    ids = torch.frombuffer(stream[:need], dtype=torch.uint8).long()[None]
+    return lambda step: ids[:, step * n:step * n + n + 1]
 
 
 def _dense_flops_per_token(model: Transformer, n: int, useful_flops_tok: float) -> float:
@@ -368,6 +395,9 @@ def main() -> int:
                          "variants'")
     ap.add_argument("--no-profile", dest="profile", action="store_false",
                     help="skip the profiled step and its GPU-time breakdown")
+    ap.add_argument("--data", choices=("random", "stdlib"), default="random",
+                    help="random: one batch of random tokens every step; stdlib: a fresh batch of text each step "
+                         "(the bytes of this Python's standard library sources)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--budget-s", type=float, default=480, help="start no new run after this many seconds")
@@ -408,7 +438,7 @@ def main() -> int:
             "triton": __import__("triton").__version__, "deepspeed": __import__("deepspeed").__version__,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
             "model": {"layers": args.layers, "dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads,
-                      "vocab": args.vocab, "zero": args.zero, "mlp_chunk": args.mlp_chunk,
+                      "vocab": args.vocab, "data": args.data, "zero": args.zero, "mlp_chunk": args.mlp_chunk,
                       "offload_activations": args.offload, "checkpointing": modes,
                       "fused": list(dict.fromkeys(f for _, f in variants))}}
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
+import torch
 
 _PATH = Path(__file__).resolve().parents[2] / "benchmarks" / "train_scaling.py"
 _SPEC = importlib.util.spec_from_file_location("train_scaling", _PATH)
@@ -39,3 +41,54 @@ def test_loss_agreement_counts_the_steps_inside_the_noise_runs_spread():
     assert got["max_rel"] == pytest.approx(0.1) and got["last_rel"] == pytest.approx(0.1)
     assert "inside" not in train_scaling.loss_agreement([10.0, 8.0], first, [])
     assert train_scaling.loss_agreement([10.0, 8.0, 4.0], first, noise)["steps"] == 3  # the shortest run
+
+
+def test_stdlib_batches_are_consecutive_windows_of_the_library_bytes():
+    from sparse_parallel.training.data import stdlib_files
+
+    args = SimpleNamespace(data="stdlib", vocab=300, warmup=1, steps=2, profile=True)
+    batches = train_scaling.batch_source(args, 50)
+    text = b"".join(f.read_bytes() for f in stdlib_files(4 * 50 + 1))
+    for step in range(4):  # warm-up, two timed steps, the profiled one: each a fresh window
+        got = batches(step)
+        assert got.shape == (1, 51) and got.dtype == torch.long
+        assert bytes(got[0].tolist()) == text[step * 50:step * 50 + 51]
+    assert not torch.equal(batches(0), batches(1))
+    random = train_scaling.batch_source(SimpleNamespace(data="random", vocab=300), 50)
+    assert torch.equal(random(0), random(3)) and int(random(0).max()) < 300
+
+
+def test_a_finished_run_frees_its_model_and_the_next_run_repeats_its_losses():
+    # train_scaling measures many variants in one process: a model kept alive by the engine of a finished
+    # run (DeepSpeed's gradient hooks sit on its parameters) adds its memory to every later run's peak.
+    import subprocess
+    import sys
+
+    from sparse_parallel.launcher.discovery import free_port
+
+    code = f"""
+import gc, importlib.util, os, types, weakref
+import torch.distributed as dist
+spec = importlib.util.spec_from_file_location("train_scaling", {str(_PATH)!r})
+ts = importlib.util.module_from_spec(spec); spec.loader.exec_module(ts)
+dist.init_process_group("gloo")
+args = types.SimpleNamespace(device="cpu", layers=2, dim=64, heads=4, kv_heads=2, vocab=300, mlp_chunk=256,
+                             zero=1, offload=False, data="stdlib", warmup=1, steps=2, profile=False)
+models = []
+init = ts.Transformer.__init__
+def tracked(self, *a, **k):
+    init(self, *a, **k)
+    models.append(weakref.ref(self))
+ts.Transformer.__init__ = tracked
+runs = [ts.attempt(args, "main", 256, "ours", 1, 0, "full", "off", 0) for _ in range(2)]
+gc.collect()
+print("status", *[r["status"] for r in runs])
+print("alive", sum(m() is not None for m in models), "of", len(models))
+print("same losses", runs[0]["losses"] == runs[1]["losses"], len(runs[0]["losses"]))
+"""
+    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr[-3000:]
+    assert "status ok ok" in out and "alive 0 of 2" in out and "same losses True 3" in out, out
