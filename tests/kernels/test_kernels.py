@@ -247,7 +247,9 @@ def test_split_dkdv_is_exact(monkeypatch):
 
     monkeypatch.setattr(core, "_kv_split", spy)
     monkeypatch.setattr(function, "_PLANS", {})  # launches are planned once per pattern and shape
-    check(pattern, n=70, hq=2, hkv=1, seed=3)
+    # Chunks of one iteration on "one multiprocessor", so that 70 tokens split on the GPU's tiles too.
+    config = core.default_config(DEV).replace(kv_min_chunk=1, sms=1)
+    check(pattern, n=70, hq=2, hkv=1, seed=3, config=config)
     assert max(splits) > 1, f"no dk/dv pass was split: {splits}"
 
 
