@@ -3,12 +3,10 @@
 Run on the device machine:  PYTHONUNBUFFERED=1 python3 benchmarks/kernel_variants.py --out $OUT
 
 1. A bf16 check of the default config's out/lse/dq/dk/dv against float64 on small inputs (error within
-   2x the eager bf16 reference's, NaN-poisoned memory), and of each split dk/dv candidate: tile sizes
-   alone do not change what is computed, the split does.
+   2x the eager bf16 reference's, NaN-poisoned memory): tile sizes alone do not change what is computed.
 2. Forward candidates (bm, bn, warps, stages; ``bn`` is also the single-pass key tile), then backward
-   candidates: dk/dv tiles (bm_kv, bn_kv, warps_kv, stages_kv, optionally ``s``: dk and dv in
-   separate launches, ``Config.split_dkdv``) x query-major dq tiles (``--bwd`` x ``--dq``), on the
-   cases given by ``--cases``; medians of do_bench.
+   candidates: dk/dv tiles (bm_kv, bn_kv, warps_kv, stages_kv) x query-major dq tiles (``--bwd`` x
+   ``--dq``), on the cases given by ``--cases``; medians of do_bench.
    Each row lists the registers and spills of the kernels it compiled.
 3. A torch.profiler breakdown of one fwd+bwd of the first case under the fastest variant
    (GPU time per kernel name).
@@ -147,10 +145,9 @@ def main():
     ap.add_argument("--cases", default="window4096:16/16,w1024+s64+g128:16/16,w1024+s64+g128:16/4")
     ap.add_argument("--fwd", default="64,64,4,3;128,64,8,3;128,128,8,3;128,64,4,3;128,128,8,2")
     ap.add_argument("--bwd", default="32,64,4,3;64,128,8,2;64,128,8,3;32,128,4,3;64,64,4,3;128,128,8,2",
-                    help="dk/dv candidates bm_kv,bn_kv,warps_kv,stages_kv[,s] (s: dk and dv in separate launches)")
+                    help="dk/dv candidates bm_kv,bn_kv,warps_kv,stages_kv")
     ap.add_argument("--dq", default="64,64,4,3", help="query-major dq candidates (bm_dq, bn_dq, warps_dq, stages_dq)")
-    ap.add_argument("--check", default="default",
-                    help="bf16 checks of the default config (and of each split dk/dv candidate) first; '' = none")
+    ap.add_argument("--check", default="default", help="bf16 checks of the default config first; '' = none")
     ap.add_argument("--budget", type=float, default=420.0, help="seconds after which remaining variants are skipped")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
@@ -160,21 +157,15 @@ def main():
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv),
            "n": args.n, "rows": [], "checks": {}}
     base = core.default_config("cuda")
-    bwd_cands = [tuple(int(x) if x != "s" else 1 for x in c.split(",")) for c in args.bwd.split(";")]
     if args.check:
         res["checks"]["default"] = check(base)
-        for bmk, bnk, wk, sk, *split in bwd_cands:  # a candidate computing otherwise is checked before it is timed
-            if split:
-                label = f"split dk/dv {bmk}x{bnk}/{wk}"
-                log("checks of", label)
-                res["checks"][label] = check(base.replace(bm_kv=bmk, bn_kv=bnk, warps_kv=wk, stages_kv=sk,
-                                                          split_dkdv=True))
     cases = []
     for item in case_specs(args.cases):
         name, heads = item.split(":")
         hq, hkv = (int(x) for x in heads.split("/"))
         cases.append((name, as_pattern(CASES[name]), hq, hkv))
     fwd_cands = [tuple(int(x) for x in c.split(",")) for c in args.fwd.split(";")]
+    bwd_cands = [tuple(int(x) for x in c.split(",")) for c in args.bwd.split(";")]
     dq_cands = [tuple(int(x) for x in c.split(",")) for c in args.dq.split(";")]
     backward_variants = [(kv, dq) for kv in bwd_cands for dq in dq_cands]
 
@@ -206,13 +197,12 @@ def main():
     fastest = None
     for name, pat, hq, hkv in cases:
         bm, bn, w, s = best_fwd[name, hq, hkv]
-        for (bmk, bnk, wk, sk, *split), dq in backward_variants:
+        for (bmk, bnk, wk, sk), dq in backward_variants:
             if time.time() - T0 > args.budget:
                 break
             cfg = base.replace(bm=bm, bn=bn, bn_single=bn, warps=w, stages=s, bm_kv=bmk, bn_kv=bnk, warps_kv=wk,
-                               stages_kv=sk, bm_dq=dq[0], bn_dq=dq[1], warps_dq=dq[2], stages_dq=dq[3],
-                               split_dkdv=bool(split))
-            label = [bm, bn, w, s, bmk, bnk, wk, sk] + (["split"] if split else []) + list(dq)
+                               stages_kv=sk, bm_dq=dq[0], bn_dq=dq[1], warps_dq=dq[2], stages_dq=dq[3])
+            label = [bm, bn, w, s, bmk, bnk, wk, sk] + list(dq)
             try:
                 ms = timed(pat, args.n, hq, hkv, cfg)
             except Exception as e:  # noqa: BLE001

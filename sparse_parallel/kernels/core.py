@@ -50,10 +50,6 @@ class Config:
     #: keys, the first tiles of a strided level, a GQA group looping over its heads) do not leave
     #: the GPU idle behind them.
     kv_waves: int = 4
-    #: dk/dv of each pass in two launches, dv's then dk's (``plan.KvPart``): one float32 accumulator
-    #: each, which leaves registers for taller query tiles (64 x 64 at 4 warps compiles without
-    #: spills for sm_90a, where both accumulators at once spill), at 5 products a tile pair instead of 4.
-    split_dkdv: bool = False
     #: smallest chunk of a split (iterations); ``sms`` = 0: the device's multiprocessor count.
     kv_min_chunk: int = 64
     sms: int = 0
@@ -607,19 +603,17 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             out_k = torch.empty((split,) + tuple(dk_rows.shape), dtype=torch.float32, device=device)
             out_v = torch.empty_like(out_k)
             acc = False
-        for part in (P.KvPart.DV, P.KvPart.DK) if cfg.split_dkdv else (P.KvPart.BOTH,):
-            dkdv_kernel[(grid0, b * hkv, split)](
-                q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
-                qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, hq // hkv // launch.stack, lse2, delta,
-                lse2.stride(0), lse2.stride(1), terms, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb,
-                ctb, cth, sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk,
-                kpos, kmem, served, qplan, qfplan, kblk, kstart, cptr, cidx,
-                out_k, out_v, out_k.stride(-4), out_k.stride(-3), out_k.stride(-2),
-                out_k.stride(0) if split > 1 else 0, qchunk, t0, *_doc_args(prob, device),
-                MODE=ps.mode.value, NT=nt, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
-                Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, BM=bm, GS=launch.stack, BN=bn, D=d,
-                IEEE=ieee, HAS_DOC=prob.doc_start is not None, PART=part.value, num_warps=cfg.warps_kv,
-                num_stages=cfg.stages_kv)
+        dkdv_kernel[(grid0, b * hkv, split)](
+            q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
+            qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, hq // hkv // launch.stack, lse2, delta,
+            lse2.stride(0), lse2.stride(1), terms, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb,
+            ctb, cth, sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk,
+            kpos, kmem, served, qplan, qfplan, kblk, kstart, cptr, cidx,
+            out_k, out_v, out_k.stride(-4), out_k.stride(-3), out_k.stride(-2),
+            out_k.stride(0) if split > 1 else 0, qchunk, t0, *_doc_args(prob, device),
+            MODE=ps.mode.value, NT=nt, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
+            Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, BM=bm, GS=launch.stack, BN=bn, D=d,
+            IEEE=ieee, HAS_DOC=prob.doc_start is not None, num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
         if split > 1:  # partials summed in a fixed order
             if accum:
                 dk_rows.add_(out_k.sum(0))

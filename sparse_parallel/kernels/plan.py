@@ -42,14 +42,6 @@ class PassKind(enum.IntEnum):
         return self >= PassKind.BLOCK
 
 
-class KvPart(enum.IntEnum):
-    """What one dk/dv launch accumulates (``Config.split_dkdv``); a compile-time constant of the kernel."""
-
-    BOTH = 0  # dk and dv: 4 products per tile, two float32 accumulators
-    DV = 1  # dv alone: 2 products (s, then p^T do)
-    DK = 2  # dk alone: 3 products (s, dp, then ds^T q)
-
-
 @dataclass
 class Terms:
     """The pattern in kernel form, on the device."""

@@ -16,8 +16,7 @@ Vocabulary (see ``plan.py``):
 The forward and dq kernels fuse up to ``core.MAX_SLOTS`` passes (slots: a tuple argument) of one query
 tile in one online-softmax loop, each pass with its own terms (``NTS[i]``: see ``core._pass_terms``);
 dk/dv runs one pass per launch, key-major, over the key tiles that some query sees, with long query
-ranges split into balanced chunks; with ``Config.split_dkdv`` two launches per pass, dv's and dk's
-(``PART``, a ``plan.KvPart``).  Offsets that can pass 2^31 (batch, head and tile bases) are int64.
+ranges split into balanced chunks.  Offsets that can pass 2^31 (batch, head and tile bases) are int64.
 
 The streamed operand of each loop (k/v tiles of the query-major kernel, q/do tiles of dk/dv) is read
 through a tensor descriptor: on Hopper a TMA copy (no per-element address registers, zeros outside
@@ -30,13 +29,11 @@ The launcher checks the 16-byte alignment descriptors need (``core.check_descrip
 import triton
 import triton.language as tl
 
-from .plan import KvPart, PassKind
+from .plan import PassKind
 
 RANGE = tl.constexpr(PassKind.RANGE.value)
 EXPLICIT = tl.constexpr(PassKind.EXPLICIT.value)
 BLOCK = tl.constexpr(PassKind.BLOCK.value)
-DV_ONLY = tl.constexpr(KvPart.DV.value)
-DK_ONLY = tl.constexpr(KvPart.DK.value)
 
 
 @triton.jit
@@ -321,7 +318,7 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase, 
                QPOS, qpos0, MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr,
                n, qk_scale, mem, HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB, MODE: tl.constexpr,
                Q_EXPLICIT: tl.constexpr, BM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
-               IEEE: tl.constexpr, HAS_DOC: tl.constexpr, DSB, DEB, PART: tl.constexpr):
+               IEEE: tl.constexpr, HAS_DOC: tl.constexpr, DSB, DEB):
     """One query tile against the program's key tile: dk/dv accumulate.
 
     The tile is ``BM`` stacked rows: ``BM // GS`` positions from ``rows0`` x ``GS`` query heads of the
@@ -362,12 +359,10 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase, 
                 ok = ok & (kp[:, None] < tl.load(DEB + qp, mask=rmask, other=0)[None, :])
         st = tl.where(ok, st, float("-inf"))
     pt = tl.math.exp2(st - lse2[None, :])
-    if PART != DK_ONLY:
-        dv = dv + _dot(pt.to(do.dtype), do, IEEE)
-    if PART != DV_ONLY:
-        dpt = _dot(v, tl.trans(do), IEEE)
-        dst = pt * (dpt - delta[None, :])
-        dk = dk + _dot(dst.to(q.dtype), q, IEEE)
+    dv = dv + _dot(pt.to(do.dtype), do, IEEE)
+    dpt = _dot(v, tl.trans(do), IEEE)
+    dst = pt * (dpt - delta[None, :])
+    dk = dk + _dot(dst.to(q.dtype), q, IEEE)
     return dk, dv
 
 
@@ -379,7 +374,7 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
                  MODE: tl.constexpr, NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
                  Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, SPLIT: tl.constexpr,
                  BM: tl.constexpr, GS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
-                 HAS_DOC: tl.constexpr, PART: tl.constexpr):
+                 HAS_DOC: tl.constexpr):
     """Key-major dk/dv of one pass: a key tile walks the query tiles that can see it.
 
     Range passes: key tile ``kb`` visits query tiles ``QPLAN[kb]``, of which ``QFPLAN[kb]``
@@ -428,9 +423,8 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
     DEB = DE + tl.cast(b, tl.int64) * sdcb
     if HAS_DOC:  # the queries that can see these keys lie in the keys' documents
         _s, _e, ks_lo, ks_hi, ke_lo, ke_hi = _span(DS, DE, tl.cast(b, tl.int64) * sdcb, kp, kmask)
-    # PART (a ``KvPart``): both gradients, or one of them (the other's accumulator a 1-wide stand-in)
-    dk = tl.zeros([BN, 1 if PART == DV_ONLY else D], dtype=tl.float32)
-    dv = tl.zeros([BN, 1 if PART == DK_ONLY else D], dtype=tl.float32)
+    dk = tl.zeros([BN, D], dtype=tl.float32)
+    dv = tl.zeros([BN, D], dtype=tl.float32)
     BMR: tl.constexpr = BM // GS
     for g in range(0, chunks):  # chunks = group // GS (1, the usual case, compiles the loop away)
         h = hk * group + g * GS
@@ -458,7 +452,7 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
                                         LSE2 + xoff, DELTA + xoff, sxh,
                                         QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                         HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
-                                        HAS_DOC, DSB, DEB, PART)
+                                        HAS_DOC, DSB, DEB)
         else:
             q_lo = tl.load(QPLAN + t * 2)
             q_hi = tl.load(QPLAN + t * 2 + 1)
@@ -488,31 +482,30 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
-                                    HAS_DOC, DSB, DEB, PART)
+                                    HAS_DOC, DSB, DEB)
             for it in range(0, f_hi - f_lo + 1):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_hi - it) * BMR, nq, qdesc, dodesc,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
-                                    HAS_DOC, DSB, DEB, PART)
+                                    HAS_DOC, DSB, DEB)
             for it in range(0, f_lo - q_lo):
                 dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_lo - 1 - it) * BMR, nq, qdesc, dodesc,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
-                                    HAS_DOC, DSB, DEB, PART)
+                                    HAS_DOC, DSB, DEB)
     ooff = (tl.cast(split, tl.int64) * sos + tl.cast(b, tl.int64) * sob + tl.cast(hk, tl.int64) * soh
             + tl.cast(idx0 - t0 * BN, tl.int64) * son)
     optr = (offs_n * son)[:, None] + offs_d[None, :]
-    if PART != DV_ONLY:
-        dk = dk * (qk_scale * 0.6931471805599453)
-        if ACCUM:
-            dk = dk + tl.load(DK + ooff + optr, mask=kmask[:, None], other=0.0)
-        tl.store(DK + ooff + optr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
-    if PART != DK_ONLY:
-        if ACCUM:
-            dv = dv + tl.load(DV + ooff + optr, mask=kmask[:, None], other=0.0)
-        tl.store(DV + ooff + optr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
+    # dk is stored before dv's earlier partial is read: one partial live at a time (fewer spills)
+    dk = dk * (qk_scale * 0.6931471805599453)
+    if ACCUM:
+        dk = dk + tl.load(DK + ooff + optr, mask=kmask[:, None], other=0.0)
+    tl.store(DK + ooff + optr, dk.to(DK.dtype.element_ty), mask=kmask[:, None])
+    if ACCUM:
+        dv = dv + tl.load(DV + ooff + optr, mask=kmask[:, None], other=0.0)
+    tl.store(DV + ooff + optr, dv.to(DV.dtype.element_ty), mask=kmask[:, None])
 
 
 @triton.jit(do_not_specialize=["nq"])
