@@ -374,6 +374,7 @@ def time_job(case: Case, heads: str, args, device: str) -> dict:
            "density": desc["density_of_causal"], "documents": len(case.lengths) if case.docs_mean else 0}
     try:
         row["ours"] = ours_row(case, hq, hkv, d, args.guard, device)
+        log("  ours", json.dumps(row["ours"], default=str)[:300])
     except Exception as e:  # noqa: BLE001 - record and go on to the baselines
         row["ours"] = {"error": repr(e)[:400]}
         log("ours failed:", repr(e)[:400])
@@ -382,6 +383,7 @@ def time_job(case: Case, heads: str, args, device: str) -> dict:
     why = single_mask_hopeless(case, hq, d, args.guard if args.single_guard is None else args.single_guard)
     spec = flex_spec(case, hq, hkv, d, "single", args, device)
     row["flex_single"] = {"skipped": why} if why else flex_worker(spec, args.worker_timeout)
+    log("  flex one mask", json.dumps(row["flex_single"], default=str)[:300])
     parts = split_parts(case.pattern, case.n)
     if parts is None:
         row["flex_split"] = {"skipped": "no compact key sets (block lists)"}
@@ -389,6 +391,7 @@ def time_job(case: Case, heads: str, args, device: str) -> dict:
         row["flex_split"] = {"skipped": "one key set: the same as one mask"}
     else:
         row["flex_split"] = flex_worker({**spec, "variant": "split"}, args.worker_timeout)
+        log("  flex split", json.dumps(row["flex_split"], default=str)[:300])
     add_derived(row)
     return row
 
