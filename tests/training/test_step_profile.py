@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import importlib.util
-from types import SimpleNamespace
+import os
+import subprocess
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -61,9 +64,6 @@ def test_stdlib_batches_are_consecutive_windows_of_the_library_bytes():
 def test_a_finished_run_frees_its_model_and_the_next_run_repeats_its_losses():
     # train_scaling measures many variants in one process: a model kept alive by the engine of a finished
     # run (DeepSpeed's gradient hooks sit on its parameters) adds its memory to every later run's peak.
-    import subprocess
-    import sys
-
     from sparse_parallel.launcher.discovery import free_port
 
     code = f"""
@@ -86,7 +86,7 @@ print("status", *[r["status"] for r in runs])
 print("alive", sum(m() is not None for m in models), "of", len(models))
 print("same losses", runs[0]["losses"] == runs[1]["losses"], len(runs[0]["losses"]))
 """
-    env = {**__import__("os").environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1",
            "MASTER_PORT": str(free_port()), "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=env)
     out = proc.stdout
