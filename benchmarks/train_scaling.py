@@ -420,6 +420,8 @@ def main() -> int:
             model_config(args, PATTERNS["main"], "reference", mode, f)
         except ValueError as e:
             ap.error(f"--checkpointing {mode}: {e}")
+    if args.data == "stdlib" and args.vocab < 256:
+        ap.error(f"--data stdlib takes one token per byte (ids 0-255): --vocab must be at least 256, got {args.vocab}")
     if args.device == "cpu":
         os.environ["DS_ACCELERATOR"] = "cpu"
 

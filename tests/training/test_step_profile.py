@@ -61,6 +61,12 @@ def test_stdlib_batches_are_consecutive_windows_of_the_library_bytes():
     assert torch.equal(random(0), random(3)) and int(random(0).max()) < 300
 
 
+def test_stdlib_data_needs_a_vocabulary_of_every_byte():
+    proc = subprocess.run([sys.executable, str(_PATH), "--device", "cpu", "--data", "stdlib", "--vocab", "255"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "--vocab must be at least 256, got 255" in proc.stderr, proc.stderr[-2000:]
+
+
 def test_a_finished_run_frees_its_model_and_the_next_run_repeats_its_losses():
     # train_scaling measures many variants in one process: a model kept alive by the engine of a finished
     # run (DeepSpeed's gradient hooks sit on its parameters) adds its memory to every later run's peak.
