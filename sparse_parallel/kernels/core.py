@@ -344,14 +344,23 @@ def tile_descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor.from_tensor(t, [1, rows, 1, t.shape[3]])
 
 
-def _descriptor_scratch(device):
-    """Global memory for the descriptors the dk/dv kernel makes on the device (Triton asks its allocator).
+def dkdv_descriptor(t: torch.Tensor, rows: int, stack: int):
+    """The descriptor the dk/dv kernel reads its query-side tiles (q, do) through: ``rows`` positions of
+    ``stack`` heads of one batch element.
 
-    Set per launch: Triton keeps the allocator per thread, and backward runs on autograd's threads.
+    One head: ``t`` seen as ``[B, N, H*D]`` with a ``[1, rows, D]`` block, read at column ``h*D``
+    (``t.stride(2) == D``, else a contiguous copy is read); stacked heads: ``[1, rows, stack, D]``
+    blocks of ``[B, N, H, D]`` (a box side holds at most 256 elements, so ``stack*D`` columns cannot be
+    one block).
     """
-    import triton
+    from triton.tools.tensor_descriptor import TensorDescriptor
 
-    triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device=device))
+    b, n, h, d = t.shape
+    if stack > 1:
+        return TensorDescriptor.from_tensor(t, [1, rows, stack, d])
+    if h > 1 and t.stride(2) != d:
+        t = t.contiguous()
+    return TensorDescriptor(t, [b, n, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d])
 
 
 def _forward_bn(prob: Problem, cfg: Config) -> int:
@@ -569,8 +578,11 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
     tbl, stb, sth, stq, w, cb = _block_args(prob, device)
     qpos = _qpos32(prob)
     bm, bn = _kv_tiles(prob, cfg)
-    _descriptor_scratch(device)
+    descriptors = {}
     for i, launch in kv_launches(prob, cfg, device, hq).items():
+        tiles = (launch.rows, launch.stack)
+        if tiles not in descriptors:
+            descriptors[tiles] = (dkdv_descriptor(q, *tiles), dkdv_descriptor(do, *tiles))
         ps = prob.passes[i]
         sp = prob.spaces[ps.space]
         hkv = sp.k.shape[2]
@@ -604,8 +616,7 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             out_v = torch.empty_like(out_k)
             acc = False
         dkdv_kernel[(grid0, b * hkv, split)](
-            q, q.stride(0), q.stride(1), q.stride(2), do, do.stride(0), do.stride(1), do.stride(2),
-            qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, hq // hkv // launch.stack, lse2, delta,
+            *descriptors[launch.rows, launch.stack], qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, hq // hkv // launch.stack, lse2, delta,
             lse2.stride(0), lse2.stride(1), terms, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb,
             ctb, cth, sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk,
             kpos, kmem, served, qplan, qfplan, kblk, kstart, cptr, cidx,

@@ -19,12 +19,13 @@ dk/dv runs one pass per launch, key-major, over the key tiles that some query se
 ranges split into balanced chunks.  Offsets that can pass 2^31 (batch, head and tile bases) are int64.
 
 The streamed operand of each loop (k/v tiles of the query-major kernel, q/do tiles of dk/dv) is read
-through a tensor descriptor: on Hopper a TMA copy (no per-element address registers, zeros outside
-the rows), elsewhere rewritten by Triton to masked loads.  The query-major kernel takes descriptors
-over the whole ``[B, N, H, D]`` k and v, made by the launcher (``core.tile_descriptor``) and indexed
-by (batch, row, head); dk/dv builds its own per (batch, head) on the device (measured: with launcher
-descriptors the forward ran 4-5% faster, dk/dv of one query head per KV head ~3% slower; RESULTS.md).
-The launcher checks the 16-byte alignment descriptors need (``core.check_descriptor_alignment``).
+through a tensor descriptor made by the launcher: on Hopper a TMA copy (no per-element address
+registers, zeros outside the rows), elsewhere rewritten by Triton to masked loads.  The query-major
+kernel's are over the whole ``[B, N, H, D]`` k and v (``core.tile_descriptor``), indexed by (batch,
+row, head); dk/dv's over q and do (``core.dkdv_descriptor``).  Made on the device instead, each
+program writes its descriptors to global memory and fences them before its first tile (measured:
+the forward ran 4-5% slower; RESULTS.md).  The launcher checks the 16-byte alignment descriptors need
+(``core.check_descriptor_alignment``).
 """
 import triton
 import triton.language as tl
@@ -314,7 +315,7 @@ def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase, sxh,
+def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, b, h, qdesc, dodesc, lbase, dbase, sxh,
                QPOS, qpos0, MASKED: tl.constexpr, e, served, TERMS, NT: tl.constexpr, CAUSAL: tl.constexpr,
                n, qk_scale, mem, HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB, MODE: tl.constexpr,
                Q_EXPLICIT: tl.constexpr, BM: tl.constexpr, GS: tl.constexpr, D: tl.constexpr,
@@ -322,19 +323,21 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase, 
     """One query tile against the program's key tile: dk/dv accumulate.
 
     The tile is ``BM`` stacked rows: ``BM // GS`` positions from ``rows0`` x ``GS`` query heads of the
-    key's group (row ``r`` = position ``rows0 + r // GS``, head ``r % GS`` of the chunk), read through the
-    chunk's descriptors, so that one product sums over the chunk's heads.
+    key's group (row ``r`` = position ``rows0 + r // GS``, head ``r % GS`` of the chunk), so that one
+    product sums over the chunk's heads.  ``qdesc``/``dodesc`` (``core.dkdv_descriptor``) read batch
+    ``b`` from head ``h`` on: one head of ``[B, N, H*D]`` at column ``h*D`` (GS 1), else ``GS`` heads of
+    ``[B, N, H, D]``.
     """
     r = tl.arange(0, BM)
     if GS == 1:
         rows = rows0 + r
-        q = qdesc.load([rows0, 0])
-        do = dodesc.load([rows0, 0])
+        q = tl.reshape(qdesc.load([b, rows0, h * D]), (BM, D))
+        do = tl.reshape(dodesc.load([b, rows0, h * D]), (BM, D))
         xo = rows
     else:
         rows = rows0 + r // GS
-        q = tl.reshape(qdesc.load([rows0, 0, 0]), (BM, D))
-        do = tl.reshape(dodesc.load([rows0, 0, 0]), (BM, D))
+        q = tl.reshape(qdesc.load([b, rows0, h, 0]), (BM, D))
+        do = tl.reshape(dodesc.load([b, rows0, h, 0]), (BM, D))
         xo = (r % GS) * sxh + rows
     rmask = (rows < nq) & (rows >= 0)
     lse2 = tl.load(lbase + xo, mask=rmask, other=0.0)
@@ -367,7 +370,7 @@ def _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc, lbase, dbase, 
 
 
 @triton.jit(do_not_specialize=["qpos0", "nq", "n", "pos0", "kstr", "nk", "qchunk", "W", "CB", "t0"])
-def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, group, chunks,
+def dkdv_kernel(qdesc, dodesc, QPOS, qpos0, nq, heads, group, chunks,
                  LSE2, DELTA, sxb, sxh, TERMS, n, qk_scale, TBL, stb, sth, stq, W, CB, ctb, cth,
                  K, V, skb, skn, skh, pos0, kstr, nk, KPOS, KMEM, served, QPLAN, QFPLAN, KBLK, KSTART, CPTR, CIDX,
                  DK, DV, sob, son, soh, sos, qchunk, t0, DS, DE, sdcb,
@@ -428,16 +431,6 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
     BMR: tl.constexpr = BM // GS
     for g in range(0, chunks):  # chunks = group // GS (1, the usual case, compiles the loop away)
         h = hk * group + g * GS
-        qbase = Q + tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh
-        dobase = DO + tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh
-        if GS == 1:
-            qdesc = tl.make_tensor_descriptor(qbase, shape=[nq, D], strides=[sqn, 1], block_shape=[BM, D])
-            dodesc = tl.make_tensor_descriptor(dobase, shape=[nq, D], strides=[sdn, 1], block_shape=[BM, D])
-        else:
-            qdesc = tl.make_tensor_descriptor(qbase, shape=[nq, GS, D], strides=[sqn, sqh, 1],
-                                              block_shape=[BMR, GS, D])
-            dodesc = tl.make_tensor_descriptor(dobase, shape=[nq, GS, D], strides=[sdn, sdh, 1],
-                                               block_shape=[BMR, GS, D])
         xoff = tl.cast(b, tl.int64) * sxb + tl.cast(h, tl.int64) * sxh
         TBLH = TBL + tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
         if MODE >= BLOCK:
@@ -448,7 +441,7 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
                 c = tl.load(CIDX + ci)
                 for u in range(0, CB // BMR):
                     rows0 = c * CB + u * BMR - qpos0
-                    dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, qdesc, dodesc,
+                    dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, rows0, nq, b, h, qdesc, dodesc,
                                         LSE2 + xoff, DELTA + xoff, sxh,
                                         QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                         HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
@@ -478,19 +471,19 @@ def dkdv_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gro
             # query tile, a strided level's neighbours (4096 positions apart at stride 64) would read
             # each tile long after one another, every time from memory.
             for it in range(0, q_hi - f_hi):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (q_hi - it) * BMR, nq, qdesc, dodesc,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (q_hi - it) * BMR, nq, b, h, qdesc, dodesc,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
                                     HAS_DOC, DSB, DEB)
             for it in range(0, f_hi - f_lo + 1):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_hi - it) * BMR, nq, qdesc, dodesc,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_hi - it) * BMR, nq, b, h, qdesc, dodesc,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, False, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,
                                     HAS_DOC, DSB, DEB)
             for it in range(0, f_lo - q_lo):
-                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_lo - 1 - it) * BMR, nq, qdesc, dodesc,
+                dk, dv = _dkdv_tile(dk, dv, k, v, kp, kmask, (f_lo - 1 - it) * BMR, nq, b, h, qdesc, dodesc,
                                     LSE2 + xoff, DELTA + xoff, sxh,
                                     QPOS, qpos0, True, e, served, TERMS, NT, CAUSAL, n, qk_scale, mem,
                                     HAS_BLOCK, TBLH, stq, W, CB, MODE, Q_EXPLICIT, BM, GS, D, IEEE,

@@ -72,7 +72,9 @@ def _check_spaces(name, q_rows, q_pos, k, v, spaces, bound, dout, dlse):
         _compare(f"{name}: {label}", a, r, lo, torch.float32)
 
 
-def check(pattern, n, hq=2, hkv=1, b=1, d=16, dtype=torch.float32, seed=0, config=None):
+def check(pattern, n, hq=2, hkv=1, b=1, d=16, dtype=torch.float32, seed=0, config=None, head_major=False):
+    """The kernels against the reference; ``head_major`` hands them q/k/v stored ``[B, H, N, D]`` and
+    seen as ``[B, N, H, D]`` (the clones ``_run`` makes keep those strides)."""
     pattern = as_pattern(pattern)
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(b, n, h, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
@@ -82,8 +84,10 @@ def check(pattern, n, hq=2, hkv=1, b=1, d=16, dtype=torch.float32, seed=0, confi
     bound = pattern.bind(n, hq, q=q if pattern.data_dependent else None, k=k if pattern.data_dependent else None)
     ref = _run(lambda *t: reference_attention(*t, bound), (q, k, v), dout, dlse)
     low = _run(lambda *t: reference_attention(*t, bound), [t.to(dtype) for t in (q, k, v)], dout, dlse)
-    got = _run(lambda *t: kernels().triton_attention(*t, pattern, config=config), [t.to(dtype) for t in (q, k, v)],
-               dout, dlse)
+    inputs = [t.to(dtype) for t in (q, k, v)]
+    if head_major:
+        inputs = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in inputs]
+    got = _run(lambda *t: kernels().triton_attention(*t, pattern, config=config), inputs, dout, dlse)
     assert got[0].dtype == torch.float64 and torch.isfinite(got[0]).all()
     assert torch.equal(torch.isinf(got[1]), torch.isinf(ref[1])), "fully masked rows must have lse -inf"
     _compare("out", got[0], ref[0], low[0], dtype)
@@ -97,6 +101,14 @@ def test_window_global_strided_gqa():
     # Two KV heads of two query heads each: a kernel reading another KV head's k or v (the launcher's
     # descriptors are indexed by batch, row and head) fails here, where one KV head could not tell.
     check(Window(20) | Global(first=5, queries=False) | Strided(8), n=70, hq=4, hkv=2)
+
+
+def test_head_major_inputs_in_a_batch():
+    # dk/dv reads one query head's q/do rows through a view of q as [B, N, H*D], which a head-major q
+    # does not have (the launcher reads a copy); two batch elements check the batch coordinate of
+    # that view and of the stacked-heads one (4 query heads over 2 KV heads).
+    check(Window(12) | Strided(5), n=45, b=2, hq=2, hkv=2, head_major=True)
+    check(Window(12) | Strided(5), n=45, b=2, hq=4, hkv=2, head_major=True)
 
 
 def test_dilated_float16():
