@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .trainer import free_port
+from ..launcher.discovery import free_port
 
 
 @dataclass

@@ -22,7 +22,6 @@ import hashlib
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from pathlib import Path
@@ -30,6 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..launcher.discovery import free_port
 from . import checkpoint as ckpt
 from . import evaluate, rundir
 from .config import TrainConfig, load_config
@@ -51,12 +51,6 @@ class CollectiveTimeout(RuntimeError):
 
 #: Dense bf16 peak per device (TFLOP/s) for the MFU estimate, by device-name substring.
 KNOWN_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def init_distributed(timeout_s: float = 1800) -> tuple[int, int, int, torch.device]:
