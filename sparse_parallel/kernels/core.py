@@ -616,7 +616,8 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             out_v = torch.empty_like(out_k)
             acc = False
         dkdv_kernel[(grid0, b * hkv, split)](
-            *descriptors[launch.rows, launch.stack], qpos, prob.q_pos0 or 0, nq, hq, hq // hkv, hq // hkv // launch.stack, lse2, delta,
+            *descriptors[launch.rows, launch.stack], qpos, prob.q_pos0 or 0, nq, hq, hq // hkv,
+            hq // hkv // launch.stack, lse2, delta,
             lse2.stride(0), lse2.stride(1), terms, prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb,
             ctb, cth, sp.k, sp.v, sp.k.stride(0), sp.k.stride(1), sp.k.stride(2), sp.pos0, sp.kstr, sp.nk,
             kpos, kmem, served, qplan, qfplan, kblk, kstart, cptr, cidx,
