@@ -37,6 +37,7 @@ import platform
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
@@ -304,6 +305,7 @@ def ours_row(case: Case, hq: int, hkv: int, d: int, guard_s: float, device: str)
             triton_attention(q, k, v, pat, config=None)
 
     def fwd_bwd():
+        qs.grad = ks.grad = vs.grad = None  # written, not accumulated between calls (as in a model)
         o, _ = triton_attention(qs, ks, vs, pat, config=None)
         o.backward(do)
 
@@ -347,6 +349,49 @@ def flex_worker(spec: dict, timeout_s: float) -> dict:
             "stderr_tail": proc.stderr[-1500:]}
 
 
+def flex_specs(case: Case, heads: str, args, device: str) -> dict[str, dict]:
+    """{"single"/"split": spec} of the Flex processes ``time_job`` starts for one job."""
+    hq, hkv = HEADS[heads]
+    d = 128
+    if SMOKE:
+        hq, hkv, d = hq // 4, hkv // 4, 32
+    specs = {}
+    if not single_mask_hopeless(case, hq, d, args.guard if args.single_guard is None else args.single_guard):
+        specs["single"] = flex_spec(case, hq, hkv, d, "single", args, device)
+    parts = split_parts(case.pattern, case.n)
+    if parts is not None and len(parts) > 1:
+        specs["split"] = flex_spec(case, hq, hkv, d, "split", args, device)
+    return specs
+
+
+def warm_flex(jobs, args, device: str) -> None:
+    """Run every Flex process of ``jobs`` once, untimed and ``args.warm_flex`` at a time, to fill
+    torch.compile's on-disk caches (inductor's FX graph and Triton kernel caches).  Each timed process
+    is still a fresh one (its own dynamo state and recompile counts); only its compiled kernels come
+    from the cache.  A warm-up that fails (e.g. out of memory beside the others) costs only its time:
+    the timed process then compiles for itself."""
+    specs = [{**spec, "warm_only": True} for case, heads in jobs
+             for spec in flex_specs(case, heads, args, device).values()]
+    t = time.time()
+    running, failed = [], 0
+    cmd = [sys.executable, os.path.join(HERE, "flex_case.py")]
+    for spec in specs:
+        log_file = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty compile cannot block on it
+        running.append((subprocess.Popen(cmd + [json.dumps(spec)], stdout=log_file, stderr=subprocess.STDOUT),
+                        log_file))
+        while len(running) >= args.warm_flex or (spec is specs[-1] and running):
+            time.sleep(0.5)
+            for p, f in [(p, f) for p, f in running if p.poll() is not None]:
+                running.remove((p, f))
+                f.seek(0)
+                out = f.read()
+                f.close()
+                if p.returncode != 0 or '"warmed": true' not in out:
+                    failed += 1
+                    log("warm-flex: a warm-up failed:", out[-600:])
+    log(f"warm-flex: {len(specs)} Flex processes compiled in {time.time() - t:.0f} s ({failed} failed)")
+
+
 def single_mask_hopeless(case: Case, hq: int, d: int, guard_s: float) -> str | None:
     """Why one-mask Flex is not worth starting, or None.
 
@@ -380,9 +425,12 @@ def time_job(case: Case, heads: str, args, device: str) -> dict:
         log("ours failed:", repr(e)[:400])
     if device == "cuda":
         torch.cuda.empty_cache()  # leave the memory to the Flex process
-    why = single_mask_hopeless(case, hq, d, args.guard if args.single_guard is None else args.single_guard)
-    spec = flex_spec(case, hq, hkv, d, "single", args, device)
-    row["flex_single"] = {"skipped": why} if why else flex_worker(spec, args.worker_timeout)
+    specs = flex_specs(case, heads, args, device)
+    if "single" in specs:
+        row["flex_single"] = flex_worker(specs["single"], args.worker_timeout)
+    else:
+        row["flex_single"] = {"skipped": single_mask_hopeless(
+            case, hq, d, args.guard if args.single_guard is None else args.single_guard)}
     log("  flex one mask", json.dumps(row["flex_single"], default=str)[:300])
     parts = split_parts(case.pattern, case.n)
     if parts is None:
@@ -390,7 +438,7 @@ def time_job(case: Case, heads: str, args, device: str) -> dict:
     elif len(parts) == 1:
         row["flex_split"] = {"skipped": "one key set: the same as one mask"}
     else:
-        row["flex_split"] = flex_worker({**spec, "variant": "split"}, args.worker_timeout)
+        row["flex_split"] = flex_worker(specs["split"], args.worker_timeout)
         log("  flex split", json.dumps(row["flex_split"], default=str)[:300])
     add_derived(row)
     return row
@@ -608,6 +656,9 @@ def parse_args():
     ap.add_argument("--budget", type=float, default=1e9,
                     help="seconds after which cases not yet started are skipped (and recorded as skipped)")
     ap.add_argument("--worker-timeout", type=float, default=300.0, help="seconds one Flex process may take")
+    ap.add_argument("--warm-flex", type=int, default=0, metavar="P",
+                    help="first compile every Flex process of the selected cases, P at a time, untimed, so "
+                    "that the timed (still fresh) processes load torch.compile's kernels from its caches")
     ap.add_argument("--max-n", type=int, default=1024 * K, help="planops: sequence length")
     ap.add_argument("--smoke", action="store_true", help="the whole flow tiny on the CPU (interpreter)")
     ap.add_argument("--list", action="store_true", help="print the cases with their indices and exit")
@@ -655,7 +706,10 @@ def main():
         if not args.no_sdpa:
             results["sdpa"] = sdpa_row(device, args.guard)
             log("sdpa", json.dumps(results["sdpa"]))
-        for case, heads in select_jobs(SMOKE_CASES if SMOKE else CASES, args.cases, args.heads.split(",")):
+        jobs = select_jobs(SMOKE_CASES if SMOKE else CASES, args.cases, args.heads.split(","))
+        if args.warm_flex:
+            warm_flex(jobs, args, device)
+        for case, heads in jobs:
             if time.time() - T0 > args.budget:
                 results["timing"].append({"case": case.name, "key": case.key, "n": case.n, "heads": heads,
                                           "skipped": f"time budget {args.budget:.0f} s spent"})
