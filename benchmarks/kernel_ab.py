@@ -3,8 +3,8 @@
 Run on the device machine:
 
     PYTHONUNBUFFERED=1 python3 benchmarks/kernel_ab.py --out $OUT \\
-        --variants "base;kv=kv_regs:1;kv+dq=kv_regs:1,dq_regs:1" \\
-        --cases "window4096:16/16,w1024+s64+g128:16/4,window4096:16/16@1M" --rounds 2 --check kv+dq
+        --variants "base;kv2=stages_kv:2;waves8=kv_waves:8" \\
+        --cases "window4096:16/16,w1024+s64+g128:16/4,window4096:16/16@1M" --rounds 2 --warm 6 --check kv2
 
 1. ``--warm P``: every (variant, case) is run once in ``P`` worker processes at a time, so that Triton
    compiles in parallel into its on-disk cache; the timing process then loads the compiled kernels.
@@ -14,9 +14,12 @@ Run on the device machine:
 3. ``--rounds`` rounds; in each, every case runs every variant in turn (the order rotates by round), so a
    drift of the card's clock or temperature is spread over all variants: forward alone and
    forward+backward, medians of do_bench.
-Prints a table (medians over rounds, each variant's speed relative to the first) and writes
+Prints a table (per variant and case the lower median of its rounds' times, with two rounds the faster
+one, and its speed relative to the first variant) and writes
 kernel_ab.json and kernel_ab.png to ``--out``.  A variant is ``name=field:value,field:value`` over the
-CUDA defaults (``core.Config`` fields); ``base`` alone means the defaults.
+CUDA defaults (``core.Config`` fields); ``base`` alone means the defaults.  To time a change of the kernel
+code itself, add a ``Config`` field that switches it, time it here, and keep the field only if it wins
+(benchmarks/RESULTS.md, "Register operands", is one such run).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Run on the device machine (one H200), e.g. the issue's goal cases, then the others, then correctness:
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT --only time --cases goal --no-merged --budget 420
+    PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT --only time --cases goal --no-merged --warm-flex 3 --budget 420
     PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT --only time --cases rest --no-sdpa
     PYTHONUNBUFFERED=1 python3 benchmarks/kernels.py --out $OUT --only check,tune
 

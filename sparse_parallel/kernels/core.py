@@ -9,7 +9,6 @@ pass, accumulating into float32 gradient buffers in a fixed order.
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -56,12 +55,6 @@ class Config:
     sms: int = 0
     #: most bytes of float32 dk/dv partials a split may allocate.
     kv_split_bytes: int = 1 << 30
-    #: Operands a program loads once and multiplies every iteration, held in registers for the tensor
-    #: cores (bf16/fp16 on CUDA only) instead of re-read from shared memory by every product: q of the
-    #: forward, q and do of the dq kernel, k and v of the dk/dv kernel.
-    fwd_regs: bool = False
-    dq_regs: bool = False
-    kv_regs: bool = False
 
     def replace(self, **changes) -> "Config":
         return replace(self, **changes)
@@ -370,12 +363,6 @@ def dkdv_descriptor(t: torch.Tensor, rows: int, stack: int):
     return TensorDescriptor(t, [b, n, h * d], [t.stride(0), t.stride(1), 1], [1, rows, d])
 
 
-def _registers(q, wanted: bool) -> bool:
-    """Whether a kernel holds its resident operands in registers: asked for, 16-bit, and compiled (the
-    hint is inline PTX, which Triton's CPU interpreter does not run: it takes the plain loads)."""
-    return wanted and q.dtype in (torch.bfloat16, torch.float16) and os.environ.get("TRITON_INTERPRET") != "1"
-
-
 def _forward_bn(prob: Problem, cfg: Config) -> int:
     return cfg.bn_single if cfg.bn_single and len(prob.passes) == 1 else cfg.bn
 
@@ -395,7 +382,6 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
         check_descriptor_alignment("k", sp.k)
         check_descriptor_alignment("v", sp.v)
     ieee = q.dtype == torch.float32
-    regs = _registers(q, cfg.fwd_regs if phase == 0 else cfg.dq_regs)
     tbl, stb, sth, stq, w, cb = _block_args(prob, device)
     split = prob.split
     chunk = 0
@@ -436,7 +422,7 @@ def _launch_query(prob: Problem, q, scale, cfg: Config, phase: int, do=None, lse
             prob.terms.n, scale * LOG2E, tbl, stb, sth, stq, w, cb, chunk, *_doc_args(prob, device),
             tuple(slots), *descs, *extents, MODES=modes, NTS=nts, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
             Q_EXPLICIT=prob.q_pos0 is None, SPLIT=split > 1, BM=bm, BN=bn, D=d, IEEE=ieee, PHASE=phase,
-            HAS_DOC=prob.doc_start is not None, REGS=regs, num_warps=tiles[2], num_stages=tiles[3])
+            HAS_DOC=prob.doc_start is not None, num_warps=tiles[2], num_stages=tiles[3])
         results.append((out, lse))
     if phase == 1:
         if len(results) == 1 and results[0][0].shape[0] == 1:
@@ -589,7 +575,6 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
     b, nq, hq, d = q.shape
     device = q.device
     ieee = q.dtype == torch.float32
-    regs = _registers(q, cfg.kv_regs)
     tbl, stb, sth, stq, w, cb = _block_args(prob, device)
     qpos = _qpos32(prob)
     bm, bn = _kv_tiles(prob, cfg)
@@ -640,8 +625,7 @@ def _launch_dkdv(prob: Problem, q, do, lse2, delta, scale, cfg: Config, grads: l
             out_k.stride(0) if split > 1 else 0, qchunk, t0, *_doc_args(prob, device),
             MODE=ps.mode.value, NT=nt, CAUSAL=prob.terms.causal, HAS_BLOCK=prob.has_block,
             Q_EXPLICIT=prob.q_pos0 is None, ACCUM=acc, SPLIT=split > 1, BM=bm, GS=launch.stack, BN=bn, D=d,
-            IEEE=ieee, HAS_DOC=prob.doc_start is not None, REGS=regs, num_warps=cfg.warps_kv,
-            num_stages=cfg.stages_kv)
+            IEEE=ieee, HAS_DOC=prob.doc_start is not None, num_warps=cfg.warps_kv, num_stages=cfg.stages_kv)
         if split > 1:  # partials summed in a fixed order
             if accum:
                 dk_rows.add_(out_k.sum(0))

@@ -46,21 +46,6 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _held(x, REGS: tl.constexpr):
-    """``x`` (16-bit), to be multiplied from registers.
-
-    Triton stages a loaded tensor in shared memory and lets every matrix product read it there; passed
-    through an identity it cannot see into, the tensor counts as computed, and the products take it
-    as their register operand.  For a tile loaded once and multiplied every iteration (k and v of dk/dv)
-    that halves the shared-memory reads of those products.
-    """
-    if REGS:
-        return tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [x], dtype=x.dtype, is_pure=True, pack=2)
-    else:
-        return x
-
-
-@triton.jit
 def _owned(qp, kp, TERMS, NT: tl.constexpr, served, CAUSAL: tl.constexpr, n,
            KIND: tl.constexpr, member, HAS_BLOCK: tl.constexpr, TBLH, stq, W, CB):
     """Pairs (qp, kp) owned by the pass: its first allowing term is served.
@@ -259,7 +244,7 @@ def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
                   MODES: tl.constexpr, NTS: tl.constexpr,
                   CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr, Q_EXPLICIT: tl.constexpr,
                   SPLIT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, D: tl.constexpr,
-                  IEEE: tl.constexpr, PHASE: tl.constexpr, HAS_DOC: tl.constexpr, REGS: tl.constexpr):
+                  IEEE: tl.constexpr, PHASE: tl.constexpr, HAS_DOC: tl.constexpr):
     """Query-major kernel: PHASE 0 writes out and lse, PHASE 1 writes dq (unscaled by nothing: final)."""
     qb = tl.num_programs(0) - 1 - tl.program_id(0)  # causal: the longest rows first
     bh = tl.program_id(1)
@@ -278,7 +263,7 @@ def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
         row0 = qpos0 + qb * BM
     qoff = tl.cast(b, tl.int64) * sqb + tl.cast(h, tl.int64) * sqh + tl.cast(qb * BM, tl.int64) * sqn
     ld = (tl.arange(0, BM) * sqn)[:, None] + offs_d[None, :]
-    q = _held(tl.load(Q + qoff + ld, mask=rmask[:, None], other=0.0), REGS)
+    q = tl.load(Q + qoff + ld, mask=rmask[:, None], other=0.0)
     TBLH = TBL + tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
     toff = tl.cast(b, tl.int64) * stb + tl.cast(h, tl.int64) * sth
     if HAS_DOC:
@@ -290,8 +275,8 @@ def query_kernel(Q, sqb, sqn, sqh, DO, sdb, sdn, sdh, QPOS, qpos0, nq, heads, gr
     l_i = tl.zeros([BM], dtype=tl.float32)
     if PHASE == 1:
         doff = tl.cast(b, tl.int64) * sdb + tl.cast(h, tl.int64) * sdh + tl.cast(qb * BM, tl.int64) * sdn
-        do = _held(tl.load(DO + doff + (tl.arange(0, BM) * sdn)[:, None] + offs_d[None, :], mask=rmask[:, None],
-                           other=0.0), REGS)
+        do = tl.load(DO + doff + (tl.arange(0, BM) * sdn)[:, None] + offs_d[None, :], mask=rmask[:, None],
+                     other=0.0)
         xoff = tl.cast(b, tl.int64) * sxb + tl.cast(h, tl.int64) * sxh
         lse2 = tl.load(LSE2 + xoff + rows, mask=rmask, other=0.0)
         delta = tl.load(DELTA + xoff + rows, mask=rmask, other=0.0)
@@ -392,7 +377,7 @@ def dkdv_kernel(qdesc, dodesc, QPOS, qpos0, nq, heads, group, chunks,
                  MODE: tl.constexpr, NT: tl.constexpr, CAUSAL: tl.constexpr, HAS_BLOCK: tl.constexpr,
                  Q_EXPLICIT: tl.constexpr, ACCUM: tl.constexpr, SPLIT: tl.constexpr,
                  BM: tl.constexpr, GS: tl.constexpr, BN: tl.constexpr, D: tl.constexpr, IEEE: tl.constexpr,
-                 HAS_DOC: tl.constexpr, REGS: tl.constexpr):
+                 HAS_DOC: tl.constexpr):
     """Key-major dk/dv of one pass: a key tile walks the query tiles that can see it.
 
     Range passes: key tile ``kb`` visits query tiles ``QPLAN[kb]``, of which ``QFPLAN[kb]``
@@ -425,8 +410,8 @@ def dkdv_kernel(qdesc, dodesc, QPOS, qpos0, nq, heads, group, chunks,
     kmask = (kidx < nk) & (kidx >= 0)
     kbase = tl.cast(b, tl.int64) * skb + tl.cast(hk, tl.int64) * skh
     toff = tl.cast(idx0, tl.int64) * skn + (offs_n * skn)[:, None] + offs_d[None, :]
-    k = _held(tl.load(K + kbase + toff, mask=kmask[:, None], other=0.0), REGS)
-    v = _held(tl.load(V + kbase + toff, mask=kmask[:, None], other=0.0), REGS)
+    k = tl.load(K + kbase + toff, mask=kmask[:, None], other=0.0)
+    v = tl.load(V + kbase + toff, mask=kmask[:, None], other=0.0)
     if MODE == RANGE or MODE == BLOCK:
         kp = pos0 + kstr * kidx
     else:

@@ -271,17 +271,3 @@ def test_an_arithmetic_space_starts_at_the_first_key_its_terms_can_own():
             assert not owned[:, skipped].any(), f"seed {seed} trial {trial}: term {t} space ({pos0}, {kstr})"
             trimmed += first > 0
     assert trimmed > 0, f"seed {seed}: no space was trimmed"
-
-
-def test_register_operands_only_for_compiled_16_bit_kernels(monkeypatch):
-    """The register-operand hint is inline PTX: asked for, it applies to bf16/fp16 kernels that Triton
-    compiles, never to float32 (its products are not 16-bit) nor under the CPU interpreter, which cannot
-    run inline assembly."""
-    bf16, f16, f32 = (torch.zeros(1, 2, 1, 16, dtype=dt) for dt in (torch.bfloat16, torch.float16, torch.float32))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert core._registers(bf16, True) and core._registers(f16, True)
-    assert not core._registers(f32, True) and not core._registers(bf16, False)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert not core._registers(bf16, True)
-    assert not any((core.default_config("cpu").fwd_regs, core.default_config("cpu").dq_regs,
-                    core.default_config("cpu").kv_regs))
