@@ -320,7 +320,7 @@ def run_case(spec: dict) -> dict:
         return res
     for prefix, f, fb in timings:
         res.update(_time_pair(prefix, f, fb, spec["guard_s"], device, flops))
-        for x in [qs, *(t for pair in kv_leaves for t in pair)]:
+        for x in leaves:
             x.grad = None
     res["dynamo"] = {key: dict(counters[key]) for key in ("stats", "graph_break", "unimplemented")
                      if counters[key]}

@@ -349,17 +349,23 @@ def flex_worker(spec: dict, timeout_s: float) -> dict:
             "stderr_tail": proc.stderr[-1500:]}
 
 
-def flex_specs(case: Case, heads: str, args, device: str) -> dict[str, dict]:
-    """{"single"/"split": spec} of the Flex processes ``time_job`` starts for one job."""
+def job_shape(heads: str) -> tuple[int, int, int]:
+    """(Hq, Hkv, D) of a job with the head layout ``heads`` (a quarter of the heads and D=32 in --smoke)."""
     hq, hkv = HEADS[heads]
-    d = 128
-    if SMOKE:
-        hq, hkv, d = hq // 4, hkv // 4, 32
-    specs = {}
-    if not single_mask_hopeless(case, hq, d, args.guard if args.single_guard is None else args.single_guard):
-        specs["single"] = flex_spec(case, hq, hkv, d, "single", args, device)
+    return (hq // 4, hkv // 4, 32) if SMOKE else (hq, hkv, 128)
+
+
+def flex_specs(case: Case, heads: str, args, device: str) -> dict[str, dict]:
+    """{"single"/"split": the spec of the Flex process ``time_job`` starts, or {"skipped": why}}."""
+    hq, hkv, d = job_shape(heads)
+    why = single_mask_hopeless(case, hq, d, args.guard if args.single_guard is None else args.single_guard)
+    specs = {"single": {"skipped": why} if why else flex_spec(case, hq, hkv, d, "single", args, device)}
     parts = split_parts(case.pattern, case.n)
-    if parts is not None and len(parts) > 1:
+    if parts is None:
+        specs["split"] = {"skipped": "no compact key sets (block lists)"}
+    elif len(parts) == 1:
+        specs["split"] = {"skipped": "one key set: the same as one mask"}
+    else:
         specs["split"] = flex_spec(case, hq, hkv, d, "split", args, device)
     return specs
 
@@ -371,7 +377,7 @@ def warm_flex(jobs, args, device: str) -> None:
     from the cache.  A warm-up that fails (e.g. out of memory beside the others) costs only its time:
     the timed process then compiles for itself."""
     specs = [{**spec, "warm_only": True} for case, heads in jobs
-             for spec in flex_specs(case, heads, args, device).values()]
+             for spec in flex_specs(case, heads, args, device).values() if "skipped" not in spec]
     t = time.time()
     running, failed = [], 0
     cmd = [sys.executable, os.path.join(HERE, "flex_case.py")]
@@ -409,10 +415,7 @@ def single_mask_hopeless(case: Case, hq: int, d: int, guard_s: float) -> str | N
 
 def time_job(case: Case, heads: str, args, device: str) -> dict:
     """Ours, one-mask Flex and hand-split Flex on one case; the row kernels.json records."""
-    hq, hkv = HEADS[heads]
-    d = 128
-    if SMOKE:
-        hq, hkv, d = hq // 4, hkv // 4, 32
+    hq, hkv, d = job_shape(heads)
     desc = case.attended.describe(case.n, hq, d)  # TopKBlocks alone: exact without the data
     row = {"case": case.name, "key": case.key, "n": case.n, "heads": heads, "hq": hq, "hkv": hkv, "d": d,
            "goal": case.goal, "pairs_per_head": desc["pairs"] / hq, "useful_flops_fwd": desc["useful_flops_fwd"],
@@ -425,21 +428,9 @@ def time_job(case: Case, heads: str, args, device: str) -> dict:
         log("ours failed:", repr(e)[:400])
     if device == "cuda":
         torch.cuda.empty_cache()  # leave the memory to the Flex process
-    specs = flex_specs(case, heads, args, device)
-    if "single" in specs:
-        row["flex_single"] = flex_worker(specs["single"], args.worker_timeout)
-    else:
-        row["flex_single"] = {"skipped": single_mask_hopeless(
-            case, hq, d, args.guard if args.single_guard is None else args.single_guard)}
-    log("  flex one mask", json.dumps(row["flex_single"], default=str)[:300])
-    parts = split_parts(case.pattern, case.n)
-    if parts is None:
-        row["flex_split"] = {"skipped": "no compact key sets (block lists)"}
-    elif len(parts) == 1:
-        row["flex_split"] = {"skipped": "one key set: the same as one mask"}
-    else:
-        row["flex_split"] = flex_worker(specs["split"], args.worker_timeout)
-        log("  flex split", json.dumps(row["flex_split"], default=str)[:300])
+    for variant, spec in flex_specs(case, heads, args, device).items():
+        row[f"flex_{variant}"] = spec if "skipped" in spec else flex_worker(spec, args.worker_timeout)
+        log(f"  flex {variant}", json.dumps(row[f"flex_{variant}"], default=str)[:300])
     add_derived(row)
     return row
 
