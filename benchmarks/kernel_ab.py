@@ -28,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
@@ -38,6 +37,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from kernel_variants import CASES, case_specs, check  # noqa: E402
+from kernels import run_parallel  # noqa: E402
 from sparse_parallel.kernels import core  # noqa: E402
 from sparse_parallel.kernels.function import triton_attention  # noqa: E402
 from sparse_parallel.patterns import as_pattern  # noqa: E402
@@ -116,28 +116,11 @@ def measure(name: str, hq: int, hkv: int, n: int, cfg: core.Config, rep_ms: floa
 def warm(variants: dict, cases: list, procs: int) -> None:
     """Compile every (variant, case) in ``procs`` processes at a time (one fwd+bwd each, at most 256k
     tokens: the kernels a case compiles do not depend on its length beyond that)."""
-    jobs = [(v, c) for c in cases for v in variants]
-    running = []
-    for vname, (name, hq, hkv, n) in jobs:
-        spec = json.dumps({"overrides": variants[vname], "case": [name, hq, hkv, min(n, 256 * K)]})
-        running.append(subprocess.Popen([sys.executable, __file__, "--worker", spec],
-                                        stdout=tempfile.TemporaryFile("w+"), stderr=subprocess.STDOUT))
-        while len(running) >= procs:
-            running = _reap(running)
-    while running:
-        running = _reap(running)
-    log("warm: compiled", len(jobs), "jobs")
-
-
-def _reap(running: list) -> list:
-    time.sleep(0.5)
-    alive = []
-    for p in running:
-        if p.poll() is None:
-            alive.append(p)
-        elif p.returncode != 0:
-            log("warm worker failed with exit code", p.returncode, "(the timing run compiles for itself)")
-    return alive
+    cmds = [[sys.executable, __file__, "--worker",
+             json.dumps({"overrides": overrides, "case": [name, hq, hkv, min(n, 256 * K)]})]
+            for name, hq, hkv, n in cases for overrides in variants.values()]
+    failed = sum(code != 0 for code, _ in run_parallel(cmds, procs))
+    log(f"warm: compiled {len(cmds)} jobs ({failed} failed: those the timing run compiles for itself)")
 
 
 def start_check(name: str, overrides: dict) -> subprocess.Popen:

@@ -370,6 +370,25 @@ def flex_specs(case: Case, heads: str, args, device: str) -> dict[str, dict]:
     return specs
 
 
+def run_parallel(cmds: list[list[str]], procs: int) -> list[tuple[int, str]]:
+    """Run the commands ``procs`` at a time; (exit code, output) of each, in order.  Output goes to a
+    file, not a pipe, so that a chatty compile cannot block on a full one."""
+    results: list = [None] * len(cmds)
+    running = []
+    for i, cmd in enumerate(cmds):
+        out = tempfile.TemporaryFile("w+")
+        running.append((i, subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), out))
+        while len(running) >= procs or (i == len(cmds) - 1 and running):
+            time.sleep(0.5)
+            for item in [item for item in running if item[1].poll() is not None]:
+                running.remove(item)
+                j, p, f = item
+                f.seek(0)
+                results[j] = (p.returncode, f.read())
+                f.close()
+    return results
+
+
 def warm_flex(jobs, args, device: str) -> None:
     """Run every Flex process of ``jobs`` once, untimed and ``args.warm_flex`` at a time, to fill
     torch.compile's on-disk caches (inductor's FX graph and Triton kernel caches).  Each timed process
@@ -379,23 +398,12 @@ def warm_flex(jobs, args, device: str) -> None:
     specs = [{**spec, "warm_only": True} for case, heads in jobs
              for spec in flex_specs(case, heads, args, device).values() if "skipped" not in spec]
     t = time.time()
-    running, failed = [], 0
     cmd = [sys.executable, os.path.join(HERE, "flex_case.py")]
-    for spec in specs:
-        log_file = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty compile cannot block on it
-        running.append((subprocess.Popen(cmd + [json.dumps(spec)], stdout=log_file, stderr=subprocess.STDOUT),
-                        log_file))
-        while len(running) >= args.warm_flex or (spec is specs[-1] and running):
-            time.sleep(0.5)
-            for p, f in [(p, f) for p, f in running if p.poll() is not None]:
-                running.remove((p, f))
-                f.seek(0)
-                out = f.read()
-                f.close()
-                if p.returncode != 0 or '"warmed": true' not in out:
-                    failed += 1
-                    log("warm-flex: a warm-up failed:", out[-600:])
-    log(f"warm-flex: {len(specs)} Flex processes compiled in {time.time() - t:.0f} s ({failed} failed)")
+    failed = [out for code, out in run_parallel([cmd + [json.dumps(s)] for s in specs], args.warm_flex)
+              if code != 0 or '"warmed": true' not in out]
+    for out in failed:
+        log("warm-flex: a warm-up failed:", out[-600:])
+    log(f"warm-flex: {len(specs)} Flex processes compiled in {time.time() - t:.0f} s ({len(failed)} failed)")
 
 
 def single_mask_hopeless(case: Case, hq: int, d: int, guard_s: float) -> str | None:
